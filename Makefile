@@ -1,0 +1,45 @@
+# The two commands: `make demo` and `make test`. Both create .venv when absent.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q -c constraints.txt
+STAMP  := $(VENV)/.installed
+TSTAMP := $(VENV)/.installed-test
+
+.PHONY: demo test lint format install clean bench
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# torch is installed first and alone: pinned CPU build, so nothing pulls a CUDA build.
+$(STAMP): $(PY) pyproject.toml constraints.txt
+	$(PIP) torch==2.13.0
+	$(PIP) -e .
+	touch $@
+
+$(TSTAMP): $(STAMP)
+	$(PIP) -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	RAY_AUTH_MODE=disabled $(VENV)/bin/aigc-ray pipeline --config configs/tiny.yaml
+
+test: $(TSTAMP)
+	$(PY) -m pytest -q -ra --timeout=900
+
+lint: $(TSTAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(TSTAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(TSTAMP)
+	$(PY) benchmarks/bench_data.py
+
+clean:
+	rm -rf runs .pytest_cache

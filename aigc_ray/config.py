@@ -1,0 +1,249 @@
+"""Run configuration: one pydantic model per stage, a root PipelineConfig, YAML + CLI overrides.
+
+Configs are inert data: validators check syntax and cross-field consistency only; they never
+touch the network, Ray or the file system beyond path syntax.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STDLIB_SOURCE = "stdlib"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message naming the file and key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    inputs: list[str] = Field(
+        default_factory=lambda: [STDLIB_SOURCE],
+        description="Input files, directories or globs (jsonl/json/parquet/txt/py), local or s3://; "
+        "'stdlib' means the running Python's standard-library source, one document per file.",
+    )
+    include_stdlib_tests: bool = Field(
+        False, description="With 'stdlib', also read the test suites (test/, tests/, idlelib/)."
+    )
+    text_column: str = Field(
+        "text", description="Column holding the document text (jsonl/parquet)."
+    )
+    output_dir: str = Field(
+        "runs/tiny/data", description="Where shards, manifest and tokenizer go."
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="Hugging Face tokenizer directory or hub id; empty trains a byte-level BPE on the corpus.",
+    )
+    vocab_size: int = Field(
+        8192, ge=256, description="Vocabulary size of the trained BPE tokenizer."
+    )
+    tokenizer_train_mb: float = Field(
+        16.0, gt=0, description="At most this many MB of text are used to train the BPE tokenizer."
+    )
+    seq_len: int = Field(256, ge=8, description="Tokens per packed training block.")
+    val_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Fraction of documents (by hash) in the validation split."
+    )
+    min_chars: int = Field(
+        1, ge=0, description="Documents shorter than this (after cleaning) are dropped."
+    )
+    max_docs: int | None = Field(
+        None, ge=1, description="Read at most this many documents (debugging)."
+    )
+    shard_rows: int = Field(4096, ge=1, description="Target packed blocks per parquet shard.")
+    batch_size: int = Field(64, ge=1, description="Documents per tokenization batch.")
+    num_tokenize_actors: int | None = Field(
+        None, ge=1, description="Tokenizer actor-pool size; empty sizes it from the cluster's CPUs."
+    )
+    seed: int = Field(0, description="Seed of the deterministic train/validation split.")
+
+
+class ModelConfig(_Section):
+    pretrained: str | None = Field(
+        None, description="Hugging Face model directory to start from; empty builds a new model."
+    )
+    hidden_size: int = Field(256, ge=8, description="Width of the Llama-style model.")
+    num_layers: int = Field(4, ge=1, description="Transformer blocks.")
+    num_heads: int = Field(4, ge=1, description="Attention heads.")
+    num_kv_heads: int | None = Field(None, ge=1, description="KV heads (GQA); empty = num_heads.")
+    intermediate_size: int | None = Field(None, ge=8, description="MLP width; empty = ~8/3 hidden.")
+    max_position_embeddings: int = Field(1024, ge=8, description="Context window of the model.")
+    tie_word_embeddings: bool = Field(True, description="Share input and output embeddings.")
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class TrainConfig(_Section):
+    run_dir: str = Field("runs/tiny/train", description="Run directory: metrics, loss plot, model.")
+    storage_path: str | None = Field(
+        None,
+        description="Ray Train storage (local dir or s3://) for checkpoints; empty = run_dir/ray.",
+    )
+    name: str = Field("tiny", description="Run name; re-running with the same name resumes.")
+    data_dir: str | None = Field(
+        None, description="Shard directory from preprocess; empty = data.output_dir."
+    )
+    num_workers: int = Field(2, ge=1, description="Training worker processes.")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL) instead of CPU (gloo).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
+    batch_size: int = Field(16, ge=1, description="Blocks per worker per step.")
+    seq_len: int = Field(256, ge=8, description="Must equal data.seq_len.")
+    max_steps: int = Field(200, ge=1, description="Optimizer steps.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of peak.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on norms/biases).")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps before cosine decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Max gradient norm.")
+    eval_every: int = Field(50, ge=1, description="Validation loss every N steps.")
+    eval_batches: int = Field(8, ge=1, description="Validation batches per worker per evaluation.")
+    checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps.")
+    num_to_keep: int = Field(2, ge=1, description="Checkpoints kept.")
+    max_failures: int = Field(2, ge=0, description="Worker-group failures to recover from.")
+    seed: int = Field(0, description="Seed for init and data order.")
+
+
+class ServeConfig(_Section):
+    model_dir: str | None = Field(
+        None, description="Model directory to serve; empty = train.run_dir/model."
+    )
+    model_name: str = Field("aigc-tiny", description="Name clients pass as `model`.")
+    host: str = Field("127.0.0.1", description="HTTP bind address.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    num_replicas: int = Field(1, ge=1, description="Replicas of the model deployment.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica.")
+    max_batch_size: int = Field(32, ge=1, description="Requests decoded together.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="Wait to fill a batch.")
+    max_tokens_limit: int = Field(512, ge=1, description="Largest max_tokens a request may ask.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Per-replica concurrency.")
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: ["def fibonacci(n):", "import os\n", "class Stack:"],
+        description="Prompts the pipeline sends after deploying.",
+    )
+    sample_max_tokens: int = Field(48, ge=1, description="max_tokens of the sample requests.")
+
+
+class PipelineConfig(_Section):
+    data: DataConfig = Field(default_factory=DataConfig, description="Preprocess stage.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model architecture.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training stage.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving stage.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> PipelineConfig:
+        if self.train.seq_len != self.data.seq_len:
+            raise ValueError(
+                f"train.seq_len ({self.train.seq_len}) must equal data.seq_len ({self.data.seq_len})"
+            )
+        if self.model.max_position_embeddings < self.train.seq_len:
+            raise ValueError(
+                f"model.max_position_embeddings ({self.model.max_position_embeddings}) must be "
+                f">= train.seq_len ({self.train.seq_len})"
+            )
+        return self
+
+    def resolved_data_dir(self) -> str:
+        return self.train.data_dir or self.data.output_dir
+
+    def resolved_model_dir(self) -> str:
+        return self.serve.model_dir or str(Path(self.train.run_dir) / "model")
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set `section.key=value` items (values parsed as YAML) into a raw config dict."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the config reference in README.md)"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
+    """Load a YAML config (or defaults when path is None) and apply overrides.
+
+    Raises ConfigError whose message names the file and every bad key.
+    """
+    raw: dict = {}
+    source = "(defaults)"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    if overrides:
+        source += " with overrides " + " ".join(overrides)
+        raw = apply_overrides(raw, overrides)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def write_resolved(
+    cfg: BaseModel, directory: str | Path, name: str = "config.resolved.json"
+) -> Path:
+    """Write a config (any section or the root) as JSON next to an output."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    out = d / name
+    out.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
+    return out
+
+
+def config_reference(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> list[str]:
+    """Markdown table rows `| key | default | description |` for the README."""
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += config_reference(ann, f"{prefix}{name}.")
+            continue
+        default = field.get_default(call_default_factory=True)
+        rows.append(f"| `{prefix}{name}` | `{default!r}` | {field.description} |")
+    return rows

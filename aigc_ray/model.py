@@ -1,0 +1,118 @@
+"""Model and tokenizer construction. Pure torch/transformers/tokenizers: never imports Ray."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from aigc_ray.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+
+
+class ModelDirError(ValueError):
+    """A path given as a model directory does not hold a Hugging Face model."""
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_dir: str | Path
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `texts` and save it in Hugging Face format to `out_dir`.
+
+    EOS (also used as BOS) and PAD are special tokens; every byte is representable, so no
+    input is ever out of vocabulary.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+    )
+    hf.model_max_length = 1 << 30
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(out_dir))
+    log.info("trained BPE tokenizer: %d tokens -> %s", len(hf), out_dir)
+    return hf
+
+
+def load_tokenizer(name_or_dir: str | Path):
+    """Load any Hugging Face tokenizer (directory or hub id); ensure it has EOS and PAD."""
+    tok = AutoTokenizer.from_pretrained(str(name_or_dir))
+    if tok.eos_token is None:
+        raise ValueError(f"tokenizer {name_or_dir} has no eos_token; packing needs one")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_model_dir(path: str | Path) -> None:
+    """Raise ModelDirError unless `path` holds a loadable Hugging Face causal-LM config."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelDirError(f"model directory not found: {path}")
+    if not (p / "config.json").is_file():
+        raise ModelDirError(f"{path} is not a Hugging Face model directory (no config.json)")
+    try:
+        AutoConfig.from_pretrained(str(p))
+    except Exception as e:  # transformers raises several types for a bad config
+        raise ModelDirError(f"{path}/config.json is not a valid model config: {e}") from e
+    weights = list(p.glob("*.safetensors")) + list(p.glob("*.bin"))
+    if not weights:
+        raise ModelDirError(f"{path} has a config.json but no weights (*.safetensors or *.bin)")
+
+
+def llama_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int) -> LlamaConfig:
+    """The LlamaConfig for a from-scratch model described by `cfg`."""
+    inter = cfg.intermediate_size or 64 * round(8 * cfg.hidden_size / 3 / 64)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=inter,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+
+
+def build_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> torch.nn.Module:
+    """A causal LM: loaded from `cfg.pretrained`, or a new Llama with seeded random init."""
+    if cfg.pretrained:
+        check_model_dir(cfg.pretrained)
+        return AutoModelForCausalLM.from_pretrained(cfg.pretrained, dtype=torch.float32)
+    torch.manual_seed(seed)
+    conf = llama_config(cfg, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return LlamaForCausalLM(conf)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Number of distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())
