@@ -163,9 +163,8 @@ def _indent(text: str) -> str:
     return "\n".join("      " + line for line in text.splitlines()[:12])
 
 
-def cmd_pipeline(cfg: PipelineConfig, keep_serving: bool) -> str:
-    from ray import serve
-
+def cmd_pipeline(cfg: PipelineConfig) -> tuple[str, str]:
+    """Run every stage; print the summary; return (endpoint URL, summary). Leaves it serving."""
     t0 = time.time()
     write_resolved(cfg, Path(cfg.train.run_dir).parent, "pipeline_config.resolved.json")
     print("[1/3] preprocess (Ray Data) ...", flush=True)
@@ -177,9 +176,7 @@ def cmd_pipeline(cfg: PipelineConfig, keep_serving: bool) -> str:
     url, samples = cmd_serve(cfg, r.model_dir)
     summary = format_summary(m, r, url, samples, time.time() - t0)
     print(summary, flush=True)
-    if not keep_serving:
-        serve.shutdown()
-    return summary
+    return url, summary
 
 
 # ---------------------------------------------------------------- entry point
@@ -197,7 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="section.key=value overrides")
         s.add_argument("--verbose", action="store_true", help="show Ray's worker logs")
         if name in ("serve", "pipeline"):
-            s.add_argument("--keep-serving", action="store_true", help="leave the endpoint up")
+            s.add_argument(
+                "--keep-serving",
+                action="store_true",
+                help="leave the endpoint up: on a cluster (RAY_ADDRESS) exit and keep it "
+                "deployed; on a local Ray started here, block until Ctrl-C",
+            )
     return p
 
 
@@ -232,12 +234,23 @@ def _dispatch(args, cfg: PipelineConfig) -> int:
         url, samples = cmd_serve(cfg, cfg.resolved_model_dir())
         for prompt, text in samples:
             print(f"--- {prompt!r}\n{_indent(prompt + text)}")
-        if args.keep_serving:
-            print(f"serving at {url}/v1; Ctrl-C to stop")
-            _wait_forever()
+        _after_serving(url, args.keep_serving)
     else:
-        cmd_pipeline(cfg, args.keep_serving)
+        url, _ = cmd_pipeline(cfg)
+        _after_serving(url, args.keep_serving)
     return 0
+
+
+def _after_serving(url: str, keep: bool) -> None:
+    from ray import serve
+
+    if not keep:
+        serve.shutdown()
+    elif not os.environ.get("RAY_ADDRESS"):
+        print(f"serving at {url}/v1; Ctrl-C to stop", flush=True)
+        _wait_forever()
+    else:
+        print(f"left serving at {url}/v1 on the cluster", flush=True)
 
 
 def _wait_forever() -> None:

@@ -263,27 +263,32 @@ def prepare_tokenizer(cfg: DataConfig, files: list[InputFile]):
     return train_tokenizer(corpus, cfg.vocab_size, out)
 
 
+def text_only(batch: pa.Table, column: str) -> pa.Table:
+    """Ray Data batch fn: normalize any input's batch to a single arrow `text` column."""
+    return pa.table({"text": batch.column(column).cast(pa.string())})
+
+
 def build_dataset(files: list[InputFile], cfg: DataConfig):
-    """A Ray Dataset with one `text` column over every input file."""
+    """A Ray Dataset with one `text` column (arrow blocks) over every input file."""
     import ray.data
 
     parts = []
     text = [f.path for f in files if f.fmt == "text"]
     if text:
-        ds = ray.data.from_items(
-            [{"path": p} for p in text], override_num_blocks=min(len(text), 64)
-        )
+        ds = ray.data.from_items([{"path": p} for p in text], override_num_blocks=min(len(text), 64))
         parts.append(ds.map_batches(read_text_files, batch_format="pyarrow", batch_size=16))
     json_files = [f.path for f in files if f.fmt == "json"]
     if json_files:
-        parts.append(ray.data.read_json(json_files, lines=True).select_columns([cfg.text_column]))
+        parts.append(_as_text(ray.data.read_json(json_files, lines=True), cfg.text_column))
     pq_files = [f.path for f in files if f.fmt == "parquet"]
     if pq_files:
-        parts.append(ray.data.read_parquet(pq_files, columns=[cfg.text_column]))
-    parts = [p.rename_columns({cfg.text_column: "text"}) if cfg.text_column != "text" and
-             cfg.text_column in p.columns() else p for p in parts]  # fmt: skip
-    ds = parts[0].select_columns(["text"])
-    return ds.union(*[p.select_columns(["text"]) for p in parts[1:]]) if len(parts) > 1 else ds
+        parts.append(_as_text(ray.data.read_parquet(pq_files, columns=[cfg.text_column]), cfg.text_column))
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _as_text(ds, column: str):
+    return ds.map_batches(text_only, fn_kwargs={"column": column}, batch_format="pyarrow",
+                          batch_size=None)  # fmt: skip
 
 
 def tokenize_pool_size(cfg: DataConfig) -> int:

@@ -1,0 +1,23 @@
+"""Deploy the OpenAI-compatible Ray Serve app for a model directory (left running).
+
+Submit to a running cluster (from the repo root):
+
+    ray job submit --working-dir . -- python jobs/serve.py --config configs/tiny.yaml
+
+Locally, the same file runs on a Ray instance it starts: `python jobs/serve.py --config configs/tiny.yaml`.
+Extra arguments are `section.key=value` config overrides.
+"""
+
+import sys
+
+from aigc_ray.cli import main as cli_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Under `ray job submit` the endpoint outlives this driver; locally it serves until Ctrl-C.
+    return cli_main(["serve", "--keep-serving", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Each stage on the shared local Ray: preprocess a small mixed corpus, train 2 workers
+(including a resume), serve the result and call it with the official openai client."""
+
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from aigc_ray.config import load_config
+from aigc_ray.data import stdlib_files
+
+pytestmark = pytest.mark.integration
+PORT = 8123
+KEY = "test-key-1"
+
+
+def _write_corpus(root: Path) -> list[str]:
+    """jsonl + parquet + text files; returns every document in input order."""
+    docs = [Path(p).read_text() for p in stdlib_files()[:60]]
+    (root / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:20]))
+    pq.write_table(pa.table({"text": docs[20:40]}), root / "b.parquet")
+    for i, d in enumerate(docs[40:]):
+        (root / f"c{i}.txt").write_text(d)
+    return docs
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    docs = _write_corpus(corpus)
+    overrides = [
+        f"data.inputs=[{corpus}]",
+        f"data.output_dir={root / 'data'}",
+        "data.vocab_size=1024",
+        "data.seq_len=64",
+        "data.val_fraction=0.1",
+        "data.batch_size=8",
+        "model.hidden_size=64",
+        "model.num_layers=2",
+        "model.num_heads=2",
+        "model.max_position_embeddings=256",
+        f"train.run_dir={root / 'run'}",
+        "train.seq_len=64",
+        "train.batch_size=4",
+        "train.max_steps=6",
+        "train.eval_every=3",
+        "train.checkpoint_every=3",
+        "train.eval_batches=2",
+        f"serve.port={PORT}",
+    ]
+    c = load_config("configs/tiny.yaml", overrides)
+    c.__dict__["_docs"] = docs
+    return c
+
+
+@pytest.fixture(scope="module")
+def manifest(ray_session, cfg):
+    from aigc_ray.data import run_preprocess
+
+    return run_preprocess(cfg.data)
+
+
+def test_preprocess_counts_are_exact(manifest, cfg):
+    from aigc_ray.data import clean_text
+    from aigc_ray.model import load_tokenizer
+
+    docs = cfg.__dict__["_docs"]
+    tok = load_tokenizer(manifest["tokenizer_dir"])
+    kept = [clean_text(d) for d in docs if clean_text(d)]
+    expected_tokens = sum(len(tok(d, add_special_tokens=False)["input_ids"]) + 1 for d in kept)
+    assert manifest["docs_read"] == len(docs)
+    assert manifest["docs_kept"] == len(kept)
+    assert manifest["tokens"] == expected_tokens
+    for split in ("train", "val"):
+        s = manifest["splits"][split]
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in s["shards"])
+        assert rows == s["blocks"] > 0
+        assert s["dropped_tail_tokens"] < cfg.data.seq_len
+        n = manifest["tokens_per_split"][split]
+        assert s["blocks"] * cfg.data.seq_len + s["dropped_tail_tokens"] == n
+    assert (Path(cfg.data.output_dir) / "manifest.json").is_file()
+    assert (Path(cfg.data.output_dir) / "config.resolved.json").is_file()
+
+
+def test_preprocess_blocks_hold_the_documents(manifest, cfg):
+    """A block decodes to real text: the start of one of the input documents."""
+    from aigc_ray.data import clean_text
+    from aigc_ray.model import load_tokenizer
+
+    tok = load_tokenizer(manifest["tokenizer_dir"])
+    table = pq.read_table(manifest["splits"]["train"]["shards"][0])
+    block = table.column("input_ids")[0].as_py()
+    assert len(block) == cfg.data.seq_len
+    text = tok.decode(block)
+    starts = [clean_text(d)[:80] for d in cfg.__dict__["_docs"]]
+    assert text[:80] in starts
+
+
+@pytest.fixture(scope="module")
+def trained(manifest, cfg):
+    from aigc_ray.train import fit
+
+    return fit(cfg.train, cfg.model, cfg.resolved_data_dir())
+
+
+def test_train_two_workers_exports_a_plain_transformers_model(trained, cfg):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert trained.steps == cfg.train.max_steps
+    assert trained.tokens == cfg.train.max_steps * 2 * cfg.train.batch_size * cfg.train.seq_len
+    model = AutoModelForCausalLM.from_pretrained(trained.model_dir)
+    tok = AutoTokenizer.from_pretrained(trained.model_dir)
+    ids = torch.tensor([tok("def f(x):")["input_ids"]])
+    assert model(input_ids=ids).logits.shape[-1] == len(tok)
+    run = Path(cfg.train.run_dir)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and rows[0]["val_loss"] > 0
+    assert [r["step"] for r in rows if "val_loss" in r and r["step"]] == [3, 6]
+    assert all({"loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys() for r in rows[1:])
+    assert (run / "loss.png").stat().st_size > 1000
+    assert trained.val_loss_final < trained.val_loss_initial
+
+
+def test_train_rerun_with_same_name_resumes(trained, cfg):
+    """Same name + storage: the run continues from step 6 instead of starting over."""
+    from aigc_ray.train import fit
+
+    more = cfg.train.model_copy(update={"max_steps": 8})
+    again = fit(more, cfg.model, cfg.resolved_data_dir())
+    rows = [
+        json.loads(x) for x in (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()
+    ]
+    steps = [r["step"] for r in rows]
+    assert again.steps == 8
+    assert steps.count(0) == 1, "resumed run must not re-evaluate step 0"
+    assert steps[-1] == 8 and 6 in steps
+
+
+@pytest.fixture(scope="module")
+def endpoint(trained, cfg):
+    from aigc_ray.serve import run_serve
+
+    return run_serve(cfg.serve, trained.model_dir)
+
+
+def test_serve_openai_client_completion(endpoint, cfg):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{endpoint}/v1", api_key=KEY)
+    assert [m.id for m in client.models.list().data] == [cfg.serve.model_name]
+    out = client.completions.create(
+        model=cfg.serve.model_name, prompt="def add(a, b):", max_tokens=8, temperature=0
+    )
+    assert out.usage.completion_tokens <= 8
+    assert out.usage.prompt_tokens > 0
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_serve_errors_use_openai_shape_and_server_stays_up(endpoint, cfg):
+    from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI
+
+    client = OpenAI(base_url=f"{endpoint}/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=4)
+    with pytest.raises(BadRequestError) as e:
+        client.completions.create(model=cfg.serve.model_name, prompt="x", max_tokens=0)
+    assert e.value.body["param"] == "max_tokens"
+    with pytest.raises(BadRequestError) as e:
+        client.completions.create(
+            model=cfg.serve.model_name, prompt="x " * 300, max_tokens=cfg.serve.max_tokens_limit
+        )
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=f"{endpoint}/v1", api_key="wrong", max_retries=0).models.list()
+    raw = httpx.post(
+        f"{endpoint}/v1/completions",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
+    assert raw.status_code == 400 and set(raw.json()["error"]) == {
+        "message",
+        "type",
+        "param",
+        "code",
+    }
+    ok = client.completions.create(model=cfg.serve.model_name, prompt="x", max_tokens=2)
+    assert ok.choices[0].text is not None
+
+
+def test_serve_concurrent_requests_are_batched(endpoint, cfg):
+    """Eight concurrent requests all succeed (they share batched decode steps)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{endpoint}/v1", api_key=KEY)
+
+    def one(i):
+        return client.completions.create(
+            model=cfg.serve.model_name, prompt=f"x = {i}", max_tokens=6, temperature=0.8, seed=i
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(one, range(8)))
+    assert all(o.usage.completion_tokens >= 1 for o in outs)
+    assert os.environ.get("AIGC_RAY_API_KEYS") is None  # keys reached the replica via runtime_env

@@ -1,0 +1,72 @@
+"""Shared unit-tier fixtures: a tiny BPE tokenizer and a tiny random-init Llama (no Ray)."""
+
+from pathlib import Path
+
+import pytest
+
+from aigc_ray.config import ModelConfig
+from aigc_ray.data import stdlib_files
+
+TINY_VOCAB = 400
+TINY_MODEL = dict(hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=64)
+
+
+def stdlib_sample(max_chars: int = 40_000) -> list[str]:
+    """A few KB of the running Python's standard-library source, one string per file."""
+    docs, seen = [], 0
+    for path in stdlib_files():
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            continue
+        docs.append(text[:8000])
+        seen += len(docs[-1])
+        if seen >= max_chars:
+            break
+    return docs
+
+
+@pytest.fixture(scope="session")
+def corpus_docs() -> list[str]:
+    return stdlib_sample()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory, corpus_docs) -> Path:
+    from aigc_ray.model import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(iter(corpus_docs), TINY_VOCAB, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    from aigc_ray.model import load_tokenizer
+
+    return load_tokenizer(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_cfg() -> ModelConfig:
+    return ModelConfig(**TINY_MODEL)
+
+
+@pytest.fixture
+def tiny_model(tiny_model_cfg, tiny_tokenizer):
+    """A fresh (function-scoped: tests may train it) seeded tiny Llama."""
+    from aigc_ray.model import build_model
+
+    return build_model(tiny_model_cfg, tiny_tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_model_cfg, tiny_tokenizer) -> Path:
+    """A save_pretrained model directory (config.json + safetensors + tokenizer)."""
+    from aigc_ray.model import build_model
+
+    out = tmp_path_factory.mktemp("model")
+    model = build_model(tiny_model_cfg, tiny_tokenizer, seed=0)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tiny_tokenizer.save_pretrained(str(out))
+    return out
+
