@@ -53,9 +53,16 @@ def preflight(cfg: PipelineConfig, stages: set[str]) -> None:
     if "preprocess" in stages:
         resolve_inputs(cfg.data)
     elif "train" in stages:
+        from aigc_ray.train import preflight as train_preflight
+
         read_manifest(cfg.resolved_data_dir())
+        train_preflight(cfg.train, cfg.model, cfg.resolved_data_dir())
     if "train" in stages and cfg.model.pretrained:
         check_model_dir(cfg.model.pretrained)
+    if "serve" in stages:
+        from aigc_ray.serve import check_bind, load_api_keys
+
+        check_bind(cfg.serve.host, load_api_keys())
     if "serve" in stages and "train" not in stages:
         check_model_dir(cfg.resolved_model_dir())
 
@@ -67,8 +74,10 @@ def http_complete(
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens,
                        "temperature": 0}).encode()  # fmt: skip
     headers = {"Content-Type": "application/json"}
-    keys = os.environ.get("AIGC_RAY_API_KEYS", "").split(",")
-    if keys[0]:
+    from aigc_ray.serve import load_api_keys
+
+    keys = load_api_keys()
+    if keys:
         headers["Authorization"] = f"Bearer {keys[0]}"
     req = urllib.request.Request(f"{base_url}/v1/completions", body, headers)
     try:
@@ -84,15 +93,10 @@ def http_complete(
 
 
 def cmd_preprocess(cfg: PipelineConfig) -> dict:
-    from aigc_ray.data import run_preprocess
+    from aigc_ray.data import format_report, run_preprocess
 
     m = run_preprocess(cfg.data)
-    tr, va = m["splits"]["train"], m["splits"]["val"]
-    print(
-        f"preprocess: {m['docs_read']} documents read, {m['docs_kept']} kept, {m['tokens']:,} tokens "
-        f"-> {tr['blocks']} train + {va['blocks']} val blocks of {m['seq_len']} "
-        f"in {len(tr['shards']) + len(va['shards'])} shards ({m['seconds']} s) -> {cfg.data.output_dir}"
-    )
+    print(f"preprocess ({m['seconds']} s) -> {cfg.data.output_dir}\n{format_report(m)}", flush=True)
     return m
 
 
@@ -102,7 +106,7 @@ def cmd_train(cfg: PipelineConfig):
     r = fit(cfg.train, cfg.model, cfg.resolved_data_dir())
     print(
         f"train: {r.steps} steps, {r.tokens:,} tokens, loss {r.first_loss:.3f} -> {r.last_loss:.3f}, "
-        f"val loss {r.val_loss_initial:.3f} (untrained) -> {r.val_loss_final:.3f} ({r.seconds} s) "
+        f"val loss {_num(r.val_loss_initial)} (untrained) -> {_num(r.val_loss_final)} ({r.seconds} s) "
         f"-> {r.model_dir}"
     )
     return r
@@ -151,6 +155,10 @@ def format_summary(m: dict, r, url: str, samples: list[tuple[str, str]], seconds
         lines.append(f"  --- {prompt!r}\n{_indent(prompt + text)}")
     lines += [f"wall time      {seconds:.0f} s", "=" * 72]
     return "\n".join(lines)
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _ppl(loss: float) -> float:
@@ -220,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(args.verbose)
     try:
         return _dispatch(args, cfg)
-    except PipelineError as e:
+    except (
+        PipelineError,
+        ValueError,
+    ) as e:  # stage errors (DataError, TrainError...) are ValueErrors
         print(f"aigc-ray: FAILED: {e}", file=sys.stderr)
         return 1
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -27,17 +27,38 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     inputs: list[str] = Field(
         default_factory=lambda: [STDLIB_SOURCE],
-        description="Input files, directories or globs (jsonl/json/parquet/txt/py), local or s3://; "
-        "'stdlib' means the running Python's standard-library source, one document per file.",
+        description="Input files, directories or globs (jsonl/json/parquet/csv/txt/py), local or "
+        "s3:// / gs:// URIs; 'stdlib' means the running Python's standard-library source.",
     )
     include_stdlib_tests: bool = Field(
         False, description="With 'stdlib', also read the test suites (test/, tests/, idlelib/)."
     )
     text_column: str = Field(
-        "text", description="Column holding the document text (jsonl/parquet)."
+        "text", description="Column holding the document text (jsonl/parquet/csv)."
+    )
+    text_mode: Literal["file", "line"] = Field(
+        "file", description="Plain-text files: one document per file or per non-empty line."
+    )
+    format: Literal["pretrain", "sft"] = Field(
+        "pretrain",
+        description="pretrain: raw text; sft: a chat `messages` list with prompt masking.",
+    )
+    messages_column: str = Field(
+        "messages", description="Column holding chat messages (format: sft)."
+    )
+    sft_packing: Literal["pack", "pad"] = Field(
+        "pack",
+        description="SFT examples packed into seq_len blocks, or one padded example per row.",
     )
     output_dir: str = Field(
-        "runs/tiny/data", description="Where shards, manifest and tokenizer go."
+        "runs/tiny/data", description="Where shards, manifest and tokenizer go (local or s3://)."
+    )
+    quarantine_dir: str | None = Field(
+        None, description="Where bad rows go as parquet; empty = output_dir/quarantine."
+    )
+    strict: bool = Field(
+        False,
+        description="Fail on the first bad row (naming file and line) instead of quarantining.",
     )
     tokenizer: str | None = Field(
         None,
@@ -54,17 +75,58 @@ class DataConfig(_Section):
         0.05, ge=0, lt=1, description="Fraction of documents (by hash) in the validation split."
     )
     min_chars: int = Field(
-        1, ge=0, description="Documents shorter than this (after cleaning) are dropped."
+        1, ge=0, description="Filter: documents shorter than this (after cleaning)."
     )
+    max_chars: int | None = Field(None, ge=1, description="Filter: documents longer than this.")
+    max_line_length: int | None = Field(
+        None, ge=1, description="Filter: any line longer than this."
+    )
+    min_alnum_fraction: float | None = Field(
+        None, ge=0, le=1, description="Filter: fewer letters/digits among non-space characters."
+    )
+    max_repeated_line_fraction: float | None = Field(
+        None, ge=0, le=1, description="Filter: more non-empty lines that repeat an earlier line."
+    )
+    blocklist: list[str] = Field(
+        default_factory=list, description="Filter: regexes that reject a document."
+    )
+    exact_dedup: bool = Field(
+        True, description="Drop exact duplicates (same cleaned text), keeping the first."
+    )
+    near_dedup: bool = Field(
+        True, description="Drop near duplicates (MinHash + LSH), keeping the first."
+    )
+    near_dedup_threshold: float = Field(
+        0.8, gt=0, le=1, description="Jaccard similarity that counts as near-duplicate."
+    )
+    minhash_num_perm: int = Field(
+        256, ge=16, description="MinHash permutations (signature length)."
+    )
+    minhash_bands: int = Field(32, ge=1, description="LSH bands (num_perm must divide evenly).")
+    shingle: Literal["word", "char"] = Field(
+        "word", description="Shingles: word or character n-grams."
+    )
+    shingle_ngram: int = Field(5, ge=1, description="n of the n-gram shingles.")
     max_docs: int | None = Field(
         None, ge=1, description="Read at most this many documents (debugging)."
     )
     shard_rows: int = Field(4096, ge=1, description="Target packed blocks per parquet shard.")
-    batch_size: int = Field(64, ge=1, description="Documents per tokenization batch.")
+    batch_size: int = Field(256, ge=1, description="Documents per tokenization batch.")
     num_tokenize_actors: int | None = Field(
         None, ge=1, description="Tokenizer actor-pool size; empty sizes it from the cluster's CPUs."
     )
-    seed: int = Field(0, description="Seed of the deterministic train/validation split.")
+    seed: int = Field(
+        0, description="Seed of the deterministic train/validation split and MinHash."
+    )
+
+    @model_validator(mode="after")
+    def _bands_divide(self) -> DataConfig:
+        if self.minhash_num_perm % self.minhash_bands:
+            raise ValueError(
+                f"data.minhash_num_perm ({self.minhash_num_perm}) must be divisible by "
+                f"data.minhash_bands ({self.minhash_bands})"
+            )
+        return self
 
 
 class ModelConfig(_Section):
@@ -169,7 +231,10 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else None
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e.problem})") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -60,10 +60,14 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
     )
 
 
-def train_step(model, input_ids: torch.Tensor, opt, sched, grad_clip: float) -> tuple[float, float]:
-    """One optimizer step of next-token prediction; returns (loss, grad norm before clipping)."""
+def train_step(model, input_ids: torch.Tensor, opt, sched, grad_clip: float,
+               labels: torch.Tensor | None = None) -> tuple[float, float]:  # fmt: skip
+    """One optimizer step of next-token prediction; returns (loss, grad norm before clipping).
+
+    `labels` (-100 = ignored, e.g. SFT prompt tokens) default to the inputs themselves.
+    """
     model.train()
-    loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss = model(input_ids=input_ids, labels=input_ids if labels is None else labels).loss
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
@@ -73,14 +77,19 @@ def train_step(model, input_ids: torch.Tensor, opt, sched, grad_clip: float) -> 
 
 
 @torch.inference_mode()
-def eval_loss_sum(model, batches: list[torch.Tensor]) -> tuple[float, int]:
-    """Sum of per-token losses and token count over `batches` (for cross-rank averaging)."""
+def eval_loss_sum(model, batches: list) -> tuple[float, int]:
+    """Sum of per-token losses and count of predicted tokens over `batches`.
+
+    A batch is an input_ids tensor or an (input_ids, labels) pair; labels of -100 are ignored.
+    """
     model.eval()
     total, count = 0.0, 0
-    for ids in batches:
-        n = ids[:, 1:].numel()
-        total += model(input_ids=ids, labels=ids).loss.item() * n
-        count += n
+    for batch in batches:
+        ids, labels = batch if isinstance(batch, tuple) else (batch, batch)
+        n = int((labels[:, 1:] != -100).sum())
+        if n:
+            total += model(input_ids=ids, labels=labels).loss.item() * n
+            count += n
     return total, count
 
 
@@ -89,18 +98,40 @@ def to_tensor(batch: dict) -> torch.Tensor:
     return torch.from_numpy(np.stack(batch["input_ids"]).astype(np.int64))
 
 
+def collate(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input_ids, labels or None) tensors from a Ray Data numpy batch."""
+    labels = batch.get("labels")
+    return to_tensor(batch), None if labels is None else to_tensor({"input_ids": labels})
+
+
 def load_val_batches(data_dir: str, rank: int, world: int, batch_size: int, n_batches: int):
     """This rank's slice of the validation blocks (small; read directly with pyarrow)."""
     import pyarrow.dataset as pads
 
-    val_dir = Path(data_dir) / "val"
-    if not val_dir.is_dir() or not list(val_dir.glob("*.parquet")):
+    from aigc_ray.data.readers import filesystem_for
+
+    filesystem, path = filesystem_for(f"{data_dir}/val")
+    try:
+        table = pads.dataset(path, format="parquet", filesystem=filesystem).to_table()
+    except (FileNotFoundError, OSError):
         return []
-    table = pads.dataset(str(val_dir), format="parquet").to_table(columns=["input_ids"])
-    rows = table.column("input_ids").to_numpy(zero_copy_only=False)
-    mine = rows[rank::world][: batch_size * n_batches]
-    return [torch.from_numpy(np.stack(mine[i : i + batch_size]).astype(np.int64))
-            for i in range(0, len(mine), batch_size)]  # fmt: skip
+    if "input_ids" not in table.column_names:
+        return []
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False)[rank::world][: batch_size * n_batches]
+            for c in ("input_ids", "labels") if c in table.column_names}  # fmt: skip
+    out = []
+    for i in range(0, len(cols["input_ids"]), batch_size):
+        ids = torch.from_numpy(np.stack(cols["input_ids"][i : i + batch_size]).astype(np.int64))
+        if "labels" in cols:
+            out.append(
+                (
+                    ids,
+                    torch.from_numpy(np.stack(cols["labels"][i : i + batch_size]).astype(np.int64)),
+                )
+            )
+        else:
+            out.append(ids)
+    return out
 
 
 # ---------------------------------------------------------------- the worker loop
@@ -126,7 +157,11 @@ def _all_mean(values: list[float], device) -> list[float]:
 def _eval(model, val_batches, device) -> float | None:
     import torch.distributed as dist
 
-    total, count = eval_loss_sum(model, [b.to(device) for b in val_batches])
+    moved = [
+        tuple(t.to(device) for t in b) if isinstance(b, tuple) else b.to(device)
+        for b in val_batches
+    ]
+    total, count = eval_loss_sum(model, moved)
     t = torch.tensor([total, count], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
@@ -210,10 +245,11 @@ def _run_steps(cfg: TrainConfig, model, tok, opt, sched, state: _State, val, dev
     shard = ray.train.get_dataset_shard("train")
     t_log, tok_log, window = time.time(), state.tokens, []
     while state.step < cfg.max_steps:
-        batches = shard.iter_torch_batches(batch_size=cfg.batch_size, collate_fn=to_tensor,
+        batches = shard.iter_torch_batches(batch_size=cfg.batch_size, collate_fn=collate,
                                            drop_last=True)  # fmt: skip
-        for ids in batches:
-            loss, norm = train_step(model, ids.to(device), opt, sched, cfg.grad_clip)
+        for ids, labels in batches:
+            labels = None if labels is None else labels.to(device)
+            loss, norm = train_step(model, ids.to(device), opt, sched, cfg.grad_clip, labels)
             state.step += 1
             state.tokens += ids.numel() * world
             window.append((loss, norm))
@@ -263,20 +299,39 @@ def preflight(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> dict:
     from aigc_ray.data import DataError, read_manifest
     from aigc_ray.model import check_model_dir
 
+    if model_cfg.pretrained:
+        check_model_dir(model_cfg.pretrained)
     try:
         manifest = read_manifest(data_dir)
     except DataError as e:
         raise TrainError(f"train.data_dir: {e}") from None
+    missing = [k for k in ("seq_len", "splits", "tokenizer_dir") if k not in manifest]
+    if missing:
+        raise TrainError(f"{data_dir}/manifest.json lacks {missing}: re-run `aigc-ray preprocess`")
     if manifest["seq_len"] != cfg.seq_len:
         raise TrainError(f"train.seq_len ({cfg.seq_len}) must equal the shards' seq_len "
                          f"({manifest['seq_len']}) in {data_dir}/manifest.json")  # fmt: skip
-    if model_cfg.pretrained:
-        check_model_dir(model_cfg.pretrained)
     blocks = manifest["splits"]["train"]["blocks"]
     if blocks < cfg.batch_size * cfg.num_workers:
         raise TrainError(f"train.batch_size ({cfg.batch_size}) x train.num_workers ({cfg.num_workers}) "
                          f"exceeds the {blocks} training blocks in {data_dir}")  # fmt: skip
     return manifest
+
+
+def _local_dir(uri: str) -> str:
+    """A local copy of a small directory (the tokenizer) that may live in object storage."""
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+    import tempfile
+
+    from pyarrow import fs as pafs
+
+    from aigc_ray.data.readers import filesystem_for
+
+    filesystem, path = filesystem_for(uri)
+    local = tempfile.mkdtemp(prefix="aigc_tok_")
+    pafs.copy_files(path, local, source_filesystem=filesystem)
+    return local
 
 
 def _plot_loss(history: list[dict], out: Path) -> None:
@@ -328,15 +383,17 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
     storage = cfg.storage_path or str(run_dir / "ray")
     cpus = worker_cpus(cfg, ray.cluster_resources().get("CPU", 0))
     ray.data.DataContext.get_current().enable_progress_bars = False
-    train_ds = ray.data.read_parquet(str(Path(data_dir).resolve() / "train"), columns=["input_ids"])
+    data_dir = data_dir if "://" in data_dir else str(Path(data_dir).resolve())
+    columns = ["input_ids", "labels"] if manifest.get("format") == "sft" else ["input_ids"]
+    train_ds = ray.data.read_parquet(f"{data_dir}/train", columns=columns)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "train": cfg.model_dump(),
             "model": model_cfg.model_dump(),
-            "data_dir": str(Path(data_dir).resolve()),
-            "tokenizer_dir": str(Path(manifest["tokenizer_dir"]).resolve()),
-        },  # fmt: skip
+            "data_dir": data_dir,
+            "tokenizer_dir": _local_dir(manifest["tokenizer_dir"]),
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus}
         ),  # fmt: skip

@@ -41,6 +41,7 @@ def cfg(tmp_path_factory):
         "data.seq_len=64",
         "data.val_fraction=0.1",
         "data.batch_size=8",
+        "data.near_dedup=false",  # exact token accounting below; dedup has its own tests
         "model.hidden_size=64",
         "model.num_layers=2",
         "model.num_heads=2",
@@ -72,10 +73,12 @@ def test_preprocess_counts_are_exact(manifest, cfg):
 
     docs = cfg.__dict__["_docs"]
     tok = load_tokenizer(manifest["tokenizer_dir"])
-    kept = [clean_text(d) for d in docs if clean_text(d)]
+    kept = list(dict.fromkeys(clean_text(d) for d in docs if clean_text(d)))  # exact dedup
     expected_tokens = sum(len(tok(d, add_special_tokens=False)["input_ids"]) + 1 for d in kept)
     assert manifest["docs_read"] == len(docs)
     assert manifest["docs_kept"] == len(kept)
+    assert manifest["malformed"] == 0
+    assert manifest["exact_duplicates"] == len(docs) - len(kept)
     assert manifest["tokens"] == expected_tokens
     for split in ("train", "val"):
         s = manifest["splits"][split]

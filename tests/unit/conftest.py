@@ -69,4 +69,3 @@ def tiny_model_dir(tmp_path_factory, tiny_model_cfg, tiny_tokenizer) -> Path:
     model.save_pretrained(str(out), safe_serialization=True)
     tiny_tokenizer.save_pretrained(str(out))
     return out
-

@@ -1,0 +1,394 @@
+"""The data stage on Ray Data: read -> clean/filter -> dedup -> tokenize/pack -> parquet.
+
+    files --read_files--> rows (document or quarantine) --clean_batch--> status, hash, signature
+          --materialize--> driver: exact + near duplicate masks (by order key, deterministic)
+          --keep rows--> TokenizePackUDF (actor pool) --materialize--> shards per split + tails
+
+Every row is accounted for in the manifest: read = malformed + filtered (per filter) +
+exact duplicates + near duplicates + kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from aigc_ray.config import DataConfig, write_resolved
+from aigc_ray.data.dedup import (
+    MinHashParams,
+    exact_duplicates,
+    near_duplicates,
+    signatures,
+    text_hash,
+)
+from aigc_ray.data.pack import SPLITS, TokenizePackUDF, check_sft_row, list_column, split_blocks
+from aigc_ray.data.quality import QualityRules, build_filters, clean_text, first_failure
+from aigc_ray.data.readers import DataError, InputFile, filesystem_for, read_files, resolve_inputs
+
+log = logging.getLogger(__name__)
+
+
+def quality_rules(cfg: DataConfig) -> QualityRules:
+    return QualityRules(cfg.min_chars, cfg.max_chars, cfg.max_line_length, cfg.min_alnum_fraction,
+                        cfg.max_repeated_line_fraction, tuple(cfg.blocklist))  # fmt: skip
+
+
+def minhash_params(cfg: DataConfig) -> MinHashParams:
+    return MinHashParams(cfg.minhash_num_perm, cfg.minhash_bands, cfg.shingle_ngram, cfg.shingle,
+                         cfg.near_dedup_threshold, cfg.seed)  # fmt: skip
+
+
+# ---------------------------------------------------------------- batch functions
+
+
+def clean_batch(
+    batch: pa.Table, rules: QualityRules, sft: bool, minhash: MinHashParams | None
+) -> pa.Table:
+    """Ray Data batch fn: clean text, set `status` (ok | malformed | filtered:<name>), hash, signature."""
+    filters = build_filters(rules)
+    texts, status = [], []
+    for text, reason in zip(batch.column("text").to_pylist(), batch.column("reason").to_pylist(),
+                            strict=True):  # fmt: skip
+        if reason is not None:
+            texts.append(None)
+            status.append("malformed")
+            continue
+        if sft:
+            bad = check_sft_row(text)
+            texts.append(text)
+            status.append("malformed" if bad else "ok")
+            continue
+        cleaned = clean_text(text)
+        fail = first_failure(cleaned, filters)
+        texts.append(cleaned)
+        status.append(f"filtered:{fail}" if fail else "ok")
+    reasons = batch.column("reason").to_pylist()
+    if sft:
+        reasons = [r or (check_sft_row(t) if s == "malformed" else None)
+                   for r, t, s in zip(reasons, texts, status, strict=True)]  # fmt: skip
+    hashes = [text_hash(t) if s == "ok" else 0 for t, s in zip(texts, status, strict=True)]
+    out = batch.drop(["text", "reason"]).append_column("text", pa.array(texts, pa.string()))
+    out = out.append_column("reason", pa.array(reasons, pa.string()))
+    out = out.append_column("status", pa.array(status, pa.string()))
+    out = out.append_column("hash", pa.array(hashes, pa.int64()))
+    if minhash is not None:
+        ok = [t if s == "ok" else "" for t, s in zip(texts, status, strict=True)]
+        out = out.append_column("sig", list_column(signatures(ok, minhash).view(np.int32)))
+    return out
+
+
+def keep_rows(batch: pa.Table, drop_orders: np.ndarray) -> pa.Table:
+    """Ray Data batch fn: status ok and not a duplicate; only the text goes on."""
+    ok = pc.equal(batch["status"], "ok").to_numpy(zero_copy_only=False)
+    dup = np.isin(batch["order"].to_numpy(), drop_orders)
+    return batch.filter(pa.array(ok & ~dup)).select(["text"])
+
+
+def quarantined(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.equal(batch["status"], "malformed")).select(
+        ["source", "line", "reason", "raw"]
+    )
+
+
+def select_rows(batch: pa.Table, split: str, is_tail: bool, columns: list[str]) -> pa.Table:
+    """Ray Data batch fn: the rows of one split that are (not) tails, with `columns` only."""
+    mask = pc.and_(pc.equal(batch["split"], split), pc.equal(batch["is_tail"], is_tail))
+    return batch.filter(mask).select(columns)
+
+
+# ---------------------------------------------------------------- driver steps
+
+
+def _files_dataset(files: list[InputFile], cfg: DataConfig):
+    import ray.data
+
+    items = [{"path": f.path, "fmt": f.fmt, "size": f.size, "index": f.index} for f in files]
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 200))
+    column = cfg.messages_column if cfg.format == "sft" else cfg.text_column
+    return ds.map_batches(
+        read_files,
+        fn_kwargs={"column": column, "text_mode": cfg.text_mode, "strict": cfg.strict},
+        batch_size=4,
+        batch_format="pyarrow",
+    )
+
+
+def _dedup(meta: pa.Table, cfg: DataConfig) -> tuple[np.ndarray, int, int]:
+    """Order keys to drop, and the exact / near duplicate counts (among status-ok rows)."""
+    ok = pc.equal(meta["status"], "ok").to_numpy(zero_copy_only=False)
+    order = meta["order"].to_numpy()[ok]
+    drop_exact = (
+        exact_duplicates(meta["hash"].to_numpy()[ok], order)
+        if cfg.exact_dedup
+        else np.zeros(len(order), bool)
+    )
+    drop_near = np.zeros(len(order), bool)
+    if cfg.near_dedup and len(order):
+        flat = meta["sig"].combine_chunks().flatten().to_numpy().view(np.uint32)
+        sigs = flat.reshape(len(meta), cfg.minhash_num_perm)[ok]
+        rest = ~drop_exact
+        drop_near[rest] = near_duplicates(sigs[rest], order[rest], minhash_params(cfg))
+    drops = np.sort(order[drop_exact | drop_near])
+    return drops, int(drop_exact.sum()), int(drop_near.sum())
+
+
+def _write_split(packed, split: str, cfg: DataConfig, labels: bool) -> dict:
+    """Write one split's full blocks, then pack the tails in the driver and write them too."""
+    cols = ["input_ids", "labels"] if labels else ["input_ids"]
+    out = f"{cfg.output_dir}/{split}"
+    tails = packed.map_batches(select_rows, fn_kwargs={"split": split, "is_tail": True, "columns": cols},
+                               batch_format="pyarrow").to_arrow_refs()  # fmt: skip
+    import ray
+
+    tail_table = pa.concat_tables(ray.get(tails)) if tails else None
+    flats = {c: _flatten(tail_table, c) for c in cols}
+    blocks = {c: split_blocks(flats[c], cfg.seq_len)[0] for c in cols}
+    full = packed.map_batches(select_rows, fn_kwargs={"split": split, "is_tail": False, "columns": cols},
+                              batch_format="pyarrow")  # fmt: skip
+    full.write_parquet(out, min_rows_per_file=cfg.shard_rows)
+    n_tail = len(blocks["input_ids"])
+    if n_tail:
+        filesystem, path = filesystem_for(f"{out}/tail-blocks.parquet")
+        pq.write_table(
+            pa.table({c: list_column(blocks[c]) for c in cols}), path, filesystem=filesystem
+        )
+    return _split_summary(out, int(len(flats["input_ids"]) - n_tail * cfg.seq_len))
+
+
+def _flatten(table: pa.Table | None, column: str) -> np.ndarray:
+    if table is None or table.num_rows == 0:
+        return np.zeros(0, np.int32)
+    return table[column].combine_chunks().flatten().to_numpy().astype(np.int32)
+
+
+def _split_summary(out: str, dropped: int) -> dict:
+    from pyarrow import fs as pafs
+
+    filesystem, path = filesystem_for(out)
+    infos = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    shards = sorted(i.path for i in infos if i.path.endswith(".parquet"))
+    blocks = sum(pq.ParquetFile(s, filesystem=filesystem).metadata.num_rows for s in shards)
+    prefix = out.split("://")[0] + "://" if "://" in out else ""
+    return {
+        "blocks": blocks,
+        "shards": [prefix + s for s in shards],
+        "dropped_tail_tokens": dropped,
+    }
+
+
+def _clear_outputs(cfg: DataConfig) -> None:
+    """A re-run replaces earlier shards instead of mixing with them."""
+    from pyarrow import fs as pafs
+
+    for sub in (*SPLITS, "quarantine"):
+        filesystem, path = filesystem_for(f"{cfg.output_dir}/{sub}")
+        if filesystem.get_file_info(path).type == pafs.FileType.Directory:
+            filesystem.delete_dir(path)
+
+
+def _tokenizer_corpus(files: list[InputFile], cfg: DataConfig):
+    """Good documents for tokenizer training, read in the driver up to tokenizer_train_mb."""
+    from aigc_ray.data.readers import read_file_rows
+
+    column = cfg.messages_column if cfg.format == "sft" else cfg.text_column
+    seen, limit = 0, cfg.tokenizer_train_mb * 1e6
+    for f in files:
+        for table in read_file_rows(f, column, cfg.text_mode, strict=False):
+            for text in table.column("text").to_pylist():
+                if text is None:
+                    continue
+                yield text
+                seen += len(text)
+                if seen >= limit:
+                    return
+
+
+def prepare_tokenizer(cfg: DataConfig, files: list[InputFile]):
+    """Load the configured tokenizer, or train a byte-level BPE on the corpus; save it."""
+    import tempfile
+
+    from aigc_ray.model import load_tokenizer, train_tokenizer
+
+    remote = "://" in cfg.output_dir
+    out = Path(tempfile.mkdtemp()) if remote else Path(cfg.output_dir) / "tokenizer"
+    if cfg.tokenizer:
+        tok = load_tokenizer(cfg.tokenizer)
+        tok.save_pretrained(str(out))
+    else:
+        tok = train_tokenizer(_tokenizer_corpus(files, cfg), cfg.vocab_size, out)
+    if remote:
+        _upload_dir(out, f"{cfg.output_dir}/tokenizer")
+    return tok
+
+
+def _upload_dir(local: Path, uri: str) -> None:
+    filesystem, path = filesystem_for(uri)
+    filesystem.create_dir(path, recursive=True)
+    for f in local.iterdir():
+        with filesystem.open_output_stream(f"{path}/{f.name}") as out:
+            out.write(f.read_bytes())
+
+
+def tokenize_pool_size(cfg: DataConfig) -> int:
+    """Actor-pool size: leave one CPU for read tasks so the pool never starves its input."""
+    import ray
+
+    if cfg.num_tokenize_actors:
+        return cfg.num_tokenize_actors
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(8, cpus - 1))
+
+
+def _tokenized(ds, cfg: DataConfig, tok):
+    from ray.data import ActorPoolStrategy
+
+    size = tokenize_pool_size(cfg)
+    kwargs = dict(tokenizer_json=tok.backend_tokenizer.to_str(), eos_token=tok.eos_token,
+                  pad_token=tok.pad_token, seq_len=cfg.seq_len, val_fraction=cfg.val_fraction,
+                  seed=cfg.seed, fmt=cfg.format, packing=cfg.sft_packing,
+                  chat_template=getattr(tok, "chat_template", None))  # fmt: skip
+    return ds.map_batches(TokenizePackUDF, fn_constructor_kwargs=kwargs,
+                          compute=ActorPoolStrategy(min_size=1, max_size=size),
+                          batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=1)  # fmt: skip
+
+
+def _unwrap(e: Exception) -> Exception:
+    """The DataError behind a Ray task failure (strict mode), if there is one."""
+    cause = getattr(e, "cause", None)
+    while cause is not None and not isinstance(cause, DataError):
+        cause = getattr(cause, "cause", None) or getattr(cause, "__cause__", None)
+    if cause is None and "DataError" in str(e):
+        msg = str(e).split("DataError: ")[-1].splitlines()[0]
+        return DataError(msg)
+    return cause or e
+
+
+def _counts(meta: pa.Table) -> dict:
+    status = Counter(meta["status"].to_pylist())
+    return {
+        "docs_read": meta.num_rows,
+        "malformed": status.pop("malformed", 0),
+        "filtered": {
+            k.split(":", 1)[1]: v for k, v in sorted(status.items()) if k.startswith("filtered:")
+        },
+    }
+
+
+def run_preprocess(cfg: DataConfig) -> dict:
+    """Run the whole data stage; write shards, quarantine, tokenizer and manifest.json.
+
+    Raises DataError (strict mode) naming the file and line of the first bad row.
+    """
+    import ray
+    import ray.data
+
+    t0 = time.time()
+    files = resolve_inputs(cfg)
+    _clear_outputs(cfg)
+    tok = prepare_tokenizer(cfg, files)
+    ctx = ray.data.DataContext.get_current()
+    previous, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        return _run(cfg, files, tok, t0)
+    finally:
+        ctx.execution_options.preserve_order = previous
+
+
+def _run(cfg: DataConfig, files: list[InputFile], tok, t0: float) -> dict:
+    import ray
+
+    rows = _files_dataset(files, cfg)
+    if cfg.max_docs:
+        rows = rows.limit(cfg.max_docs)
+    mh = minhash_params(cfg) if cfg.near_dedup else None
+    try:
+        cleaned = rows.map_batches(clean_batch, fn_kwargs={"rules": quality_rules(cfg), "sft": cfg.format == "sft",
+                                   "minhash": mh}, batch_format="pyarrow", batch_size=256).materialize()  # fmt: skip
+    except Exception as e:  # Ray wraps the UDF's DataError in a task error
+        raise _unwrap(e) from None
+    meta_cols = ["order", "status", "hash"] + (["sig"] if mh else [])
+    meta = pa.concat_tables(ray.get(cleaned.select_columns(meta_cols).to_arrow_refs()))
+    counts = _counts(meta)
+    drops, counts["exact_duplicates"], counts["near_duplicates"] = _dedup(meta, cfg)
+    packed = _tokenized(cleaned.map_batches(keep_rows, fn_kwargs={"drop_orders": drops},
+                                            batch_format="pyarrow"), cfg, tok).materialize()  # fmt: skip
+    manifest = _manifest(cfg, files, tok, counts, packed, cleaned, t0)
+    return manifest
+
+
+def _manifest(cfg: DataConfig, files, tok, counts: dict, packed, cleaned, t0: float) -> dict:
+    import ray
+
+    stats = pa.concat_tables(ray.get(packed.map_batches(
+        lambda b: b.filter(b["is_tail"]).select(["split", "docs_kept", "tokens", "truncated"]),
+        batch_format="pyarrow").to_arrow_refs())).to_pandas()  # fmt: skip
+    quarantine = cfg.quarantine_dir or f"{cfg.output_dir}/quarantine"
+    if counts["malformed"]:
+        cleaned.map_batches(quarantined, batch_format="pyarrow").write_parquet(quarantine)
+    labels = cfg.format == "sft"
+    m = {
+        "format": cfg.format,
+        "input_files": len(files),
+        "input_bytes": sum(f.size for f in files),
+        "inputs": [f.path for f in files][:50] + (["..."] if len(files) > 50 else []),
+        **counts,
+        "docs_kept": int(stats["docs_kept"].sum()),
+        "tokens": int(stats["tokens"].sum()),
+        "tokens_per_split": {s: int(stats[stats["split"] == s]["tokens"].sum()) for s in SPLITS},
+        "truncated_examples": int(stats["truncated"].sum()),
+        "seq_len": cfg.seq_len,
+        "vocab_size": len(tok),
+        "eos_token_id": tok.eos_token_id,
+        "tokenizer_dir": f"{cfg.output_dir}/tokenizer",
+        "quarantine_dir": quarantine if counts["malformed"] else None,
+        "splits": {s: _write_split(packed, s, cfg, labels) for s in SPLITS},
+    }
+    m["seconds"] = round(time.time() - t0, 2)
+    m["config"] = cfg.model_dump(mode="json")
+    _write_json(m, f"{cfg.output_dir}/manifest.json")
+    if "://" not in cfg.output_dir:
+        write_resolved(cfg, cfg.output_dir)
+    log.info("data stage: %s", format_report(m))
+    return m
+
+
+def _write_json(obj: dict, uri: str) -> None:
+    filesystem, path = filesystem_for(uri)
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(path) as out:
+        out.write((json.dumps(obj, indent=2) + "\n").encode())
+
+
+def read_manifest(data_dir: str) -> dict:
+    """Load a shard directory's manifest.json, with a clear error when it is missing."""
+    filesystem, path = filesystem_for(f"{data_dir}/manifest.json")
+    try:
+        with filesystem.open_input_stream(path) as fh:
+            return json.loads(fh.read())
+    except (FileNotFoundError, OSError):
+        raise DataError(
+            f"no manifest.json in {data_dir}: run `aigc-ray preprocess` first or set train.data_dir"
+        ) from None
+
+
+def format_report(m: dict) -> str:
+    """A short human-readable account of every row."""
+    filtered = ", ".join(f"{k} {v}" for k, v in m["filtered"].items()) or "none"
+    tr, va = m["splits"]["train"], m["splits"]["val"]
+    return "\n".join([
+        f"read {m['docs_read']} rows from {m['input_files']} files ({m['input_bytes'] / 1e6:.1f} MB)",
+        f"  malformed {m['malformed']} (quarantined: {m['quarantine_dir'] or '-'})",
+        f"  filtered  {sum(m['filtered'].values())} ({filtered})",
+        f"  exact duplicates {m['exact_duplicates']}, near duplicates {m['near_duplicates']}",
+        f"  kept {m['docs_kept']} -> {m['tokens']:,} tokens",
+        f"  train {tr['blocks']} blocks ({len(tr['shards'])} shards, {tr['dropped_tail_tokens']} tail tokens dropped)",
+        f"  val   {va['blocks']} blocks ({len(va['shards'])} shards, {va['dropped_tail_tokens']} tail tokens dropped)",
+    ])  # fmt: skip

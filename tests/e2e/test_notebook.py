@@ -1,0 +1,103 @@
+"""notebooks/quickstart.ipynb runs top to bottom in the venv's python3 kernel, cleans up after
+itself, and is stored with its outputs stripped.
+
+The kernel starts its own local Ray (pytest runs tests/e2e before the integration tier starts the
+shared instance), so the test also checks that no Ray process and no Serve port outlive it."""
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
+SERVE_PORT = 8021  # serve.port in the notebook's overrides
+
+
+def _processes_with_env(marker: str) -> list[int]:
+    """Pids whose environment holds `marker` (the kernel's children inherit it: Ray, Serve)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and proc.name != str(os.getpid()):
+            try:
+                if marker.encode() in (proc / "environ").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _text_of(cell) -> str:
+    parts = []
+    for out in cell.get("outputs", []):
+        parts.append(out.get("text", ""))
+        parts.append(out.get("data", {}).get("text/plain", ""))
+    return "".join(parts)
+
+
+def test_notebook_is_stored_without_outputs():
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == "python3"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code, "the notebook has no code cells"
+    assert all(not c.outputs and c.execution_count is None for c in code), "strip the outputs"
+
+
+def test_quickstart_notebook_executes(tmp_path, monkeypatch):
+    import nbformat
+    from jupyter_client.kernelspec import KernelSpecManager
+    from nbclient import NotebookClient
+
+    # jupyter_client runs a kernelspec whose argv[0] is "python" with sys.executable: this venv.
+    argv0 = KernelSpecManager().get_kernel_spec("python3").argv[0]
+    assert argv0 in {"python", "python3", f"python{sys.version_info[0]}.{sys.version_info[1]}"} or (
+        Path(argv0).resolve() == Path(sys.executable).resolve()
+    ), f"kernel python3 runs {argv0}, not this venv's {sys.executable}"
+    assert not _port_open(SERVE_PORT), f"port {SERVE_PORT} is already taken"
+
+    work = tmp_path / "quickstart"
+    monkeypatch.setenv("AIGC_RAY_QUICKSTART_DIR", str(work))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    for var in ("RAY_ADDRESS", "AIGC_RAY_API_KEYS", "AIGC_RAY_API_KEYS_FILE"):
+        monkeypatch.delenv(var, raising=False)
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = NotebookClient(
+        nb,
+        kernel_name="python3",
+        timeout=600,
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    )
+    try:
+        client.execute()  # raises CellExecutionError on the first failing cell
+    finally:
+        deadline = time.time() + 30
+        while _processes_with_env(str(work)) and time.time() < deadline:
+            time.sleep(1)
+        leftover = _processes_with_env(str(work))
+    assert not leftover, f"processes started by the notebook are still running: {leftover}"
+    assert not _port_open(SERVE_PORT), "the Serve endpoint outlived the notebook"
+
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    text = "\n".join(_text_of(c) for c in code)
+    for expected in ("documents read", "train blocks", "val loss", "models: ['aigc-tiny']",
+                     "--- 'def fibonacci(n):'", "--- 'import os\\n'"):  # fmt: skip
+        assert expected in text, f"notebook output lacks {expected!r}"
+    assert any(o.get("data", {}).get("image/png") for c in code for o in c.outputs), "no loss plot"
+    assert "Ray stopped" in _text_of(code[-1])
+    assert (work / "train" / "model" / "config.json").is_file()
+    assert (work / "data" / "manifest.json").is_file()
