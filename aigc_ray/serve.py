@@ -46,7 +46,12 @@ def load_api_keys() -> list[str]:
     keys = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
     path = os.environ.get(API_KEYS_FILE_ENV)
     if path:
-        keys += [k.strip() for k in Path(path).read_text().splitlines() if k.strip()]
+        try:
+            keys += [k.strip() for k in Path(path).read_text().splitlines() if k.strip()]
+        except OSError as e:
+            raise ServeError(
+                f"{API_KEYS_FILE_ENV}={path}: cannot read API keys file: {e}"
+            ) from None
     return keys
 
 
@@ -54,9 +59,10 @@ def key_allowed(header: str | None, keys: list[str]) -> bool:
     """Constant-time check of an `Authorization: Bearer <key>` header against `keys`."""
     if not keys:
         return True
-    if not header or not header.startswith("Bearer "):
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
         return False
-    given = header[len("Bearer ") :].encode()
+    given = token.strip().encode()
     return any(hmac.compare_digest(given, k.encode()) for k in keys)
 
 

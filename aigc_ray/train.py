@@ -246,7 +246,8 @@ def _run_steps(cfg: TrainConfig, model, tok, opt, sched, state: _State, val, dev
     t_log, tok_log, window = time.time(), state.tokens, []
     while state.step < cfg.max_steps:
         batches = shard.iter_torch_batches(batch_size=cfg.batch_size, collate_fn=collate,
-                                           drop_last=True)  # fmt: skip
+                                           drop_last=True, local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+                                           local_shuffle_seed=cfg.seed + state.step)  # fmt: skip
         for ids, labels in batches:
             labels = None if labels is None else labels.to(device)
             loss, norm = train_step(model, ids.to(device), opt, sched, cfg.grad_clip, labels)
@@ -385,7 +386,11 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
     ray.data.DataContext.get_current().enable_progress_bars = False
     data_dir = data_dir if "://" in data_dir else str(Path(data_dir).resolve())
     columns = ["input_ids", "labels"] if manifest.get("format") == "sft" else ["input_ids"]
-    train_ds = ray.data.read_parquet(f"{data_dir}/train", columns=columns)
+    # Shards are written in corpus order; without shuffling, the first steps would see one
+    # corner of the corpus only (e.g. all of encodings/*.py). Both shuffles are seeded.
+    train_ds = ray.data.read_parquet(f"{data_dir}/train", columns=columns).randomize_block_order(
+        seed=cfg.seed
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

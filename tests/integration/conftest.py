@@ -3,6 +3,7 @@
 import os
 
 import pytest
+from s3env import S3_ENV
 
 
 @pytest.fixture(scope="session")
@@ -15,7 +16,7 @@ def ray_session():
         include_dashboard=False,
         object_store_memory=1024**3,
         log_to_driver=False,
-        runtime_env={"env_vars": {"AIGC_RAY_API_KEYS": "test-key-1,test-key-2"}},
+        runtime_env={"env_vars": {"AIGC_RAY_API_KEYS": "test-key-1,test-key-2", **S3_ENV}},
     )
     yield ray
     from ray import serve

@@ -69,3 +69,15 @@ def tiny_model_dir(tmp_path_factory, tiny_model_cfg, tiny_tokenizer) -> Path:
     model.save_pretrained(str(out), safe_serialization=True)
     tiny_tokenizer.save_pretrained(str(out))
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one intra-op thread; with 2 threads on a busy 2-core box,
+    OpenMP spin-waiting turns a 0.2 s training loop into 20 s. Opt in per module."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

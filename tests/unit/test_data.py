@@ -23,7 +23,9 @@ from aigc_ray.data import (
 from aigc_ray.data.pack import list_column, split_blocks
 from aigc_ray.data.quality import QualityRules
 from aigc_ray.data.readers import read_file_rows
-from aigc_ray.data.stage import clean_batch, keep_rows, select_rows
+from aigc_ray.data.stage import _counts, clean_batch, keep_rows, select_rows
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ---------------------------------------------------------------- clean_text
 
@@ -261,6 +263,10 @@ def test_clean_batch_statuses(cleaned, corpus_file):
     assert "\r" not in "".join(ok_texts)
     hashes = cleaned.column("hash").to_pylist()
     assert all(h != 0 for h, s in zip(hashes, status, strict=True) if s == "ok")
+    # the manifest's accounting: read = malformed + filtered + kept
+    assert _counts(cleaned) == {"docs_read": 26, "malformed": 2, "filtered": {"min_chars": 3}}
+    reasons = cleaned.column("reason").to_pylist()
+    assert sum(r is not None for r in reasons) == 2
 
 
 def test_keep_rows_drops_filtered_malformed_and_duplicates(cleaned, corpus_file):

@@ -19,6 +19,8 @@ from aigc_ray.model import (
     train_tokenizer,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SNIPPET = 'def grüße(name: str) -> str:\n    """Say hi 👋"""\n\treturn f"héllo {name}"  # ✓\n'
 
 

@@ -23,6 +23,8 @@ from aigc_ray.serve import (
     parse_body,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # ---------------------------------------------------------------- API keys
 
 
@@ -71,7 +73,7 @@ def test_load_api_keys_from_file(no_key_env, tmp_path):
 
 def test_load_api_keys_missing_file_is_loud(no_key_env, tmp_path):
     no_key_env.setenv(API_KEYS_FILE_ENV, str(tmp_path / "missing.txt"))
-    with pytest.raises(OSError):
+    with pytest.raises(ServeError, match="missing.txt"):
         load_api_keys()
 
 

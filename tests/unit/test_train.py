@@ -23,6 +23,7 @@ from aigc_ray.train import (
     _State,
     build_optimizer,
     build_scheduler,
+    collate,
     count_params_from_config,
     eval_loss_sum,
     load_val_batches,
@@ -32,6 +33,8 @@ from aigc_ray.train import (
     train_step,
     worker_cpus,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ---------------------------------------------------------------- schedule
 
@@ -165,6 +168,39 @@ def test_eval_loss_sum_matches_manual(tiny_model, tiny_tokenizer):
     assert total == pytest.approx(manual_total, rel=1e-4)
 
 
+def test_eval_loss_sum_ignores_masked_labels(tiny_model, tiny_tokenizer):
+    vocab = len(tiny_tokenizer)
+    ids = torch.randint(0, vocab, (2, 10), generator=torch.Generator().manual_seed(4))
+    labels = ids.clone()
+    labels[:, :6] = -100  # an SFT prompt: no loss on it
+    total, count = eval_loss_sum(tiny_model, [(ids, labels)])
+    assert count == 2 * 4
+    with torch.no_grad():
+        logits = tiny_model(input_ids=ids).logits[:, :-1].float()
+    manual = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    ).item()
+    assert total == pytest.approx(manual, rel=1e-4)
+    full_total, full_count = eval_loss_sum(tiny_model, [ids])
+    assert full_count == 2 * 9 and full_total != pytest.approx(total)
+    # a batch whose labels are all ignored contributes nothing (and no NaN)
+    assert eval_loss_sum(tiny_model, [(ids, torch.full_like(ids, -100))]) == (0.0, 0)
+
+
+def test_train_step_with_labels_only_learns_unmasked(tiny_model, tiny_tokenizer):
+    cfg = TrainConfig(lr=1e-2, warmup_steps=0, max_steps=10)
+    opt = build_optimizer(tiny_model, cfg)
+    sched = build_scheduler(opt, cfg)
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 16), generator=torch.Generator().manual_seed(5))
+    labels = ids.clone()
+    labels[:, :8] = -100
+    first, _ = train_step(tiny_model, ids, opt, sched, 1.0, labels)
+    for _ in range(9):
+        last, norm = train_step(tiny_model, ids, opt, sched, 1.0, labels)
+    assert math.isfinite(norm)
+    assert last < first - 0.5
+
+
 def test_eval_empty():
     assert eval_loss_sum(torch.nn.Identity(), []) == (0.0, 0)
     assert _eval(torch.nn.Identity(), [], "cpu") is None
@@ -185,6 +221,18 @@ def test_to_tensor_stacks_object_array():
     col2 = np.empty(2, dtype=object)
     col2[0], col2[1] = [1, 2], [3, 4]
     assert to_tensor({"input_ids": col2}).tolist() == [[1, 2], [3, 4]]
+
+
+def test_collate_with_and_without_labels():
+    col = np.empty(2, dtype=object)
+    col[0], col[1] = np.array([1, 2], np.int32), np.array([3, 4], np.int32)
+    lab = np.empty(2, dtype=object)
+    lab[0], lab[1] = np.array([-100, 2], np.int32), np.array([-100, 4], np.int32)
+    ids, labels = collate({"input_ids": col, "labels": lab})
+    assert ids.tolist() == [[1, 2], [3, 4]]
+    assert labels.dtype == torch.int64 and labels.tolist() == [[-100, 2], [-100, 4]]
+    ids, labels = collate({"input_ids": col})
+    assert labels is None and ids.shape == (2, 2)
 
 
 # ---------------------------------------------------------------- validation batches
@@ -221,6 +269,20 @@ def test_load_val_batches_limits_count(tmp_path):
     batches = load_val_batches(str(tmp_path), 1, 2, batch_size=3, n_batches=2)
     assert [b.shape[0] for b in batches] == [3, 3]
     assert [r[0] for b in batches for r in b.tolist()] == [1, 3, 5, 7, 9, 11]
+
+
+def test_load_val_batches_with_labels(tmp_path):
+    val = tmp_path / "val"
+    val.mkdir()
+    ids = pa.array([[i, i + 1, i + 2] for i in range(5)], pa.list_(pa.int32()))
+    labels = pa.array([[-100, i + 1, i + 2] for i in range(5)], pa.list_(pa.int32()))
+    pq.write_table(pa.table({"input_ids": ids, "labels": labels}), val / "part-0.parquet")
+    batches = load_val_batches(str(tmp_path), 0, 1, batch_size=2, n_batches=5)
+    assert len(batches) == 3
+    assert all(isinstance(b, tuple) and len(b) == 2 for b in batches)
+    b_ids, b_labels = batches[0]
+    assert b_ids.tolist() == [[0, 1, 2], [1, 2, 3]]
+    assert b_labels.tolist() == [[-100, 1, 2], [-100, 2, 3]]
 
 
 def test_load_val_batches_without_val(tmp_path):

@@ -1,0 +1,98 @@
+"""MinHash + LSH near-dedup and exact dedup: quality against the true Jaccard, determinism."""
+
+import random
+
+import numpy as np
+import pytest
+
+from aigc_ray.data.dedup import (
+    MinHashParams,
+    candidate_pairs,
+    exact_duplicates,
+    near_duplicates,
+    shingle_hashes,
+    signatures,
+    true_jaccard,
+)
+
+VOCAB = [f"w{i}" for i in range(4000)]
+
+
+def _doc(rng, n=250):
+    return " ".join(rng.choice(VOCAB) for _ in range(n))
+
+
+def _mutate(rng, text, kind):
+    w = text.split()
+    if kind == "edit":  # a few substitutions: J ~ 0.9
+        for _ in range(len(w) // 80):
+            w[rng.randrange(len(w))] = rng.choice(VOCAB)
+    elif kind == "insert":  # a short inserted passage
+        i = rng.randrange(len(w))
+        w[i:i] = [rng.choice(VOCAB) for _ in range(len(w) // 50)]
+    elif kind == "reorder":  # paragraphs swapped: only shingles at the cut change
+        k = len(w) // 3
+        w = w[k:] + w[:k]
+    elif kind == "far":  # heavy rewrite: J well below 0.8, must NOT be flagged
+        for _ in range(len(w) // 5):
+            w[rng.randrange(len(w))] = rng.choice(VOCAB)
+    return " ".join(w)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    rng = random.Random(7)
+    base = [_doc(rng) for _ in range(300)]
+    variants = [
+        _mutate(rng, b, rng.choice(["edit", "insert", "reorder", "far"])) for b in base[:200]
+    ]
+    return base + variants
+
+
+def test_near_dedup_recall_and_precision_against_true_jaccard(planted):
+    params = MinHashParams()
+    drop = near_duplicates(signatures(planted, params), np.arange(len(planted)), params)
+    n_base = 300
+    truth = {
+        n_base + k
+        for k in range(200)
+        if true_jaccard(planted[k], planted[n_base + k]) >= params.threshold
+    }
+    predicted = set(np.flatnonzero(drop).tolist())
+    assert len(truth) > 100, "the planted corpus must contain many true near-duplicates"
+    tp = len(predicted & truth)
+    recall, precision = tp / len(truth), tp / max(1, len(predicted))
+    assert recall >= 0.95, (recall, precision)
+    assert precision >= 0.95, (recall, precision)
+    assert not drop[:n_base].any(), "an original (smaller order key) must always be kept"
+
+
+def test_near_dedup_keeps_smallest_order_whatever_the_row_order(planted):
+    params = MinHashParams()
+    sigs = signatures(planted, params)
+    order = np.arange(len(planted)) * 3 + 11
+    drop_a = near_duplicates(sigs, order, params)
+    perm = np.random.default_rng(0).permutation(len(planted))
+    drop_b = near_duplicates(sigs[perm], order[perm], params)
+    assert set(order[drop_a]) == set(order[perm][drop_b])
+
+
+def test_exact_duplicates_keep_first_by_order():
+    hashes = np.array([5, 7, 5, 9, 7, 5])
+    order = np.array([10, 11, 3, 12, 20, 4])
+    drop = exact_duplicates(hashes, order)
+    # hash 5: orders 10, 3, 4 -> keep 3; hash 7: 11, 20 -> keep 11
+    assert drop.tolist() == [True, False, False, False, True, True]
+
+
+def test_shingles_char_and_word():
+    assert len(shingle_hashes("a b c d e f", 2, "word")) == 5
+    assert len(shingle_hashes("abcabc", 3, "char")) == 3  # abc, bca, cab
+    assert len(shingle_hashes("", 5)) == 0
+    assert true_jaccard("x y z w v", "x y z w v") == 1.0
+
+
+def test_candidate_pairs_link_every_bucket_member():
+    keys = np.array([[1, 9], [1, 8], [2, 8], [3, 7]], np.uint64)
+    pairs = {tuple(p) for p in candidate_pairs(keys).tolist()}
+    assert pairs == {(0, 1), (1, 2)}
