@@ -29,10 +29,11 @@ def pack_tokens(docs: list[list[int]], eos_id: int, seq_len: int) -> tuple[np.nd
     """Concatenate documents with EOS after each; return (full blocks [n, seq_len], leftover)."""
     if not docs:
         return np.zeros((0, seq_len), np.int32), np.zeros(0, np.int32)
-    flat = np.fromiter(
-        (t for d in docs for t in (*d, eos_id)), dtype=np.int32, count=sum(len(d) + 1 for d in docs)
-    )
-    return split_blocks(flat, seq_len)
+    eos = np.array([eos_id], np.int32)
+    parts = []
+    for d in docs:  # np.asarray per list is ~5x faster than one generator over every token
+        parts += (np.asarray(d, np.int32), eos)
+    return split_blocks(np.concatenate(parts), seq_len)
 
 
 def split_blocks(flat: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -238,13 +238,16 @@ def _upload_dir(local: Path, uri: str) -> None:
 
 
 def tokenize_pool_size(cfg: DataConfig) -> int:
-    """Actor-pool size: leave one CPU for read tasks so the pool never starves its input."""
+    """Actor-pool size: every CPU of the cluster (up to 32).
+
+    The pool's input is the materialized, cleaned dataset, so no read task competes for CPUs
+    (a pool taking every CPU while reads are pending would starve them: GUIDE §5).
+    """
     import ray
 
     if cfg.num_tokenize_actors:
         return cfg.num_tokenize_actors
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, min(8, cpus - 1))
+    return max(1, min(32, int(ray.cluster_resources().get("CPU", 1))))
 
 
 def _tokenized(ds, cfg: DataConfig, tok):
@@ -305,6 +308,8 @@ def run_preprocess(cfg: DataConfig) -> dict:
 def _run(cfg: DataConfig, files: list[InputFile], tok, t0: float) -> dict:
     import ray
 
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
     rows = _files_dataset(files, cfg)
     if cfg.max_docs:
         rows = rows.limit(cfg.max_docs)
@@ -314,13 +319,17 @@ def _run(cfg: DataConfig, files: list[InputFile], tok, t0: float) -> dict:
                                    "minhash": mh}, batch_format="pyarrow", batch_size=256).materialize()  # fmt: skip
     except Exception as e:  # Ray wraps the UDF's DataError in a task error
         raise _unwrap(e) from None
+    timings["read_clean_s"], tick = round(time.perf_counter() - tick, 2), time.perf_counter()
     meta_cols = ["order", "status", "hash"] + (["sig"] if mh else [])
     meta = pa.concat_tables(ray.get(cleaned.select_columns(meta_cols).to_arrow_refs()))
     counts = _counts(meta)
     drops, counts["exact_duplicates"], counts["near_duplicates"] = _dedup(meta, cfg)
+    timings["dedup_s"], tick = round(time.perf_counter() - tick, 2), time.perf_counter()
     packed = _tokenized(cleaned.map_batches(keep_rows, fn_kwargs={"drop_orders": drops},
                                             batch_format="pyarrow"), cfg, tok).materialize()  # fmt: skip
+    timings["tokenize_pack_s"], tick = round(time.perf_counter() - tick, 2), time.perf_counter()
     manifest = _manifest(cfg, files, tok, counts, packed, cleaned, t0)
+    manifest["timings"] = {**timings, "write_s": round(time.perf_counter() - tick, 2)}
     return manifest
 
 
