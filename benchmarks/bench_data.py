@@ -144,6 +144,28 @@ def near_dedup_cost(docs: list[str]) -> dict:
             "lsh_s_per_million_docs_driver": round(lsh_s * per_m, 1)}  # fmt: skip
 
 
+def _sig_batch(batch, params):
+    import pyarrow as pa
+
+    sigs = signatures(batch.column("text").to_pylist(), params)
+    return pa.table({"n": [len(sigs)]})
+
+
+def near_dedup_scaling(docs: list[str], workers: list[int]) -> dict:
+    """Docs/s of MinHash signatures computed in Ray Data tasks, by number of concurrent tasks."""
+    import ray.data
+    from ray.data import TaskPoolStrategy
+
+    out = {}
+    for n in workers:
+        ds = ray.data.from_items([{"text": d} for d in docs], override_num_blocks=16)
+        t = time.perf_counter()
+        ds.map_batches(_sig_batch, fn_kwargs={"params": MinHashParams()}, batch_format="pyarrow",
+                       compute=TaskPoolStrategy(size=n)).materialize()  # fmt: skip
+        out[f"{n}_workers_docs_per_s"] = round(len(docs) / (time.perf_counter() - t), 1)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--copies", type=int, default=2)
@@ -172,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         our_tokens, manifest = run_ours(files, tok_dir, work / "ours")
         our_s = time.perf_counter() - t
-    ray.shutdown()
     nd = near_dedup_cost(docs[:600])
+    nd["ray_data_scaling"] = near_dedup_scaling(docs[:1200], [1, procs])
+    ray.shutdown()
 
     ref_tps, our_tps = ref_tokens / ref_s, our_tokens / our_s
     rows = [

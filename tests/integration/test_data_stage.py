@@ -128,3 +128,29 @@ def test_s3_input_and_output(ray_session, s3_server, tmp_path):
         s3_server.get_object(Bucket="aigc-test", Key="shards/manifest.json")["Body"].read()
     )
     assert manifest["splits"]["train"]["blocks"] == m["splits"]["train"]["blocks"] > 0
+
+
+def test_output_is_identical_for_any_pool_size(ray_session, tmp_path):
+    """Same shards (token for token) and counts with 1 or 2 tokenizer actors, near-dedup on."""
+    from aigc_ray.data import stdlib_files
+
+    docs = [Path(p).read_text() for p in stdlib_files()[:40]]
+    docs += [d.replace("def ", "def  ", 1) for d in docs[:10]]  # near duplicates
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    streams, counts = [], []
+    for n in (1, 2):
+        out = tmp_path / f"o{n}"
+        cfg = load_config("configs/tiny.yaml", [f'data.inputs=["{tmp_path}/in.jsonl"]',
+                                                f"data.output_dir={out}", *BASE, "data.near_dedup=true",
+                                                f"data.num_tokenize_actors={n}"]).data  # fmt: skip
+        m = run_preprocess(cfg)
+        counts.append(
+            {k: m[k] for k in ("docs_kept", "exact_duplicates", "near_duplicates", "tokens")}
+        )
+        streams.append(
+            [pq.read_table(s)["input_ids"].to_pylist() for s in m["splits"]["train"]["shards"]]
+        )
+    assert counts[0] == counts[1]
+    assert counts[0]["near_duplicates"] + counts[0]["exact_duplicates"] >= 10
+    assert counts[0]["near_duplicates"] >= 5
+    assert streams[0] == streams[1]
