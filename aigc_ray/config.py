@@ -140,6 +140,14 @@ class ModelConfig(_Section):
     intermediate_size: int | None = Field(None, ge=8, description="MLP width; empty = ~8/3 hidden.")
     max_position_embeddings: int = Field(1024, ge=8, description="Context window of the model.")
     tie_word_embeddings: bool = Field(True, description="Share input and output embeddings.")
+    lora_r: int | None = Field(
+        None, ge=1, description="LoRA rank (peft); empty = full fine-tuning."
+    )
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
+    lora_targets: list[str] | None = Field(
+        None, description="Modules to adapt; empty = all Llama projections."
+    )
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelConfig:
@@ -170,7 +178,21 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of peak.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on norms/biases).")
-    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps before cosine decay.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps before the decay.")
+    schedule: Literal["cosine", "linear"] = Field("cosine", description="LR decay after warmup.")
+    grad_accum: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step (gradient accumulation)."
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "bf16", description="Autocast dtype on GPU (fp16 adds a GradScaler); CPU always runs fp32."
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="DDP, or FSDP for models that do not fit one device."
+    )
+    ledger: bool = Field(
+        False,
+        description="Record every consumed (epoch, position) in the checkpoints (tests/audits).",
+    )
     grad_clip: float = Field(1.0, gt=0, description="Max gradient norm.")
     eval_every: int = Field(50, ge=1, description="Validation loss every N steps.")
     eval_batches: int = Field(8, ge=1, description="Validation batches per worker per evaluation.")
@@ -181,6 +203,14 @@ class TrainConfig(_Section):
         2048, ge=0, description="Rows in each worker's local shuffle buffer (0 = corpus order)."
     )
     seed: int = Field(0, description="Seed for init and data order.")
+
+    @model_validator(mode="after")
+    def _strategy_needs_gpu(self) -> TrainConfig:
+        if self.strategy == "fsdp" and not self.use_gpu:
+            raise ValueError(
+                "train.strategy=fsdp needs train.use_gpu=true (Ray Train's FSDP wrapper is GPU-only)"
+            )
+        return self
 
 
 class ServeConfig(_Section):

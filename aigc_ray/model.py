@@ -116,3 +116,107 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> torch.nn.Module:
 def count_params(model: torch.nn.Module) -> int:
     """Number of distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+# LoRA (peft is an optional extra: `pip install aigc_ray[lora]`; imported only inside functions).
+
+LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DataParallel / DistributedDataParallel wrappers (as made by Ray Train)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DataParallel, DistributedDataParallel)):
+        model = model.module
+    return model
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    """True if `model` (or the model inside a DDP wrapper) holds peft LoRA layers."""
+    import sys
+
+    if "peft" not in sys.modules:  # nothing can hold peft layers; avoid a slow import
+        return False
+    from peft.tuners.lora import LoraLayer
+
+    return any(isinstance(m, LoraLayer) for m in _unwrap(model).modules())
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    """Number of distinct parameters with requires_grad (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def apply_lora(
+    model: torch.nn.Module,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    target_modules: list[str] | None = None,
+) -> torch.nn.Module:
+    """Wrap a causal LM in a peft LoRA model; only the adapters stay trainable.
+
+    `model` is modified in place (adapter layers are injected, base weights frozen) and the
+    returned PeftModel must be used from then on. Adapters start as a no-op (B = 0), so the
+    wrapped model initially computes exactly what `model` did. `target_modules` defaults to
+    the Llama attention and MLP projections present in the model (peft's per-architecture
+    default if none are). Embeddings and lm_head are never targeted by default, so tied
+    embeddings stay tied and frozen.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    if is_lora(model):
+        raise ValueError("model already has LoRA adapters; merge_lora it before applying again")
+    if r < 1 or alpha <= 0 or not 0.0 <= dropout < 1.0:
+        raise ValueError(
+            f"bad LoRA settings: need r >= 1, alpha > 0, 0 <= dropout < 1; "
+            f"got r={r}, alpha={alpha}, dropout={dropout}"
+        )
+    if target_modules is None:
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        target_modules = [t for t in LLAMA_LORA_TARGETS if t in names] or None
+    total = sum(p.numel() for p in model.parameters())
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules) if target_modules else None,
+        bias="none",
+    )
+    peft_model = get_peft_model(model, config)
+    trainable = trainable_parameters(peft_model)
+    log.info(
+        "LoRA r=%d alpha=%s dropout=%s on %s: %d trainable of %d parameters (%.2f%%)",
+        r,
+        alpha,
+        dropout,
+        sorted(peft_model.peft_config["default"].target_modules),
+        trainable,
+        total + trainable,
+        100.0 * trainable / (total + trainable),
+    )
+    return peft_model
+
+
+def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain transformers model with the LoRA deltas merged into its base weights.
+
+    `model` is consumed (its base layers are rewritten in place). The result has no peft
+    modules, all parameters trainable again, and save_pretrained writes a normal model that
+    AutoModelForCausalLM loads without peft. A model without LoRA is returned unwrapped as is.
+    """
+    model = _unwrap(model)
+    if not is_lora(model):
+        return model
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise TypeError(
+            f"LoRA layers found in a {type(model).__name__}, not a PeftModel; "
+            "use apply_lora to add adapters"
+        )
+    merged = model.merge_and_unload(progressbar=False, safe_merge=True)
+    merged.requires_grad_(True)
+    return merged

@@ -148,9 +148,12 @@ def test_train_rerun_with_same_name_resumes(trained, cfg):
 
 @pytest.fixture(scope="module")
 def endpoint(trained, cfg):
+    from ray import serve
+
     from aigc_ray.serve import run_serve
 
-    return run_serve(cfg.serve, trained.model_dir)
+    yield run_serve(cfg.serve, trained.model_dir)
+    serve.shutdown()  # free the replica's CPU for the next module
 
 
 def test_serve_openai_client_completion(endpoint, cfg):

@@ -388,7 +388,15 @@ def test_checkpoint_is_a_model_dir_and_exports(tmp_path, tiny_model, tiny_tokeni
                {"step": 20, "loss": 4.0, "tokens": 200, "val_loss": 4.5}]  # fmt: skip
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    _save_checkpoint(tiny_model, tiny_tokenizer, opt, sched, _State(20, 200, history), str(ckpt))
+    _save_checkpoint(
+        tiny_model,
+        tiny_tokenizer,
+        opt.state_dict(),
+        None,
+        sched,
+        _State(20, 200, history),
+        str(ckpt),
+    )
     check_model_dir(ckpt)
     state = torch.load(ckpt / STATE_FILE, weights_only=False)
     assert state["step"] == 20 and state["tokens"] == 200

@@ -1,0 +1,138 @@
+"""Reference for bench_train: plain torchrun + DDP training of the same model on the same shards.
+
+No Ray. Same pieces as aigc_ray's worker loop: `build_model` from the same ModelConfig and seed,
+the tokenizer from the manifest, `build_optimizer` / `build_scheduler`, and the step function
+`accumulate_step` (what `train_step` calls; it also takes `train.grad_accum` micro-batches and
+the autocast dtype of `precision(train, device)`, as our workers do). Data: the train shards
+listed in manifest.json, read with pyarrow in order; rank r takes rows r::world and cuts them
+into micro-batches of `train.batch_size` (wrapping around if the run needs more rows).
+
+Times the steps after `--warmup` steps with time.perf_counter; rank 0 prints one JSON line
+(global tokens/s, steps, threads, ...) that bench_train.py parses.
+
+    torchrun --standalone --nproc_per_node=2 benchmarks/torchrun_ddp.py \
+        --data-dir DIR --config cfg.json [--steps 60] [--warmup 10] [--gpu]
+
+`cfg.json` holds {"train": TrainConfig dump, "model": ModelConfig dump}. With --gpu: NCCL, one
+GPU per process (LOCAL_RANK), autocast per `train.precision` (bf16 by default; CPU runs fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+from aigc_ray.config import ModelConfig, TrainConfig
+from aigc_ray.data import read_manifest
+from aigc_ray.model import build_model, count_params, load_tokenizer
+from aigc_ray.train import accumulate_step, build_optimizer, build_scheduler, precision
+
+log = logging.getLogger("torchrun_ddp")
+
+
+def load_rows(manifest: dict, seq_len: int, rank: int, world: int) -> np.ndarray:
+    """This rank's rows (r::world) of the train shards, in manifest order, as [rows, seq_len]."""
+    shards = manifest["splits"]["train"]["shards"]
+    tables = [pq.read_table(s, columns=["input_ids"]) for s in shards]
+    flat = np.concatenate(
+        [t.column("input_ids").combine_chunks().flatten().to_numpy() for t in tables]
+    )
+    return flat.reshape(-1, seq_len)[rank::world]
+
+
+def batches(rows: np.ndarray, batch_size: int, accum: int, steps: int):
+    """Per step, `accum` [batch_size, seq_len] int64 tensors, in order, wrapping around the rows."""
+    per_step = batch_size * accum
+    per_epoch = len(rows) // per_step
+    if per_epoch == 0:
+        raise ValueError(f"{len(rows)} rows per rank < one step of {per_step}")
+    if steps > per_epoch:
+        log.warning("%d steps > %d per epoch on each rank: wrapping around", steps, per_epoch)
+    for step in range(steps):
+        start = (step % per_epoch) * per_step
+        yield [torch.from_numpy(rows[i : i + batch_size].astype(np.int64))
+               for i in range(start, start + per_step, batch_size)]  # fmt: skip
+
+
+def setup(gpu: bool) -> torch.device:
+    """Process group (gloo on CPU, NCCL on GPU) and this process's device."""
+    if gpu:
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def build(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer_dir: str, device, rank: int):
+    """DDP model, optimizer and scheduler exactly as the aigc_ray worker builds them."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(cfg.seed + rank)
+    model = build_model(model_cfg, load_tokenizer(tokenizer_dir), seed=cfg.seed).to(device)
+    params = count_params(model)
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = build_optimizer(ddp, cfg)
+    return ddp, opt, build_scheduler(opt, cfg), params
+
+
+def run(args, cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> dict:
+    """Train `args.steps` steps; time those after `args.warmup`; return rank-local figures."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    manifest = read_manifest(args.data_dir)
+    model, opt, sched, params = build(cfg, model_cfg, manifest["tokenizer_dir"], device, rank)
+    rows = load_rows(manifest, cfg.seq_len, rank, world)
+    amp, scaler = precision(cfg, device)
+    steps = batches(rows, cfg.batch_size, cfg.grad_accum, args.steps)
+    losses, t0 = [], None
+    for step, micro in enumerate(steps, start=1):
+        micro = [(ids.to(device), None) for ids in micro]
+        loss, _ = accumulate_step(model, micro, opt, sched, cfg.grad_clip, amp, scaler)
+        losses.append(loss)
+        if step == args.warmup:
+            t0 = time.perf_counter()
+    secs = time.perf_counter() - t0
+    timed = args.steps - args.warmup
+    per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * world
+    return {"tokens_per_s": round(timed * per_step / secs, 1), "steps": args.steps,
+            "timed_steps": timed, "timed_s": round(secs, 3), "tokens": args.steps * per_step,
+            "world": world, "threads": torch.get_num_threads(), "params": params,
+            "last_loss": round(float(np.mean(losses[-10:])), 4), "device": str(device),
+            "amp": str(amp)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--config", required=True, help="JSON with train and model config dumps")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--gpu", action="store_true")
+    args = ap.parse_args(argv)
+    if args.steps <= args.warmup:
+        ap.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    with open(args.config) as f:
+        raw = json.load(f)
+    device = setup(args.gpu)
+    try:
+        result = run(args, TrainConfig(**raw["train"]), ModelConfig(**raw["model"]), device)
+        if dist.get_rank() == 0:
+            print(json.dumps({"torchrun_ddp": result}), flush=True)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

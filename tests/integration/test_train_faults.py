@@ -1,0 +1,128 @@
+"""Training faults on the shared Ray: SIGKILL a worker mid-run (automatic resume, exactly-once
+ledger, same final loss), max_failures exceeded (clear error, checkpoint intact), and a
+half-written checkpoint directory that must never be resumed from."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from aigc_ray.config import load_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+OVERRIDES = [
+    "data.vocab_size=512", "data.seq_len=64", "train.seq_len=64", "data.val_fraction=0.1",
+    "data.near_dedup=false", "data.batch_size=32",
+    "model.hidden_size=64", "model.num_layers=2", "model.num_heads=2",
+    "model.max_position_embeddings=128",
+    "train.batch_size=4", "train.max_steps=60", "train.checkpoint_every=5", "train.eval_every=30",
+    "train.eval_batches=1", "train.warmup_steps=5", "train.shuffle_buffer=64", "train.ledger=true",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_cfg(ray_session, tmp_path_factory):
+    from aigc_ray.data import run_preprocess
+
+    root = tmp_path_factory.mktemp("faults")
+    cfg = load_config("configs/tiny.yaml", [*OVERRIDES, f"data.output_dir={root / 'data'}",
+                                            "data.max_docs=150"])  # fmt: skip
+    m = run_preprocess(cfg.data)
+    rows = m["splits"]["train"]["blocks"]
+    assert rows >= 60 * 8, "corpus too small for 60 steps of 2 x 4 rows in one epoch"
+    return cfg, root
+
+
+def _train_cfg(cfg, root, name, **extra):
+    return cfg.train.model_copy(update={"run_dir": str(root / name), "name": name, **extra})
+
+
+def _workers() -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "RayTrainWorker" in cmd:
+            out.append(p)
+    return out
+
+
+def _fit_killing_a_worker(cfg, root, train_cfg):
+    """Run fit in a thread; SIGKILL one worker right after the first checkpoint lands."""
+    from aigc_ray.train import fit
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = fit(train_cfg, cfg.model, cfg.data.output_dir)
+        except Exception as e:  # re-raised in the test thread
+            box["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    storage = Path(train_cfg.run_dir) / "ray" / train_cfg.name
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(storage.glob("checkpoint_*/train_state.pt")):
+        time.sleep(0.05)
+    victims = _workers()
+    assert victims and t.is_alive(), "no training worker to kill before the run finished"
+    os.kill(victims[-1].pid, signal.SIGKILL)
+    t.join(timeout=600)
+    return box, victims[-1].pid
+
+
+def _ledger(run_dir) -> list:
+    return [tuple(x) for x in json.loads((Path(run_dir) / "ledger.json").read_text())]
+
+
+def test_sigkill_worker_resumes_exactly_once_with_same_loss(data_cfg):
+    from aigc_ray.train import fit
+
+    cfg, root = data_cfg
+    clean = fit(_train_cfg(cfg, root, "clean"), cfg.model, cfg.data.output_dir)
+    box, killed = _fit_killing_a_worker(cfg, root, _train_cfg(cfg, root, "fault"))
+    assert "error" not in box, box.get("error")
+    faulty = box["result"]
+    assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
+    assert faulty.steps == clean.steps == 60
+    assert abs(faulty.last_loss - clean.last_loss) <= 0.02 * clean.last_loss
+    ledger_clean, ledger_fault = _ledger(clean.run_dir), _ledger(faulty.run_dir)
+    assert len(ledger_fault) == len(set(ledger_fault)) == 60 * 2 * 4, "a sample was repeated"
+    assert sorted(ledger_fault) == [(0, p) for p in range(60 * 8)], "a sample was skipped"
+    assert ledger_fault == ledger_clean
+
+
+def test_exceeding_max_failures_is_a_clear_error_with_a_loadable_checkpoint(data_cfg):
+    from transformers import AutoModelForCausalLM
+
+    from aigc_ray.train import TrainError
+
+    cfg, root = data_cfg
+    box, _ = _fit_killing_a_worker(cfg, root, _train_cfg(cfg, root, "fatal", max_failures=0))
+    err = box.get("error")
+    assert isinstance(err, TrainError), err
+    assert "max_failures" in str(err) and "last checkpoint" in str(err)
+    ckpt = str(err).split("last checkpoint: ")[1].split()[0]
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert model.config.hidden_size == 64
+
+
+def test_half_written_checkpoint_is_never_resumed(data_cfg):
+    from aigc_ray.train import fit
+
+    cfg, root = data_cfg
+    first = _train_cfg(cfg, root, "partial", max_steps=10)
+    fit(first, cfg.model, cfg.data.output_dir)
+    bogus = Path(first.run_dir) / "ray" / "partial" / "checkpoint_2999-01-01_00-00-00.000000"
+    bogus.mkdir()
+    (bogus / "config.json").write_text("{truncated")
+    again = fit(first.model_copy(update={"max_steps": 15}), cfg.model, cfg.data.output_dir)
+    rows = [json.loads(x) for x in (Path(first.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert again.steps == 15 and [r["step"] for r in rows].count(10) == 1
+    assert len(_ledger(first.run_dir)) == 15 * 8

@@ -1,0 +1,117 @@
+"""Exactly-once positions, gradient accumulation and precision selection (no Ray)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from aigc_ray.config import TrainConfig
+from aigc_ray.train import (
+    accumulate_step,
+    build_optimizer,
+    build_scheduler,
+    lr_factor,
+    precision,
+    rank_micro_batches,
+)
+
+
+def _stream(n_rows, seq=4, chunk=7):
+    ids = np.arange(n_rows * seq).reshape(n_rows, seq)
+    for i in range(0, n_rows, chunk):
+        yield {"input_ids": list(ids[i : i + chunk])}
+
+
+def _positions(rank, world, start, limit, batch, n_rows=100):
+    out = []
+    for pos, ids, labels in rank_micro_batches(_stream(n_rows), rank, world, start, limit, batch):
+        assert ids.shape == (batch, 4) and labels is None
+        assert (ids[:, 0].numpy() // 4 == pos).all(), "row content must match its position"
+        out += pos.tolist()
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_ranks_partition_the_epoch_exactly(world):
+    batch, limit = 4, 96 // (4 * world) * 4 * world
+    seen = [p for r in range(world) for p in _positions(r, world, 0, limit, batch)]
+    assert sorted(seen) == list(range(limit))
+
+
+def test_resume_skips_exactly_the_consumed_positions():
+    world, batch = 2, 4
+    per_step = world * batch
+    limit = 96
+    first = [p for r in range(world) for p in _positions(r, world, 0, limit, batch)[: 3 * batch]]
+    rest = [p for r in range(world) for p in _positions(r, world, 3 * per_step, limit, batch)]
+    assert sorted(first + rest) == list(range(limit))
+    assert not set(first) & set(rest)
+
+
+def test_probe_digest_is_rank_independent():
+    probes = []
+    for rank in (0, 1):
+        probe = []
+        next(rank_micro_batches(_stream(50), rank, 2, 0, 48, 4, probe))
+        probes.append(probe[0])
+    assert probes[0] == probes[1]
+
+
+def test_grad_accumulation_equals_one_big_batch(tiny_model):
+    torch.manual_seed(0)
+    ids = torch.randint(0, tiny_model.config.vocab_size, (4, 16))
+    cfg = TrainConfig(lr=1e-2, warmup_steps=0)
+    a, b = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    opt_a, opt_b = build_optimizer(a, cfg), build_optimizer(b, cfg)
+    loss_a, _ = accumulate_step(a, [(ids, None)], opt_a, build_scheduler(opt_a, cfg), 1e9)
+    loss_b, _ = accumulate_step(
+        b, [(ids[:2], None), (ids[2:], None)], opt_b, build_scheduler(opt_b, cfg), 1e9
+    )
+    assert loss_a == pytest.approx(loss_b, rel=1e-4)
+    for pa_, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa_, pb, rtol=1e-4, atol=1e-5)
+
+
+def test_precision_is_fp32_on_cpu_and_autocast_on_gpu():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert precision(TrainConfig(precision="bf16"), cpu) == (None, None)
+    assert precision(TrainConfig(precision="bf16"), gpu) == (torch.bfloat16, None)
+    assert precision(TrainConfig(precision="fp32"), gpu) == (None, None)
+
+
+def test_linear_schedule_reaches_min_ratio():
+    assert lr_factor(10, 0, 10, 0.1, "linear") == pytest.approx(0.1)
+    assert lr_factor(5, 0, 10, 0.0, "linear") == pytest.approx(0.5)
+
+
+def test_lora_checkpoint_is_plain_hf_and_resumes_adapters(tiny_model_cfg, tiny_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from aigc_ray.model import is_lora
+    from aigc_ray.train import new_model, restore_model, save_model, train_step
+
+    cfg = tiny_model_cfg.model_copy(update={"lora_r": 4})
+    model = new_model(cfg, tiny_tokenizer, seed=3)
+    tcfg = TrainConfig(lr=2e-2, warmup_steps=0)
+    opt = build_optimizer(model, tcfg)
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 12))
+    for _ in range(3):
+        train_step(model, ids, opt, build_scheduler(opt, tcfg), 1.0)
+    save_model(model, tiny_tokenizer, str(tmp_path))
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+        torch.testing.assert_close(plain(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
+        resumed = restore_model(cfg, tiny_tokenizer, 3, str(tmp_path)).eval()
+        assert is_lora(resumed)
+        torch.testing.assert_close(resumed(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_fsdp_requires_gpu_and_names_the_keys():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="train.strategy=fsdp needs train.use_gpu=true"):
+        TrainConfig(strategy="fsdp")
+    assert TrainConfig(strategy="fsdp", use_gpu=True).strategy == "fsdp"
