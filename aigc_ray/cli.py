@@ -104,11 +104,7 @@ def cmd_train(cfg: PipelineConfig):
     from aigc_ray.train import fit
 
     r = fit(cfg.train, cfg.model, cfg.resolved_data_dir())
-    print(
-        f"train: {r.steps} steps, {r.tokens:,} tokens, loss {r.first_loss:.3f} -> {r.last_loss:.3f}, "
-        f"val loss {_num(r.val_loss_initial)} (untrained) -> {_num(r.val_loss_final)} ({r.seconds} s) "
-        f"-> {r.model_dir}"
-    )
+    print(r.summary(), flush=True)
     return r
 
 

@@ -169,7 +169,14 @@ class TrainConfig(_Section):
     data_dir: str | None = Field(
         None, description="Shard directory from preprocess; empty = data.output_dir."
     )
-    num_workers: int = Field(2, ge=1, description="Training worker processes.")
+    num_workers: int = Field(
+        2, ge=1, description="Training worker processes (the maximum when elastic)."
+    )
+    min_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Elastic training: run with any count in [min_workers, num_workers].",
+    )
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL) instead of CPU (gloo).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
     batch_size: int = Field(16, ge=1, description="Blocks per worker per step.")
@@ -206,6 +213,10 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _strategy_needs_gpu(self) -> TrainConfig:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(
+                f"train.min_workers ({self.min_workers}) must be <= train.num_workers ({self.num_workers})"
+            )
         if self.strategy == "fsdp" and not self.use_gpu:
             raise ValueError(
                 "train.strategy=fsdp needs train.use_gpu=true (Ray Train's FSDP wrapper is GPU-only)"

@@ -172,6 +172,8 @@ class _State:
     tokens: int = 0
     history: list | None = None
     ledger: list | None = None  # committed (epoch, position) pairs, all ranks, in checkpoints
+    epoch: int = 0
+    epoch_pos: int = 0  # next unconsumed position of the epoch (independent of world size)
     pending: list = field(default_factory=list)  # this rank's pairs since the last checkpoint
 
 
@@ -244,6 +246,7 @@ def _save_checkpoint(
     save_model(model, tok, directory, model_state)
     torch.save({"optimizer": opt_state, "scheduler": sched.state_dict(),
                 "step": state.step, "tokens": state.tokens, "ledger": state.ledger,
+                "epoch": state.epoch, "epoch_pos": state.epoch_pos,
                 "rng": torch.get_rng_state()}, os.path.join(directory, STATE_FILE))  # fmt: skip
     with open(os.path.join(directory, METRICS_FILE), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in state.history)
@@ -302,7 +305,8 @@ def train_loop_per_worker(config: dict) -> None:
         _load_optimizer(model, opt, saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
-        state = _State(saved["step"], saved["tokens"], saved["history"], saved.get("ledger", []))
+        state = _State(saved["step"], saved["tokens"], saved["history"], saved.get("ledger", []),
+                       saved.get("epoch", 0), saved.get("epoch_pos", 0))  # fmt: skip
         log.info("rank %d resumed at step %d", rank, state.step)
     val = load_val_batches(config["data_dir"], rank, world, cfg.batch_size, cfg.eval_batches)
     if state.step == 0:
@@ -357,22 +361,22 @@ class _Feed:
     partial global batch (< batch_size x grad_accum x world rows) is not used."""
 
     def __init__(self, cfg: TrainConfig, rank: int, world: int, rows: int):
-        self.cfg, self.rank, self.world = cfg, rank, world
+        self.cfg, self.rank, self.world, self.rows = cfg, rank, world, rows
         self.per_step = cfg.batch_size * cfg.grad_accum * world
-        self.steps_per_epoch = rows // self.per_step
-        if self.steps_per_epoch == 0:
+        if rows < self.per_step:
             raise TrainError(f"{rows} training rows cannot fill one step of {self.per_step}")
 
-    def steps(self, shard, step: int):
-        """Yield (epoch, positions, micro_batches) for each optimizer step from `step` to epoch end."""
-        epoch, done = divmod(step, self.steps_per_epoch)
+    def steps(self, shard, epoch: int, start: int):
+        """Yield (epoch, positions, micro_batches) per optimizer step, from epoch position
+        `start` to the epoch's end. Positions, not step counts, mark progress, so a resume
+        with a different number of workers (elastic) still consumes each sample once."""
+        limit = start + (self.rows - start) // self.per_step * self.per_step
         stream = shard.iter_batches(batch_size=1024, batch_format="numpy",
                                     local_shuffle_buffer_size=self.cfg.shuffle_buffer or None,
                                     local_shuffle_seed=self.cfg.seed + epoch)  # fmt: skip
         self.probe: list[int] = []
-        micro = rank_micro_batches(stream, self.rank, self.world, done * self.per_step,
-                                   self.steps_per_epoch * self.per_step, self.cfg.batch_size,
-                                   self.probe)  # fmt: skip
+        micro = rank_micro_batches(stream, self.rank, self.world, start, limit,
+                                   self.cfg.batch_size, self.probe)  # fmt: skip
         group: list = []
         for item in micro:
             group.append(item)
@@ -458,12 +462,15 @@ def _run_steps(
     amp, scaler = precision(cfg, device)
     t_log, tok_log, window = time.time(), state.tokens, []
     while state.step < cfg.max_steps:
-        for n, (epoch, positions, micro) in enumerate(feed.steps(shard, state.step)):
+        for n, (epoch, positions, micro) in enumerate(
+            feed.steps(shard, state.epoch, state.epoch_pos)
+        ):
             if n == 0:
                 check_same_order(feed.probe[0], device)
             micro = [(i.to(device), None if lab is None else lab.to(device)) for i, lab in micro]
             loss, norm = accumulate_step(model, micro, opt, sched, cfg.grad_clip, amp, scaler)
             state.step += 1
+            state.epoch_pos += feed.per_step
             state.tokens += sum(i.numel() for i, _ in micro) * feed.world
             if cfg.ledger:
                 state.pending += [(epoch, int(p)) for p in positions]
@@ -472,6 +479,7 @@ def _run_steps(
                 t_log, tok_log, window = time.time(), state.tokens, []
             if state.step >= cfg.max_steps:
                 return
+        state.epoch, state.epoch_pos = state.epoch + 1, 0
 
 
 def _after_step(
@@ -491,6 +499,7 @@ def _after_step(
            "tokens": state.tokens, "time": round(time.time(), 3)}  # fmt: skip
     if do_eval:
         row["val_loss"] = _eval(model, val, device)
+        row["val_ppl"] = round(math.exp(min(row["val_loss"], 50)), 3) if row["val_loss"] else None
     state.history.append(row)
     if do_ckpt and cfg.ledger:
         _commit_ledger(state)
@@ -514,9 +523,27 @@ class TrainResult:
     val_loss_final: float | None
     seconds: float
     params: int
+    tokens_per_s: float = 0.0  # mean over logged windows after the first (steady state)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def summary(self) -> str:
+        """The one-screen account of a run."""
+        ppl = (
+            (lambda x: f"{math.exp(min(x, 50)):,.1f}") if self.val_loss_final else (lambda x: "n/a")
+        )
+        val = (f"{self.val_loss_initial:.3f} -> {self.val_loss_final:.3f} "
+               f"(perplexity {ppl(self.val_loss_initial)} -> {ppl(self.val_loss_final)})"
+               if self.val_loss_final else "n/a (no validation split)")  # fmt: skip
+        return "\n".join([
+            f"train: {self.steps} steps, {self.tokens:,} tokens, {self.params / 1e6:.1f}M params, "
+            f"{self.seconds} s ({self.tokens_per_s:,.0f} tokens/s steady)",
+            f"  train loss {self.first_loss:.3f} -> {self.last_loss:.3f}",
+            f"  val loss   {val}",
+            f"  model      {self.model_dir} (save_pretrained: config, safetensors, tokenizer)",
+            f"  metrics    {self.run_dir}/metrics.jsonl, {self.run_dir}/loss.png",
+        ])  # fmt: skip
 
 
 def preflight(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> dict:
@@ -636,7 +663,9 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
             "train_rows": manifest["splits"]["train"]["blocks"],
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus}
+            num_workers=(cfg.min_workers, cfg.num_workers) if cfg.min_workers else cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cpus},
         ),  # fmt: skip
         run_config=RunConfig(
             name=cfg.name,
@@ -685,9 +714,11 @@ def _export(checkpoint, run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig,
     from transformers import AutoConfig
 
     n_params = count_params_from_config(AutoConfig.from_pretrained(str(model_dir)))
+    rates = [r["tokens_per_s"] for r in history if "tokens_per_s" in r][1:]
     return TrainResult(str(model_dir), str(run_dir), history[-1]["step"], history[-1].get("tokens", 0),
                        losses[0], losses[-1], vals[0] if vals else None,
-                       vals[-1] if len(vals) > 1 else None, round(secs, 1), n_params)  # fmt: skip
+                       vals[-1] if len(vals) > 1 else None, round(secs, 1), n_params,
+                       round(float(np.mean(rates)), 1) if rates else 0.0)  # fmt: skip
 
 
 def count_params_from_config(conf) -> int:

@@ -115,3 +115,30 @@ def test_fsdp_requires_gpu_and_names_the_keys():
     with pytest.raises(ValidationError, match="train.strategy=fsdp needs train.use_gpu=true"):
         TrainConfig(strategy="fsdp")
     assert TrainConfig(strategy="fsdp", use_gpu=True).strategy == "fsdp"
+
+
+def test_elastic_bounds_are_checked():
+    from pydantic import ValidationError
+
+    with pytest.raises(
+        ValidationError, match=r"train.min_workers \(3\) must be <= train.num_workers \(2\)"
+    ):
+        TrainConfig(min_workers=3, num_workers=2)
+
+
+def test_resume_from_a_position_with_another_world_size():
+    """Elastic: 2 workers consume 3 steps, then 3 workers finish the epoch: each position once."""
+    first = [p for r in range(2) for p in _positions(r, 2, 0, 24, 4)]
+    start, world = 24, 3
+    limit = start + (96 - start) // (4 * world) * (4 * world)
+    rest = [p for r in range(world) for p in _positions(r, world, start, limit, 4)]
+    assert sorted(first + rest) == list(range(limit))
+
+
+def test_train_result_summary_is_one_screen():
+    from aigc_ray.train import TrainResult
+
+    r = TrainResult("m", "r", 10, 2560, 9.0, 6.0, 9.1, 6.5, 12.0, 5_000_000, 1234.0)
+    text = r.summary()
+    assert len(text.splitlines()) <= 8
+    assert "9.100 -> 6.500" in text and "1,234 tokens/s" in text and "r/loss.png" in text
