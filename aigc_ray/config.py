@@ -36,6 +36,9 @@ class DataConfig(_Section):
     text_column: str = Field(
         "text", description="Column holding the document text (jsonl/parquet/csv)."
     )
+    id_column: str | None = Field(
+        "id", description="Document id column, when present (kept with quarantined rows)."
+    )
     text_mode: Literal["file", "line"] = Field(
         "file", description="Plain-text files: one document per file or per non-empty line."
     )

@@ -651,7 +651,7 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
     # Reads ask for a quarter CPU: parquet decode is light, and a full-CPU read task could
     # not be scheduled next to the workers on a small or busy cluster (the ingest would hang).
     train_ds = ray.data.read_parquet(
-        f"{data_dir}/train", columns=columns, ray_remote_args={"num_cpus": 0.25}
+        f"{data_dir}/train", columns=columns, num_cpus=0.25
     ).randomize_block_order(seed=cfg.seed)
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -137,11 +137,12 @@ def resolve_inputs(cfg: DataConfig) -> list[InputFile]:
 class _Rows:
     """Accumulates output rows of the reader schema and flushes them as arrow tables."""
 
-    def __init__(self, f: InputFile, strict: bool):
-        self.f, self.strict = f, strict
+    def __init__(self, f: InputFile, strict: bool, id_column: str | None = None):
+        self.f, self.strict, self.id_column = f, strict, id_column
         self.cols: dict[str, list] = {
-            k: [] for k in ("text", "source", "line", "order", "reason", "raw")
+            k: [] for k in ("text", "source", "line", "order", "reason", "raw", "doc_id")
         }
+        self.doc_id = None  # the current row's id (from id_column), set by the parser
 
     def good(self, line: int, text: str) -> None:
         self._add(line, text, None, None)
@@ -164,6 +165,8 @@ class _Rows:
         c["order"].append((self.f.index << 32) | max(line, 0))
         c["reason"].append(reason)
         c["raw"].append(raw)
+        c["doc_id"].append(None if self.doc_id is None else str(self.doc_id))
+        self.doc_id = None
 
     def __len__(self) -> int:
         return len(self.cols["text"])
@@ -174,7 +177,8 @@ class _Rows:
                       "line": pa.array(self.cols["line"], pa.int64()),
                       "order": pa.array(self.cols["order"], pa.int64()),
                       "reason": pa.array(self.cols["reason"], pa.string()),
-                      "raw": pa.array(self.cols["raw"], pa.string())})  # fmt: skip
+                      "raw": pa.array(self.cols["raw"], pa.string()),
+                      "doc_id": pa.array(self.cols["doc_id"], pa.string())})  # fmt: skip
         self.cols = {k: [] for k in self.cols}
         return t
 
@@ -203,7 +207,26 @@ def _text_rows(f: InputFile, data: bytes, rows: _Rows, per_line: bool) -> Iterat
         yield
 
 
+def _json_array_rows(data: bytes, rows: _Rows, column: str) -> Iterator[None]:
+    """A .json file holding one array of objects; row numbers are array indices."""
+    text, err = _decode(data)
+    try:
+        items = json.loads(text) if text is not None else None
+    except json.JSONDecodeError as e:
+        err = f"malformed JSON array: {e.msg} at line {e.lineno} column {e.colno}"
+    if err:
+        rows.bad(-1, err, data[:200])
+        yield
+        return
+    for i, obj in enumerate(items):
+        _record(rows, i, obj, column, json.dumps(obj)[:2000])
+        yield
+
+
 def _json_rows(f: InputFile, data: bytes, rows: _Rows, column: str) -> Iterator[None]:
+    if f.path.endswith(".json") and data.lstrip()[:1] == b"[":
+        yield from _json_array_rows(data, rows, column)
+        return
     for i, chunk in enumerate(data.split(b"\n"), start=1):
         if not chunk.strip():
             continue
@@ -223,6 +246,8 @@ def _json_rows(f: InputFile, data: bytes, rows: _Rows, column: str) -> Iterator[
 
 
 def _record(rows: _Rows, i: int, obj, column: str, raw: str) -> None:
+    if isinstance(obj, dict) and rows.id_column:
+        rows.doc_id = obj.get(rows.id_column)
     if not isinstance(obj, dict):
         rows.bad(i, f"expected a JSON object, got {type(obj).__name__}", raw)
     elif column not in obj or obj[column] is None:
@@ -250,6 +275,7 @@ def _csv_rows(f: InputFile, data: bytes, rows: _Rows, column: str) -> Iterator[N
     for row in reader:
         line = reader.line_num
         value = row.get(column)
+        rows.doc_id = row.get(rows.id_column) if rows.id_column else None
         if value is None:
             rows.bad(line, f"row has no value for column {column!r}", json.dumps(row))
         else:
@@ -266,10 +292,14 @@ def _parquet_rows(f: InputFile, data: bytes, rows: _Rows, column: str) -> Iterat
             rows.bad(-1, f"missing column {column!r} (columns: {pf.schema_arrow.names})")
             yield
             return
-        batches = pf.iter_batches(columns=[column], batch_size=ROW_BATCH)
+        has_id = bool(rows.id_column) and rows.id_column in pf.schema_arrow.names
+        cols = [column, rows.id_column] if has_id and rows.id_column != column else [column]
+        batches = pf.iter_batches(columns=cols, batch_size=ROW_BATCH)
         base = 0
         for batch in batches:
-            for i, value in enumerate(batch.column(0).to_pylist()):
+            ids = batch.column(rows.id_column).to_pylist() if has_id else [None] * batch.num_rows
+            for i, value in enumerate(batch.column(column).to_pylist()):
+                rows.doc_id = ids[i]
                 _parquet_value(rows, base + i, value, column)
                 yield
             base += batch.num_rows
@@ -290,10 +320,10 @@ def _parquet_value(rows: _Rows, i: int, value, column: str) -> None:
 
 
 def read_file_rows(
-    f: InputFile, cfg_column: str, text_mode: str, strict: bool
+    f: InputFile, cfg_column: str, text_mode: str, strict: bool, id_column: str | None = None
 ) -> Iterator[pa.Table]:
     """Stream one file as reader-schema tables of at most ROW_BATCH rows."""
-    rows = _Rows(f, strict)
+    rows = _Rows(f, strict, id_column)
     try:
         data = _read_bytes(f.path)
     except OSError as e:
@@ -315,8 +345,9 @@ def read_file_rows(
         yield rows.flush()
 
 
-def read_files(batch: pa.Table, column: str, text_mode: str, strict: bool) -> Iterator[pa.Table]:
+def read_files(batch: pa.Table, column: str, text_mode: str, strict: bool,
+               id_column: str | None = None) -> Iterator[pa.Table]:  # fmt: skip
     """Ray Data batch fn (tasks): a batch of file descriptors -> a stream of reader-schema tables."""
     for d in batch.to_pylist():
         f = InputFile(d["path"], d["fmt"], d["size"], d["index"])
-        yield from read_file_rows(f, column, text_mode, strict)
+        yield from read_file_rows(f, column, text_mode, strict, id_column)

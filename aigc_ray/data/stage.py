@@ -94,7 +94,7 @@ def keep_rows(batch: pa.Table, drop_orders: np.ndarray) -> pa.Table:
 
 def quarantined(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.equal(batch["status"], "malformed")).select(
-        ["source", "line", "reason", "raw"]
+        ["source", "line", "doc_id", "reason", "raw"]
     )
 
 
@@ -115,7 +115,12 @@ def _files_dataset(files: list[InputFile], cfg: DataConfig):
     column = cfg.messages_column if cfg.format == "sft" else cfg.text_column
     return ds.map_batches(
         read_files,
-        fn_kwargs={"column": column, "text_mode": cfg.text_mode, "strict": cfg.strict},
+        fn_kwargs={
+            "column": column,
+            "text_mode": cfg.text_mode,
+            "strict": cfg.strict,
+            "id_column": cfg.id_column,
+        },
         batch_size=4,
         batch_format="pyarrow",
     )

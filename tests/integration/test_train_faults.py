@@ -126,3 +126,20 @@ def test_half_written_checkpoint_is_never_resumed(data_cfg):
     rows = [json.loads(x) for x in (Path(first.run_dir) / "metrics.jsonl").read_text().splitlines()]
     assert again.steps == 15 and [r["step"] for r in rows].count(10) == 1
     assert len(_ledger(first.run_dir)) == 15 * 8
+
+
+def test_lora_run_exports_a_merged_plain_model(data_cfg):
+    """LoRA through the real TorchTrainer: adapters train, the export is a plain merged model."""
+    from transformers import AutoModelForCausalLM
+
+    from aigc_ray.train import fit
+
+    cfg, root = data_cfg
+    model_cfg = cfg.model.model_copy(update={"lora_r": 4})
+    r = fit(_train_cfg(cfg, root, "lora", max_steps=8, eval_every=8, ledger=False, lr=0.01),
+            model_cfg, cfg.data.output_dir)  # fmt: skip
+    files = {p.name for p in Path(r.model_dir).iterdir()}
+    assert "config.json" in files and not any("adapter" in f for f in files)
+    model = AutoModelForCausalLM.from_pretrained(r.model_dir)
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert r.val_loss_final < r.val_loss_initial

@@ -123,3 +123,23 @@ def test_tokenize_udf_sft_pack_keeps_labels_aligned(tiny_tokenizer):
     learned = tiny_tokenizer.decode(ids[labels != IGNORE].tolist())
     assert learned.count("4") == 6
     assert "add" not in learned
+
+
+def test_json_array_files_and_id_column(tmp_path):
+    p = tmp_path / "arr.json"
+    p.write_text(
+        json.dumps([{"id": "a1", "text": "first"}, {"id": "a2"}, {"id": 3, "text": "third"}])
+    )
+    f = InputFile(str(p), "json", p.stat().st_size, 0)
+    rows = pa.concat_tables(list(read_file_rows(f, "text", "file", False, "id"))).to_pylist()
+    assert [(r["line"], r["text"], r["doc_id"]) for r in rows if not r["reason"]] == [
+        (0, "first", "a1"),
+        (2, "third", "3"),
+    ]
+    bad = [r for r in rows if r["reason"]]
+    assert bad[0]["doc_id"] == "a2" and "missing column" in bad[0]["reason"]
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"text": "x"},')
+    f = InputFile(str(broken), "json", broken.stat().st_size, 1)
+    rows = pa.concat_tables(list(read_file_rows(f, "text", "file", False))).to_pylist()
+    assert len(rows) == 1 and "malformed JSON array" in rows[0]["reason"]
