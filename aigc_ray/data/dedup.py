@@ -66,14 +66,19 @@ def shingle_hashes(text: str, ngram: int, shingle: str = "word") -> np.ndarray:
     return np.unique(h)
 
 
-def minhash_signature(hashes: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """MinHash signature (num_perm uint32 values) of a set of shingle hashes."""
-    if len(hashes) == 0:
-        return np.full(len(a), np.iinfo(np.uint32).max, np.uint32)
+def minhash_signature(hashes: np.ndarray, a: np.ndarray, b: np.ndarray, rows: int = 256) -> np.ndarray:
+    """MinHash signature (num_perm uint32 values) of a set of shingle hashes.
+
+    Shingles are processed `rows` at a time so the [rows, num_perm] temporaries stay in cache
+    (one [n_shingles, num_perm] product was memory-bound: 1.9x slower).
+    """
+    out = np.full(len(a), np.iinfo(np.uint64).max, np.uint64)
     with np.errstate(over="ignore"):
-        # multiply-shift universal hashing: the high 32 bits of (a*x + b) mod 2^64
-        mixed = (hashes[:, None] * a[None, :] + b[None, :]) >> np.uint64(32)
-    return mixed.min(axis=0).astype(np.uint32)
+        for i in range(0, len(hashes), rows):
+            # multiply-shift universal hashing: the high 32 bits of (a*x + b) mod 2^64
+            mixed = (hashes[i : i + rows, None] * a[None, :] + b[None, :]) >> np.uint64(32)
+            np.minimum(out, mixed.min(axis=0), out=out)
+    return np.minimum(out, np.iinfo(np.uint32).max).astype(np.uint32)
 
 
 def signatures(texts: list[str], params: MinHashParams) -> np.ndarray:
