@@ -66,7 +66,9 @@ def shingle_hashes(text: str, ngram: int, shingle: str = "word") -> np.ndarray:
     return np.unique(h)
 
 
-def minhash_signature(hashes: np.ndarray, a: np.ndarray, b: np.ndarray, rows: int = 256) -> np.ndarray:
+def minhash_signature(
+    hashes: np.ndarray, a: np.ndarray, b: np.ndarray, rows: int = 256
+) -> np.ndarray:
     """MinHash signature (num_perm uint32 values) of a set of shingle hashes.
 
     Shingles are processed `rows` at a time so the [rows, num_perm] temporaries stay in cache
