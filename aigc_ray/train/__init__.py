@@ -1,0 +1,87 @@
+"""Training stage: Ray Train V2 TorchTrainer with exactly-once resume. The only package that
+touches ray.train.
+
+Modules: steps (pure schedule/optimizer/step/eval pieces, no Ray), feed (exactly-once data
+positions), checkpoint (model and optimizer state in and out of checkpoint dirs), loop (the
+worker loop), fit (driver: preflight, TorchTrainer, export).
+
+Every checkpoint is a Hugging Face model directory (config, safetensors, tokenizer) plus
+`train_state.pt` (optimizer, scheduler, step, RNG, data position, ledger) and `metrics.jsonl`,
+so any checkpoint loads with plain transformers and resumes exactly.
+"""
+
+from aigc_ray.train.checkpoint import (
+    _gather_for_save,
+    _load_optimizer,
+    latest_complete_checkpoint,
+    new_model,
+    restore_model,
+    save_model,
+)
+from aigc_ray.train.feed import _Feed, check_same_order, rank_micro_batches
+from aigc_ray.train.fit import (
+    TrainResult,
+    _export,
+    _local_dir,
+    _plot_loss,
+    count_params_from_config,
+    fit,
+    preflight,
+    worker_cpus,
+)
+from aigc_ray.train.loop import _all_mean, _eval, _save_checkpoint, _State, train_loop_per_worker
+from aigc_ray.train.steps import (
+    LORA_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    TrainError,
+    accumulate_step,
+    build_optimizer,
+    build_scheduler,
+    collate,
+    eval_loss_sum,
+    load_val_batches,
+    lr_factor,
+    precision,
+    to_tensor,
+    train_step,
+)
+
+__all__ = [
+    "_all_mean",
+    "_eval",
+    "LORA_FILE",
+    "METRICS_FILE",
+    "STATE_FILE",
+    "TrainError",
+    "TrainResult",
+    "_Feed",
+    "_State",
+    "_export",
+    "_gather_for_save",
+    "_load_optimizer",
+    "_local_dir",
+    "_plot_loss",
+    "_save_checkpoint",
+    "accumulate_step",
+    "build_optimizer",
+    "build_scheduler",
+    "check_same_order",
+    "collate",
+    "count_params_from_config",
+    "eval_loss_sum",
+    "fit",
+    "latest_complete_checkpoint",
+    "load_val_batches",
+    "lr_factor",
+    "new_model",
+    "precision",
+    "preflight",
+    "rank_micro_batches",
+    "restore_model",
+    "save_model",
+    "to_tensor",
+    "train_loop_per_worker",
+    "train_step",
+    "worker_cpus",
+]

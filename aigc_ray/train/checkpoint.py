@@ -1,0 +1,82 @@
+"""Model and optimizer state in and out of checkpoint directories (LoRA, FSDP aware)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from aigc_ray.config import ModelConfig
+from aigc_ray.train.steps import LORA_FILE, STATE_FILE
+
+log = logging.getLogger(__name__)
+
+
+def save_model(model, tok, directory: str, state_dict: dict | None = None) -> None:
+    """A plain Hugging Face model directory; a LoRA model is saved merged, plus its adapter
+    weights (LORA_FILE) so training can resume with the adapters separate."""
+    from aigc_ray.model import is_lora, merge_lora
+
+    unwrapped = getattr(model, "module", model)
+    if is_lora(unwrapped):
+        from peft import get_peft_model_state_dict
+
+        torch.save(get_peft_model_state_dict(unwrapped), os.path.join(directory, LORA_FILE))
+        unwrapped = merge_lora(copy.deepcopy(unwrapped))
+    unwrapped.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
+    tok.save_pretrained(directory)
+
+
+def new_model(model_cfg: ModelConfig, tok, seed: int):
+    """The model a run starts from: built (or loaded) per ModelConfig, LoRA-wrapped if asked."""
+    from aigc_ray.model import apply_lora, build_model
+
+    model = build_model(model_cfg, tok, seed=seed)
+    if model_cfg.lora_r:
+        model = apply_lora(model, model_cfg.lora_r, model_cfg.lora_alpha, model_cfg.lora_dropout,
+                           model_cfg.lora_targets)  # fmt: skip
+    return model
+
+
+def restore_model(model_cfg: ModelConfig, tok, seed: int, directory: str):
+    """The model of a checkpoint directory: adapters over the same base for LoRA runs."""
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isfile(os.path.join(directory, LORA_FILE)):
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    from peft import set_peft_model_state_dict
+
+    model = new_model(model_cfg, tok, seed)
+    set_peft_model_state_dict(model, torch.load(os.path.join(directory, LORA_FILE)))
+    return model
+
+
+def _gather_for_save(model, opt) -> tuple[dict | None, dict]:
+    """FSDP: full model and optimizer state dicts gathered to rank 0 (a collective: every rank
+    calls it). DDP/single: (None, opt.state_dict()) and the model saves itself."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if not isinstance(model, FSDP):
+        return None, opt.state_dict()
+    full = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, full):
+        return model.state_dict(), FSDP.optim_state_dict(model, opt)
+
+
+def _load_optimizer(model, opt, saved: dict) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if isinstance(model, FSDP):
+        saved = FSDP.optim_state_dict_to_load(model, opt, saved)
+    opt.load_state_dict(saved)
+
+
+def latest_complete_checkpoint(run_storage: Path) -> str | None:
+    """The newest checkpoint directory with every file a resume needs (for error messages)."""
+    done = [d for d in run_storage.glob("checkpoint_*")
+            if (d / STATE_FILE).is_file() and (d / "config.json").is_file()]  # fmt: skip
+    return str(max(done, key=lambda d: d.name)) if done else None

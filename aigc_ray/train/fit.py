@@ -1,0 +1,233 @@
+"""Driver side: preflight, the TorchTrainer run, export of the final model and metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aigc_ray.config import ModelConfig, TrainConfig, write_resolved
+from aigc_ray.train.checkpoint import latest_complete_checkpoint
+from aigc_ray.train.loop import train_loop_per_worker
+from aigc_ray.train.steps import LORA_FILE, METRICS_FILE, STATE_FILE, TrainError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    model_dir: str
+    run_dir: str
+    steps: int
+    tokens: int
+    first_loss: float
+    last_loss: float
+    val_loss_initial: float | None
+    val_loss_final: float | None
+    seconds: float
+    params: int
+    tokens_per_s: float = 0.0  # mean over logged windows after the first (steady state)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """The one-screen account of a run."""
+        ppl = (
+            (lambda x: f"{math.exp(min(x, 50)):,.1f}") if self.val_loss_final else (lambda x: "n/a")
+        )
+        val = (f"{self.val_loss_initial:.3f} -> {self.val_loss_final:.3f} "
+               f"(perplexity {ppl(self.val_loss_initial)} -> {ppl(self.val_loss_final)})"
+               if self.val_loss_final else "n/a (no validation split)")  # fmt: skip
+        return "\n".join([
+            f"train: {self.steps} steps, {self.tokens:,} tokens, {self.params / 1e6:.1f}M params, "
+            f"{self.seconds} s ({self.tokens_per_s:,.0f} tokens/s steady)",
+            f"  train loss {self.first_loss:.3f} -> {self.last_loss:.3f}",
+            f"  val loss   {val}",
+            f"  model      {self.model_dir} (save_pretrained: config, safetensors, tokenizer)",
+            f"  metrics    {self.run_dir}/metrics.jsonl, {self.run_dir}/loss.png",
+        ])  # fmt: skip
+
+
+def preflight(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> dict:
+    """Check everything checkable before any worker starts; return the data manifest."""
+    from aigc_ray.data import DataError, read_manifest
+    from aigc_ray.model import check_model_dir
+
+    if model_cfg.pretrained:
+        check_model_dir(model_cfg.pretrained)
+    try:
+        manifest = read_manifest(data_dir)
+    except DataError as e:
+        raise TrainError(f"train.data_dir: {e}") from None
+    missing = [k for k in ("seq_len", "splits", "tokenizer_dir") if k not in manifest]
+    if missing:
+        raise TrainError(f"{data_dir}/manifest.json lacks {missing}: re-run `aigc-ray preprocess`")
+    if manifest["seq_len"] != cfg.seq_len:
+        raise TrainError(f"train.seq_len ({cfg.seq_len}) must equal the shards' seq_len "
+                         f"({manifest['seq_len']}) in {data_dir}/manifest.json")  # fmt: skip
+    blocks = manifest["splits"]["train"]["blocks"]
+    if blocks < cfg.batch_size * cfg.grad_accum * cfg.num_workers:
+        raise TrainError(f"train.batch_size ({cfg.batch_size}) x train.num_workers ({cfg.num_workers}) "
+                         f"exceeds the {blocks} training blocks in {data_dir}")  # fmt: skip
+    return manifest
+
+
+def _local_dir(uri: str) -> str:
+    """A local copy of a small directory (the tokenizer) that may live in object storage."""
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+
+    from pyarrow import fs as pafs
+
+    from aigc_ray.data.readers import filesystem_for
+
+    filesystem, path = filesystem_for(uri)
+    local = tempfile.mkdtemp(prefix="aigc_tok_")
+    pafs.copy_files(path, local, source_filesystem=filesystem)
+    return local
+
+
+def _plot_loss(history: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tr = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    va = [(r["step"], r["val_loss"]) for r in history if r.get("val_loss") is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if tr:
+        ax.plot(*zip(*tr, strict=True), label="train loss")
+    if va:
+        ax.plot(*zip(*va, strict=True), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def worker_cpus(cfg: TrainConfig, cluster_cpus: float) -> float:
+    """CPUs to reserve per worker so that Ray Data's read tasks keep at least one CPU.
+
+    `cluster_cpus` is what is free now (a Serve replica may hold some). Ray Train takes the
+    workers' CPUs out of Ray Data's budget; on a small box (2 workers x 1 CPU on 2 cores) the
+    ingest would get none and the run would hang. GPU runs keep the config.
+    """
+    need = cfg.num_workers * cfg.cpus_per_worker
+    if cfg.use_gpu or cluster_cpus - need >= 1:
+        return cfg.cpus_per_worker
+    fitted = max(0.1, round((cluster_cpus - 1) / cfg.num_workers, 2))
+    log.warning("train.cpus_per_worker %.2f -> %.2f so data ingest keeps 1 of %g CPUs",
+                cfg.cpus_per_worker, fitted, cluster_cpus)  # fmt: skip
+    return fitted
+
+
+def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
+    """Train with a TorchTrainer; export the final model to `run_dir/model`; write metrics."""
+    import ray
+    import ray.data
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    manifest = preflight(cfg, model_cfg, data_dir)
+    t0 = time.time()
+    run_dir = Path(cfg.run_dir).resolve()
+    storage = cfg.storage_path or str(run_dir / "ray")
+    cpus = worker_cpus(cfg, ray.available_resources().get("CPU", 0))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    data_dir = data_dir if "://" in data_dir else str(Path(data_dir).resolve())
+    columns = ["input_ids", "labels"] if manifest.get("format") == "sft" else ["input_ids"]
+    # Shards are written in corpus order; without shuffling, the first steps would see one
+    # corner of the corpus only (e.g. all of encodings/*.py). Both shuffles are seeded.
+    # Reads ask for a quarter CPU: parquet decode is light, and a full-CPU read task could
+    # not be scheduled next to the workers on a small or busy cluster (the ingest would hang).
+    train_ds = ray.data.read_parquet(
+        f"{data_dir}/train", columns=columns, num_cpus=0.25
+    ).randomize_block_order(seed=cfg.seed)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": cfg.model_dump(),
+            "model": model_cfg.model_dump(),
+            "data_dir": data_dir,
+            "tokenizer_dir": _local_dir(manifest["tokenizer_dir"]),
+            "train_rows": manifest["splits"]["train"]["blocks"],
+        },
+        scaling_config=ScalingConfig(
+            num_workers=(cfg.min_workers, cfg.num_workers) if cfg.min_workers else cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cpus},
+        ),  # fmt: skip
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
+        ),  # fmt: skip
+        datasets={"train": train_ds},
+        # Not split: every rank iterates the same deterministic order and takes positions
+        # p % world == rank, so a resume can skip exactly what was consumed (see _Feed).
+        dataset_config=DataConfig(
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
+        ),  # fmt: skip
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        last = (
+            latest_complete_checkpoint(Path(storage) / cfg.name) if "://" not in storage else None
+        )
+        raise TrainError(
+            f"training failed after train.max_failures={cfg.max_failures} restarts: "
+            f"{str(e).splitlines()[0]}; last checkpoint: {last or 'none'} "
+            f"(re-run with the same train.name to resume from it)"
+        ) from e
+    return _export(result.checkpoint, run_dir, cfg, model_cfg, time.time() - t0)
+
+
+def _export(checkpoint, run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, secs: float):
+    model_dir = run_dir / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    checkpoint.to_directory(str(model_dir))
+    history = [json.loads(line) for line in (model_dir / METRICS_FILE).read_text().splitlines()]
+    ledger = torch.load(model_dir / STATE_FILE, weights_only=False).get("ledger") or []
+    if ledger:
+        (run_dir / "ledger.json").write_text(json.dumps(ledger))
+    (model_dir / STATE_FILE).unlink()
+    (model_dir / LORA_FILE).unlink(missing_ok=True)
+    shutil.move(str(model_dir / METRICS_FILE), run_dir / METRICS_FILE)
+    _plot_loss(history, run_dir / "loss.png")
+    write_resolved(cfg, run_dir, "train_config.resolved.json")
+    write_resolved(model_cfg, run_dir, "model_config.resolved.json")
+    losses = [r["loss"] for r in history if "loss" in r]
+    vals = [r["val_loss"] for r in history if r.get("val_loss") is not None]
+    from transformers import AutoConfig
+
+    n_params = count_params_from_config(AutoConfig.from_pretrained(str(model_dir)))
+    rates = [r["tokens_per_s"] for r in history if "tokens_per_s" in r][1:]
+    return TrainResult(str(model_dir), str(run_dir), history[-1]["step"], history[-1].get("tokens", 0),
+                       losses[0], losses[-1], vals[0] if vals else None,
+                       vals[-1] if len(vals) > 1 else None, round(secs, 1), n_params,
+                       round(float(np.mean(rates)), 1) if rates else 0.0)  # fmt: skip
+
+
+def count_params_from_config(conf) -> int:
+    """Parameter count of a model config, without allocating weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(conf)
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,223 @@
+"""The Ray Train worker loop: restore, step, evaluate, report checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from aigc_ray.config import ModelConfig, TrainConfig
+from aigc_ray.train.checkpoint import (
+    _gather_for_save,
+    _load_optimizer,
+    new_model,
+    restore_model,
+    save_model,
+)
+from aigc_ray.train.feed import _Feed, check_same_order
+from aigc_ray.train.steps import (
+    METRICS_FILE,
+    STATE_FILE,
+    accumulate_step,
+    build_optimizer,
+    build_scheduler,
+    eval_loss_sum,
+    load_val_batches,
+    precision,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _State:
+    step: int = 0
+    tokens: int = 0
+    history: list | None = None
+    ledger: list | None = None  # committed (epoch, position) pairs, all ranks, in checkpoints
+    epoch: int = 0
+    epoch_pos: int = 0  # next unconsumed position of the epoch (independent of world size)
+    pending: list = field(default_factory=list)  # this rank's pairs since the last checkpoint
+
+
+def _all_mean(values: list[float], device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def _eval(model, val_batches, device) -> float | None:
+    import torch.distributed as dist
+
+    moved = [
+        tuple(t.to(device) for t in b) if isinstance(b, tuple) else b.to(device)
+        for b in val_batches
+    ]
+    total, count = eval_loss_sum(model, moved)
+    t = torch.tensor([total, count], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return float(t[0] / t[1]) if t[1] > 0 else None
+
+
+def _save_checkpoint(
+    model, tok, opt_state: dict, model_state, sched, state: _State, directory: str
+) -> None:
+    save_model(model, tok, directory, model_state)
+    torch.save({"optimizer": opt_state, "scheduler": sched.state_dict(),
+                "step": state.step, "tokens": state.tokens, "ledger": state.ledger,
+                "epoch": state.epoch, "epoch_pos": state.epoch_pos,
+                "rng": torch.get_rng_state()}, os.path.join(directory, STATE_FILE))  # fmt: skip
+    with open(os.path.join(directory, METRICS_FILE), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in state.history)
+
+
+def _report(metrics: dict, model, tok, opt, sched, state: _State, with_checkpoint: bool) -> None:
+    """Every rank calls this the same number of times; rank 0 attaches the checkpoint."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    model_state, opt_state = _gather_for_save(model, opt) if with_checkpoint else (None, None)
+    if not (with_checkpoint and rank == 0):
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        _save_checkpoint(model, tok, opt_state, model_state, sched, state, d)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _restore(cfg: dict, tok):
+    """Model and state from the latest checkpoint, or a fresh model."""
+    import ray.train
+
+    model_cfg, seed = ModelConfig(**cfg["model"]), cfg["train"]["seed"]
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return new_model(model_cfg, tok, seed), None
+    with ckpt.as_directory() as d:
+        model = restore_model(model_cfg, tok, seed, d)
+        saved = torch.load(os.path.join(d, STATE_FILE), weights_only=False)
+        with open(os.path.join(d, METRICS_FILE)) as f:
+            saved["history"] = [json.loads(line) for line in f]
+    return model, saved
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point. `config` holds small values only: train, model, data_dir,
+    tokenizer_dir, train_rows."""
+    import ray.train
+    import ray.train.torch
+
+    from aigc_ray.model import load_tokenizer
+
+    cfg = TrainConfig(**config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed + rank)
+    tok = load_tokenizer(config["tokenizer_dir"])
+    model, saved = _restore(config, tok)
+    device = ray.train.torch.get_device()
+    model = _prepare(model, cfg)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg)
+    state = _State(history=[], ledger=[])
+    if saved:
+        _load_optimizer(model, opt, saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        state = _State(saved["step"], saved["tokens"], saved["history"], saved.get("ledger", []),
+                       saved.get("epoch", 0), saved.get("epoch_pos", 0))  # fmt: skip
+        log.info("rank %d resumed at step %d", rank, state.step)
+    val = load_val_batches(config["data_dir"], rank, world, cfg.batch_size, cfg.eval_batches)
+    if state.step == 0:
+        state.history.append({"step": 0, "val_loss": _eval(model, val, device)})
+    feed = _Feed(cfg, rank, world, config["train_rows"])
+    _run_steps(cfg, model, tok, opt, sched, state, val, device, feed)
+
+
+def _prepare(model, cfg: TrainConfig):
+    import ray.train.torch
+
+    # use_orig_params keeps per-parameter requires_grad (LoRA) and the decay groups under FSDP
+    kwargs = {"use_orig_params": True} if cfg.strategy == "fsdp" else {}
+    return ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy,
+                                         parallel_strategy_kwargs=kwargs)  # fmt: skip
+
+
+def _commit_ledger(state: _State) -> None:
+    """Merge every rank's newly consumed positions into the committed ledger (all ranks)."""
+    import torch.distributed as dist
+
+    new = state.pending
+    if dist.is_available() and dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, new)
+        new = [x for part in gathered for x in part]
+    state.ledger += sorted(new)
+    state.pending = []
+
+
+def _run_steps(
+    cfg: TrainConfig, model, tok, opt, sched, state: _State, val, device, feed: _Feed
+) -> None:
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    amp, scaler = precision(cfg, device)
+    t_log, tok_log, window = time.time(), state.tokens, []
+    while state.step < cfg.max_steps:
+        for n, (epoch, positions, micro) in enumerate(
+            feed.steps(shard, state.epoch, state.epoch_pos)
+        ):
+            if n == 0:
+                check_same_order(feed.probe[0], device)
+            micro = [(i.to(device), None if lab is None else lab.to(device)) for i, lab in micro]
+            loss, norm = accumulate_step(model, micro, opt, sched, cfg.grad_clip, amp, scaler)
+            state.step += 1
+            state.epoch_pos += feed.per_step
+            state.tokens += sum(i.numel() for i, _ in micro) * feed.world
+            if cfg.ledger:
+                state.pending += [(epoch, int(p)) for p in positions]
+            window.append((loss, norm))
+            if _after_step(cfg, model, tok, opt, sched, state, val, device, window, t_log, tok_log):
+                t_log, tok_log, window = time.time(), state.tokens, []
+            if state.step >= cfg.max_steps:
+                return
+        state.epoch, state.epoch_pos = state.epoch + 1, 0
+
+
+def _after_step(
+    cfg, model, tok, opt, sched, state: _State, val, device, window, t_log, tok_log
+) -> bool:
+    """Log every 10 steps, evaluate and checkpoint on schedule; True when a row was logged."""
+    last = state.step >= cfg.max_steps
+    do_eval = last or state.step % cfg.eval_every == 0
+    do_ckpt = last or state.step % cfg.checkpoint_every == 0
+    if not (do_eval or do_ckpt or state.step % 10 == 0):
+        return False
+    loss_avg, norm_avg = _all_mean([np.mean([w[0] for w in window]), np.mean([w[1] for w in window])],
+                                   device)  # fmt: skip
+    dt = time.time() - t_log
+    row = {"step": state.step, "loss": round(loss_avg, 4), "lr": sched.get_last_lr()[0],
+           "grad_norm": round(norm_avg, 4), "tokens_per_s": round((state.tokens - tok_log) / max(dt, 1e-9), 1),
+           "tokens": state.tokens, "time": round(time.time(), 3)}  # fmt: skip
+    if do_eval:
+        row["val_loss"] = _eval(model, val, device)
+        row["val_ppl"] = round(math.exp(min(row["val_loss"], 50)), 3) if row["val_loss"] else None
+    state.history.append(row)
+    if do_ckpt and cfg.ledger:
+        _commit_ledger(state)
+    if do_eval or do_ckpt:
+        _report(state.history[-1], model, tok, opt, sched, state, with_checkpoint=do_ckpt)
+    return True
