@@ -54,26 +54,23 @@ def clean_batch(
 ) -> pa.Table:
     """Ray Data batch fn: clean text, set `status` (ok | malformed | filtered:<name>), hash, signature."""
     filters = build_filters(rules)
-    texts, status = [], []
+    texts, status, reasons = [], [], []
     for text, reason in zip(batch.column("text").to_pylist(), batch.column("reason").to_pylist(),
                             strict=True):  # fmt: skip
+        if reason is None and sft:
+            reason = check_sft_row(text)  # parsed once; the reason goes to quarantine
         if reason is not None:
-            texts.append(None)
+            texts.append(text if sft else None)
             status.append("malformed")
-            continue
-        if sft:
-            bad = check_sft_row(text)
+        elif sft:
             texts.append(text)
-            status.append("malformed" if bad else "ok")
-            continue
-        cleaned = clean_text(text)
-        fail = first_failure(cleaned, filters)
-        texts.append(cleaned)
-        status.append(f"filtered:{fail}" if fail else "ok")
-    reasons = batch.column("reason").to_pylist()
-    if sft:
-        reasons = [r or (check_sft_row(t) if s == "malformed" else None)
-                   for r, t, s in zip(reasons, texts, status, strict=True)]  # fmt: skip
+            status.append("ok")
+        else:
+            cleaned = clean_text(text)
+            fail = first_failure(cleaned, filters)
+            texts.append(cleaned)
+            status.append(f"filtered:{fail}" if fail else "ok")
+        reasons.append(reason)
     hashes = [text_hash(t) if s == "ok" else 0 for t, s in zip(texts, status, strict=True)]
     out = batch.drop(["text", "reason"]).append_column("text", pa.array(texts, pa.string()))
     out = out.append_column("reason", pa.array(reasons, pa.string()))

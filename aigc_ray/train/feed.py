@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from aigc_ray.config import TrainConfig
-from aigc_ray.train.steps import TrainError
+from aigc_ray.train.steps import TrainError, collate
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,10 @@ def rank_micro_batches(stream, rank: int, world: int, start: int, limit: int, ba
 
 def _stack(buf: list):
     positions = np.array([b[0] for b in buf], np.int64)
-    ids = torch.from_numpy(np.stack([b[1] for b in buf]).astype(np.int64))
-    labels = (
-        None
-        if buf[0][2] is None
-        else torch.from_numpy(np.stack([b[2] for b in buf]).astype(np.int64))
-    )
-    return positions, ids, labels
+    batch = {"input_ids": [b[1] for b in buf]}
+    if buf[0][2] is not None:
+        batch["labels"] = [b[2] for b in buf]
+    return (positions, *collate(batch))
 
 
 def check_same_order(digest: int, device) -> None:

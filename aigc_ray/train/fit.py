@@ -228,6 +228,7 @@ def count_params_from_config(conf) -> int:
     """Parameter count of a model config, without allocating weights."""
     from transformers import AutoModelForCausalLM
 
+    from aigc_ray.model import count_params
+
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(conf)
-    return sum(p.numel() for p in model.parameters())
+        return count_params(AutoModelForCausalLM.from_config(conf))
