@@ -227,25 +227,99 @@ class TrainConfig(_Section):
         return self
 
 
-class ServeConfig(_Section):
+class AutoscalingSettings(_Section):
+    """Ray Serve autoscaling of one model's replicas (replaces a fixed num_replicas)."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas; 0 scales to zero when idle.")
+    max_replicas: int = Field(2, ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time.")
+    target_ongoing_requests: float = Field(
+        16, gt=0, description="Requests per replica the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(10.0, ge=0, description="Sustained load before adding.")
+    downscale_delay_s: float = Field(300.0, ge=0, description="Sustained idle before removing.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class ReplicaSettings(_Section):
+    """How one model is deployed: replicas, resources, batching and queue limits."""
+
+    num_replicas: int = Field(1, ge=1, description="Replicas when autoscaling is off.")
+    autoscaling: AutoscalingSettings | None = Field(
+        None, description="Autoscale replicas (min/max_replicas, target_ongoing_requests, delays)."
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica (also its torch threads).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (>0 loads on CUDA).")
+    device: str = Field("auto", description="auto (cuda if the replica has a GPU), cpu or cuda.")
+    dtype: str = Field("auto", description="auto (bf16/fp16 on cuda, fp32 on cpu) or a dtype.")
+    max_batch_size: int = Field(
+        32, ge=1, description="Rows decoded together (continuous batching)."
+    )
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica accepts at once.")
+    max_queued_requests: int = Field(
+        128, ge=-1, description="Requests queued for the replicas before 503s; -1 = no limit."
+    )
+    stream_chunks_per_s: float = Field(
+        100,
+        ge=0,
+        description="Streamed chunks/s per replica before chunks carry several "
+        "tokens (bounds proxy CPU under load); 0 = one chunk per token always.",
+    )
+
+
+class ServedModel(ReplicaSettings):
+    """One entry of serve.models: a name, its model directory, and replica settings."""
+
+    name: str = Field(description="Name clients pass as `model`.")
+    model_dir: str = Field(description="Hugging Face model directory (ours or any other).")
+
+
+class ServeConfig(ReplicaSettings):
     model_dir: str | None = Field(
         None, description="Model directory to serve; empty = train.run_dir/model."
     )
     model_name: str = Field("aigc-tiny", description="Name clients pass as `model`.")
+    models: list[ServedModel] = Field(
+        default_factory=list,
+        description="Several models in one app: entries of {name, model_dir, replica settings}; "
+        "empty = just model_name/model_dir. Replica settings left out come from this section.",
+    )
     host: str = Field("127.0.0.1", description="HTTP bind address.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
-    num_replicas: int = Field(1, ge=1, description="Replicas of the model deployment.")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica.")
-    max_batch_size: int = Field(32, ge=1, description="Requests decoded together.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="Wait to fill a batch.")
+    request_timeout_s: float = Field(300.0, gt=0, description="Past this a request gets a 408.")
     max_tokens_limit: int = Field(512, ge=1, description="Largest max_tokens a request may ask.")
-    max_ongoing_requests: int = Field(64, ge=1, description="Per-replica concurrency.")
     sample_prompts: list[str] = Field(
         default_factory=lambda: ["def fibonacci(n):", "import os\n", "class Stack:"],
         description="Prompts the pipeline sends after deploying.",
     )
     sample_max_tokens: int = Field(48, ge=1, description="max_tokens of the sample requests.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ServeConfig:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"serve.models names must be unique, got {names}")
+        return self
+
+    def served_models(self, default_model_dir: str | None = None) -> list[ServedModel]:
+        """Every model of the app, with replica settings inherited from this section."""
+        if not self.models:
+            model_dir = self.model_dir or default_model_dir
+            if not model_dir:
+                raise ValueError("serve.model_dir (or serve.models) is required")
+            return [self._inherit({"name": self.model_name, "model_dir": model_dir})]
+        return [self._inherit(m.model_dump(exclude_unset=True)) for m in self.models]
+
+    def _inherit(self, fields: dict) -> ServedModel:
+        base = {k: getattr(self, k) for k in ReplicaSettings.model_fields}
+        return ServedModel(**{**base, **fields})
 
 
 class PipelineConfig(_Section):

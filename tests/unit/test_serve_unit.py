@@ -1,26 +1,29 @@
 """Unit tests for aigc_ray.serve's pure pieces: API keys, bind policy, request handling (no Ray)."""
 
-import asyncio
 import json
 
 import pytest
-from starlette.requests import Request
 
-from aigc_ray.engine import GenerationResult, InvalidParamError
+from aigc_ray.config import ServeConfig
 from aigc_ray.model import ModelDirError
 from aigc_ray.serve import (
     API_KEYS_ENV,
     API_KEYS_FILE_ENV,
+    DEFAULT_CHAT_TEMPLATE,
+    ApiError,
+    ChatCompletionRequest,
+    ChunkWriter,
     CompletionRequest,
     ServeError,
-    _prompt,
-    _sampling,
     build_app,
     check_bind,
-    completion_body,
+    deployment_options,
     key_allowed,
     load_api_keys,
-    parse_body,
+    parse_json,
+    render_chat,
+    response_body,
+    to_job,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -98,83 +101,140 @@ def test_check_bind_allows_loopback(host):
     check_bind(host, [])
 
 
-# ---------------------------------------------------------------- request handling
+# ---------------------------------------------------------------- request validation
 
 
 def req(**kw) -> CompletionRequest:
     return CompletionRequest(**{"model": "m", "prompt": "p", **kw})
 
 
+def chat(**kw) -> ChatCompletionRequest:
+    return ChatCompletionRequest(**{"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                    **kw})  # fmt: skip
+
+
 @pytest.mark.parametrize("max_tokens", [0, -1, 513])
-def test_sampling_rejects_max_tokens_out_of_range(max_tokens):
-    with pytest.raises(InvalidParamError) as ei:
-        _sampling(req(max_tokens=max_tokens), 512)
-    assert ei.value.param == "max_tokens"
-    assert "512" in str(ei.value)
+def test_to_job_rejects_max_tokens_out_of_range(max_tokens):
+    with pytest.raises(ApiError) as ei:
+        to_job(req(max_tokens=max_tokens), 512)
+    assert (ei.value.status, ei.value.param) == (400, "max_tokens")
+    assert "512" in ei.value.message
 
 
-def test_sampling_maps_fields():
-    p = _sampling(req(max_tokens=512, temperature=0.5, top_p=0.9, top_k=5, stop="\n", seed=7), 512)
+def test_to_job_maps_fields():
+    job = to_job(req(max_tokens=512, temperature=0.5, top_p=0.9, top_k=5, stop="\n", seed=7, n=3,
+                     ignore_eos=True), 512)  # fmt: skip
+    p = job.params
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed) == (512, 0.5, 0.9, 5, 7)
-    assert p.stop == ["\n"]
-    assert _sampling(req(stop=["a", "b"]), 16).stop == ["a", "b"]
-    assert _sampling(req(), 16).stop == []
-    assert _sampling(req(), 16).max_tokens == 16  # OpenAI's default
+    assert p.stop == ["\n"] and p.ignore_eos and job.n == 3 and job.kind == "completion"
+    assert to_job(req(stop=["a", "b"]), 16).params.stop == ["a", "b"]
+    assert to_job(req(), 16).params.stop == []
+    assert to_job(req(), 16).params.max_tokens == 16  # OpenAI's default
 
 
-def test_prompt_forms():
-    assert _prompt(req(prompt="hi")) == "hi"
-    assert _prompt(req(prompt=["hi"])) == "hi"
-    for bad in ([], ["a", "b"]):
-        with pytest.raises(InvalidParamError) as ei:
-            _prompt(req(prompt=bad))
-        assert ei.value.param == "prompt"
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"logprobs": 2}, "logprobs"),
+     ({"echo": True}, "echo"), ({"prompt": []}, "prompt"), ({"prompt": ["a", "b"]}, "prompt")],
+)  # fmt: skip
+def test_to_job_rejects_what_it_cannot_honour(kwargs, param):
+    with pytest.raises(ApiError) as ei:
+        to_job(req(**kwargs), 16)
+    assert (ei.value.status, ei.value.param) == (400, param)
 
 
-def test_completion_body_usage_and_shape():
-    result = GenerationResult(text=" world", token_ids=[5, 6, 0], prompt_tokens=7,
-                              completion_tokens=3, finish_reason="stop")  # fmt: skip
-    body = completion_body(result, "aigc-tiny")
-    assert body["object"] == "text_completion"
-    assert body["model"] == "aigc-tiny"
-    assert body["id"].startswith("cmpl-")
-    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
-    (choice,) = body["choices"]
-    assert choice == {"index": 0, "text": " world", "logprobs": None, "finish_reason": "stop"}
-    assert completion_body(result, "x")["id"] != body["id"]
-    json.dumps(body)  # serializable
+def test_to_job_prompt_list_of_one():
+    assert to_job(req(prompt=["hi"]), 16).prompt == "hi"
 
 
-def parse(raw: bytes):
-    async def receive():
-        return {"type": "http.request", "body": raw, "more_body": False}
-
-    request = Request({"type": "http", "method": "POST", "headers": []}, receive)
-    return asyncio.run(parse_body(request, CompletionRequest))
-
-
-def error_of(resp) -> tuple[int, dict]:
-    return resp.status_code, json.loads(resp.body)["error"]
+def test_chat_job_defaults_and_max_completion_tokens():
+    job = to_job(chat(), 64)
+    assert job.kind == "chat" and job.params.max_tokens == 64 and not job.max_tokens_given
+    assert job.messages == [{"role": "user", "content": "hi"}]
+    assert to_job(chat(max_completion_tokens=5), 64).params.max_tokens == 5
+    parts = [{"type": "text", "text": "a"}, {"type": "image_url"}, {"type": "text", "text": "b"}]
+    msgs = [{"role": "user", "content": parts}]
+    assert to_job(chat(messages=msgs), 64).messages[0]["content"] == "ab"
 
 
-def test_parse_body_valid():
-    r = parse(json.dumps({"model": "m", "prompt": "x", "max_tokens": 3, "extra": 1}).encode())
-    assert isinstance(r, CompletionRequest)
-    assert r.max_tokens == 3
+def test_render_chat_default_template_and_own_template(tiny_tokenizer):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert not getattr(tiny_tokenizer, "chat_template", None)
+    text, stop = render_chat(tiny_tokenizer, messages)
+    assert text == ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                    "<|im_start|>assistant\n")  # fmt: skip
+    assert stop == ["<|im_end|>"]
+    tiny_tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}>"
+    try:
+        assert render_chat(tiny_tokenizer, messages) == ("[be brief][hi]>", [])
+    finally:
+        tiny_tokenizer.chat_template = None
+    assert "<|im_start|>" in DEFAULT_CHAT_TEMPLATE
+
+
+def test_response_bodies_usage_and_shape():
+    out = {"prompt_tokens": 7, "choices": [
+        {"text": " world", "finish_reason": "stop", "completion_tokens": 3},
+        {"text": "!", "finish_reason": "length", "completion_tokens": 4}]}  # fmt: skip
+    body = response_body("completion", "aigc-tiny", out)
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 7, "total_tokens": 14}
+    assert body["choices"][0] == {"index": 0, "text": " world", "logprobs": None,
+                                  "finish_reason": "stop"}  # fmt: skip
+    assert body["choices"][1]["index"] == 1
+    chat_body = response_body("chat", "aigc-tiny", out)
+    assert chat_body["object"] == "chat.completion" and chat_body["id"].startswith("chatcmpl-")
+    assert chat_body["choices"][0]["message"] == {"role": "assistant", "content": " world"}
+    json.dumps(chat_body)
+
+
+def _events(sse: str) -> list:
+    return [line[6:] for line in sse.split("\n\n") if line.startswith("data: ")]
+
+
+def test_chunk_writer_completion_stream():
+    w = ChunkWriter("completion", "m", include_usage=False)
+    sse = w.role(1) + w.delta(0, "he") + w.finish(0, "length", {"total_tokens": 3}) + w.end({})
+    events = _events(sse)
+    assert events[-1] == "[DONE]"
+    first, last = json.loads(events[0]), json.loads(events[1])
+    assert first["choices"][0]["text"] == "he" and first["object"] == "text_completion"
+    assert last["choices"][0]["finish_reason"] == "length" and last["usage"]["total_tokens"] == 3
+    assert first["id"] == last["id"]
+
+
+def test_chunk_writer_chat_stream_with_include_usage():
+    w = ChunkWriter("chat", "m", include_usage=True)
+    usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    sse = w.role(2) + w.delta(1, "x") + w.finish(1, "stop", usage) + w.end(usage)
+    events = [json.loads(e) for e in _events(sse)[:-1]]
+    assert [e["choices"][0]["delta"] for e in events[:2]] == [
+        {"role": "assistant", "content": ""}
+    ] * 2
+    assert events[2]["choices"][0] == {"index": 1, "delta": {"content": "x"}, "finish_reason": None}
+    assert "usage" not in events[3]  # include_usage: usage has its own final chunk
+    assert events[4]["choices"] == [] and events[4]["usage"] == usage
+    assert json.loads(_events(w.error(ApiError(408, "late", "timeout")))[0])["error"]["type"] == (
+        "timeout"
+    )
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"\xff\xfe", b""])
-def test_parse_body_invalid_json(raw):
-    status, err = error_of(parse(raw))
-    assert status == 400
-    assert err["type"] == "invalid_request_error"
+def test_parse_json_invalid(raw):
+    with pytest.raises(ApiError) as ei:
+        parse_json(raw, CompletionRequest)
+    err = ei.value.body()["error"]
+    assert ei.value.status == 400 and err["type"] == "invalid_request_error"
     assert "not valid JSON" in err["message"]
     assert set(err) == {"message", "type", "param", "code"}
 
 
-def test_parse_body_not_an_object():
-    status, err = error_of(parse(b"[1, 2]"))
-    assert status == 400 and "JSON object" in err["message"]
+def test_parse_json_not_an_object_and_valid():
+    with pytest.raises(ApiError, match="JSON object"):
+        parse_json(b"[1, 2]", CompletionRequest)
+    r = parse_json(json.dumps({"model": "m", "prompt": "x", "max_tokens": 3, "extra": 1}).encode(),
+                   CompletionRequest)  # fmt: skip
+    assert r.max_tokens == 3
 
 
 @pytest.mark.parametrize(
@@ -182,16 +242,33 @@ def test_parse_body_not_an_object():
     [
         ({"model": "m", "prompt": "x", "temperature": 3}, "temperature"),
         ({"model": "m", "prompt": "x", "top_p": 0}, "top_p"),
-        ({"model": "m", "prompt": "x", "n": 2}, "n"),
+        ({"model": "m", "prompt": "x", "n": 0}, "n"),
         ({"prompt": "x"}, "model"),
+        ({"model": "m"}, "prompt"),
         ({"model": "m", "prompt": "x", "max_tokens": "lots"}, "max_tokens"),
     ],
 )
-def test_parse_body_validation_error_names_param(body, param):
-    status, err = error_of(parse(json.dumps(body).encode()))
-    assert status == 400
-    assert err["param"] == param
-    assert err["message"].startswith(param)
+def test_parse_json_validation_error_names_param(body, param):
+    with pytest.raises(ApiError) as ei:
+        parse_json(json.dumps(body).encode(), CompletionRequest)
+    assert ei.value.status == 400 and ei.value.param == param
+    assert ei.value.message.startswith(param)
+
+
+def test_parse_json_chat_messages():
+    with pytest.raises(ApiError) as ei:
+        parse_json(b'{"model": "m", "messages": []}', ChatCompletionRequest)
+    assert ei.value.param == "messages"
+    with pytest.raises(ApiError) as ei:
+        parse_json(b'{"model": "m", "messages": [{"role": "robot", "content": "x"}]}',
+                   ChatCompletionRequest)  # fmt: skip
+    assert ei.value.param == "messages"
+
+
+def test_overload_errors_carry_retry_after():
+    resp = ApiError(503, "full", "server_overloaded").response()
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+    assert json.loads(resp.body)["error"]["type"] == "server_overloaded"
 
 
 # ---------------------------------------------------------------- app builder (no deploy)
@@ -210,3 +287,48 @@ def test_build_app_rejects_non_model_dir(tmp_path):
 def test_build_app_rejects_unknown_arg(tiny_model_dir):
     with pytest.raises(ValueError, match="num_replica"):
         build_app({"model_dir": str(tiny_model_dir), "num_replica": 2})
+
+
+def test_build_app_several_models(tiny_model_dir):
+    from ray import serve
+
+    app = build_app({"models": [{"name": "a", "model_dir": str(tiny_model_dir)},
+                                {"name": "b", "model_dir": str(tiny_model_dir), "num_gpus": 1}]})  # fmt: skip
+    assert isinstance(app, serve.Application)
+
+
+def test_served_models_inherit_section_settings():
+    cfg = ServeConfig(num_cpus=2, max_batch_size=8, models=[
+        {"name": "a", "model_dir": "/m/a"},
+        {"name": "b", "model_dir": "/m/b", "num_gpus": 1, "max_batch_size": 64,
+         "autoscaling": {"min_replicas": 0, "max_replicas": 4}}])  # fmt: skip
+    a, b = cfg.served_models()
+    assert (a.name, a.num_cpus, a.max_batch_size, a.num_gpus) == ("a", 2, 8, 0)
+    assert (b.num_cpus, b.max_batch_size, b.num_gpus) == (2, 64, 1)
+    assert b.autoscaling.min_replicas == 0
+    single = ServeConfig(model_name="x").served_models(default_model_dir="/m/x")
+    assert [(m.name, m.model_dir) for m in single] == [("x", "/m/x")]
+    with pytest.raises(ValueError, match="unique"):
+        ServeConfig(models=[{"name": "a", "model_dir": "/1"}, {"name": "a", "model_dir": "/2"}])
+    with pytest.raises(ValueError, match="min_replicas"):
+        ServeConfig(autoscaling={"min_replicas": 3, "max_replicas": 2})
+
+
+def test_deployment_options_fixed_and_autoscaling():
+    cfg = ServeConfig(num_replicas=3, num_gpus=1, max_ongoing_requests=16, max_queued_requests=4)
+    (m,) = cfg.served_models(default_model_dir="/m")
+    opts = deployment_options(m)
+    assert opts["num_replicas"] == 3 and opts["name"] == "model-aigc-tiny"
+    assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (16, 4)
+    assert "autoscaling_config" not in opts
+    auto = ServeConfig(autoscaling={"min_replicas": 0, "max_replicas": 2,
+                                    "target_ongoing_requests": 8, "upscale_delay_s": 1})  # fmt: skip
+    opts = deployment_options(auto.served_models(default_model_dir="/m")[0])
+    assert opts["num_replicas"] == "auto"
+    ac = opts["autoscaling_config"]
+    assert (ac["min_replicas"], ac["max_replicas"], ac["target_ongoing_requests"]) == (0, 2, 8)
+    assert ac["upscale_delay_s"] == 1 and "initial_replicas" not in ac
+    from ray.serve.config import AutoscalingConfig
+
+    AutoscalingConfig(**ac)  # Serve accepts it

@@ -1,0 +1,102 @@
+"""Request-level types of the engine: sampling parameters, results, validation errors, devices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding parameters (OpenAI-like semantics).
+
+    ``temperature == 0`` means greedy; ``top_k == 0`` and ``top_p == 1`` disable those filters.
+    ``stop`` strings end generation; the returned text is cut before the first stop string.
+    ``seed`` gives the request its own ``torch.Generator`` so sampling is reproducible.
+    ``ignore_eos`` keeps generating past EOS (benchmarks with fixed output lengths, as in vLLM).
+    """
+
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass
+class GenerationResult:
+    """One completion. ``token_ids`` include a final EOS token if one was generated (text never
+    does); ``finish_reason`` is ``"stop"`` (EOS or stop string), ``"length"`` (max_tokens) or
+    ``"cancelled"`` (the caller cancelled the request)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+class InvalidParamError(ValueError):
+    """A sampling parameter or prompt is invalid; ``param`` names the offending field."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthError(InvalidParamError):
+    """prompt_tokens + max_tokens exceeds the model's context window."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_window: int):
+        super().__init__(
+            f"This model's maximum context length is {context_window} tokens, but "
+            f"{prompt_tokens + max_tokens} were requested ({prompt_tokens} in the prompt + "
+            f"{max_tokens} max_tokens). Shorten the prompt or reduce max_tokens.",
+            param="max_tokens",
+        )
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.context_window = context_window
+
+
+class EngineError(RuntimeError):
+    """The engine failed while decoding a request (the request is lost, the engine keeps going)."""
+
+
+def validate_params(params: SamplingParams) -> None:
+    """Raise InvalidParamError naming the first out-of-range field of ``params``."""
+    if not isinstance(params.max_tokens, int) or params.max_tokens < 1:
+        raise InvalidParamError(f"max_tokens must be >= 1, got {params.max_tokens}", "max_tokens")
+    if params.temperature < 0:
+        raise InvalidParamError(
+            f"temperature must be >= 0, got {params.temperature}", "temperature"
+        )
+    if not 0 < params.top_p <= 1:
+        raise InvalidParamError(f"top_p must be in (0, 1], got {params.top_p}", "top_p")
+    if params.top_k < 0:
+        raise InvalidParamError(f"top_k must be >= 0, got {params.top_k}", "top_k")
+    if any(not isinstance(s, str) or not s for s in params.stop):
+        raise InvalidParamError("stop must be a list of non-empty strings", "stop")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; anything else is passed to torch.device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``"auto"`` -> bfloat16 on cuda if supported (else float16), float32 elsewhere."""
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]

@@ -1,0 +1,365 @@
+"""The two Serve deployments of the app.
+
+- ``Router`` (the FastAPI ingress, one per app): API keys, JSON parsing and validation, routing by
+  the request's ``model`` to that model's deployment, the request timeout (408), overload (503),
+  replica failures (503), server-sent events, request metrics. It holds no model.
+- ``ModelServer`` (one deployment per model, its own replicas, resources and autoscaling): one
+  GenerationEngine doing continuous batching; validates prompts against the model's tokenizer and
+  context window, and records token-level metrics.
+
+Keeping the two apart is what lets Serve's own backpressure (``max_queued_requests``) and replica
+deaths surface in OpenAI's error shape: they are raised into the Router's handle calls.
+"""
+
+# No `from __future__ import annotations`: FastAPI must resolve the route annotations at runtime.
+import asyncio
+import logging
+import os
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+    RequestCancelledError,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from aigc_ray.engine import (
+    ContextLengthError,
+    EngineError,
+    EngineRequest,
+    GenerationEngine,
+    InvalidParamError,
+)
+from aigc_ray.serve.metrics import ModelMetrics, RouterMetrics
+from aigc_ray.serve.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    ChunkWriter,
+    CompletionRequest,
+    Job,
+    parse_json,
+    render_chat,
+    response_body,
+    to_job,
+    usage,
+)
+from aigc_ray.serve.security import key_allowed, load_api_keys
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- model server
+
+
+@serve.deployment
+class ModelServer:
+    """One model: an engine with continuous batching, shared by all requests to this replica."""
+
+    def __init__(self, name: str, model_dir: str, device: str, dtype: str, max_batch_size: int,
+                 threads: int | None, stream_chunks_per_s: float):  # fmt: skip
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.name = name
+        self.engine = GenerationEngine.from_pretrained(model_dir, device=device, dtype=dtype,
+                                                       max_batch_size=max_batch_size)  # fmt: skip
+        self.metrics = ModelMetrics(name)
+        self.chunks_per_s = stream_chunks_per_s
+        log.info("model %s ready from %s (torch threads %d)", name, model_dir,
+                 torch.get_num_threads())  # fmt: skip
+
+    def _submit(self, job: Job, stream: bool) -> list[EngineRequest]:
+        """Validate the job against this model and queue its n engine requests."""
+        params = job.params
+        add_special = True
+        prompt = job.prompt
+        if job.kind == "chat":
+            prompt, extra_stop = render_chat(self.engine.tokenizer, job.messages)
+            params.stop = [*params.stop, *extra_stop]
+            add_special = False
+        ids = self.engine.encode(prompt, add_special_tokens=add_special)
+        if job.kind == "chat" and not job.max_tokens_given:
+            params.max_tokens = max(
+                1, min(params.max_tokens, self.engine.context_window - len(ids))
+            )
+        try:
+            self.engine._check(ids, params)
+            seeds = [params.seed + i if params.seed is not None else None for i in range(job.n)]
+            reqs = [self.engine.submit(ids, _with_seed(params, s), stream=stream) for s in seeds]
+        except ContextLengthError as e:
+            raise ApiError(400, str(e), param=e.param, code="context_length_exceeded") from None
+        except InvalidParamError as e:
+            raise ApiError(400, str(e), param=e.param) from None
+        self.metrics.update(self.engine.stats())
+        return reqs
+
+    def _finished(self, reqs: list[EngineRequest]) -> None:
+        for req in reqs:
+            req.cancel()  # no-op when finished
+            if req.done and req.first_token_at is not None:
+                self.metrics.observe_request(req)
+        self.metrics.update(self.engine.stats())
+
+    async def complete(self, job: Job) -> dict:
+        """Whole completions: {"prompt_tokens", "choices": [...]} or {"error": ...}."""
+        try:
+            reqs = self._submit(job, stream=False)
+        except ApiError as e:
+            return {"error": {**e.body()["error"], "status": e.status}}
+        try:
+            results = [await r.aresult() for r in reqs]
+        except EngineError as e:
+            return {"error": {**ApiError(500, str(e), "server_error").body()["error"],
+                              "status": 500}}  # fmt: skip
+        finally:
+            self._finished(reqs)
+        choices = [{"text": r.text, "finish_reason": r.finish_reason,
+                    "completion_tokens": r.completion_tokens} for r in results]  # fmt: skip
+        return {"prompt_tokens": results[0].prompt_tokens, "choices": choices}
+
+    async def stream(self, job: Job):
+        """Events: ("start", prompt_tokens) or ("error", body), then ("delta", index, text) and
+        ("finish", index, finish_reason, completion_tokens). Deltas produced between two reads
+        are sent as one, so a busy replica sends fewer, larger chunks."""
+        try:
+            reqs = self._submit(job, stream=True)
+        except ApiError as e:
+            yield ("error", {**e.body()["error"], "status": e.status})
+            return
+        try:
+            yield ("start", len(reqs[0].prompt_ids))
+            async for event in _merge(reqs, self._stream_interval):
+                yield event
+        except EngineError as e:
+            yield ("error", {**ApiError(500, str(e), "server_error").body()["error"],
+                             "status": 500})  # fmt: skip
+        finally:
+            self._finished(reqs)
+
+    def _stream_interval(self) -> float:
+        """Seconds between two chunks of one stream: every request streams token by token until
+        the replica's running requests would exceed ``stream_chunks_per_s`` chunks in total;
+        then chunks carry several tokens (each chunk costs CPU in the router and the proxy)."""
+        if not self.chunks_per_s:
+            return 0.0
+        return self.engine.num_running / self.chunks_per_s
+
+    async def stats(self) -> dict:
+        """Engine counters and this replica's pid (tests and debugging)."""
+        return {"pid": os.getpid(), "model": self.name, **self.engine.stats()}
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+
+def _with_seed(params, seed):
+    from dataclasses import replace
+
+    return replace(params, seed=seed, stop=list(params.stop))
+
+
+async def _merge(reqs: list[EngineRequest], interval):
+    """Interleave the delta streams of n requests as ("delta", i, text) / ("finish", ...)."""
+    if len(reqs) == 1:
+        async for text in reqs[0].adeltas(interval):
+            yield ("delta", 0, text)
+        result = reqs[0].result()
+        yield ("finish", 0, result.finish_reason, result.completion_tokens)
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, req: EngineRequest) -> None:
+        try:
+            async for text in req.adeltas(interval):
+                queue.put_nowait(("delta", i, text))
+            result = req.result()
+            queue.put_nowait(("finish", i, result.finish_reason, result.completion_tokens))
+        except EngineError as e:
+            queue.put_nowait(("raise", e))
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
+    try:
+        left = len(reqs)
+        while left:
+            event = await queue.get()
+            if event[0] == "raise":
+                raise event[1]
+            left -= event[0] == "finish"
+            yield event
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+# ---------------------------------------------------------------- router (ingress)
+
+api = FastAPI(title="aigc_ray OpenAI-compatible API")
+
+
+@api.exception_handler(RequestValidationError)
+async def _on_validation_error(request, exc):
+    return ApiError(400, str(exc.errors()[0].get("msg"))).response()
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _on_http_error(request, exc):
+    type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return ApiError(exc.status_code, str(exc.detail), type_).response()
+
+
+def _failure(e: BaseException) -> ApiError:
+    """An exception from a model deployment call, as the error the client gets."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, BackPressureError):
+        return ApiError(503, "the model's request queue is full; retry shortly",
+                        "server_overloaded", code="overloaded")  # fmt: skip
+    if isinstance(e, TimeoutError | asyncio.TimeoutError):
+        return ApiError(408, "request timed out", "timeout", code="timeout")
+    if isinstance(e, RayActorError | ReplicaUnavailableError | DeploymentUnavailableError
+                  | RequestCancelledError):  # fmt: skip
+        return ApiError(503, f"model replica unavailable ({type(e).__name__}); retry",
+                        "server_unavailable", code="replica_unavailable")  # fmt: skip
+    log.error("unexpected error from a model deployment", exc_info=e)
+    return ApiError(500, f"internal error: {type(e).__name__}", "server_error")
+
+
+def _error_from(body: dict) -> ApiError:
+    return ApiError(body["status"], body["message"], body["type"], body["param"], body["code"])
+
+
+@serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Router:
+    """The OpenAI HTTP API in front of one ModelServer deployment per model."""
+
+    def __init__(self, models: dict, max_tokens_limit: int, request_timeout_s: float):
+        self.models = models  # name -> DeploymentHandle of its ModelServer
+        self.limit, self.timeout = max_tokens_limit, request_timeout_s
+        self.keys = load_api_keys()
+        self.created = int(time.time())
+        self.metrics = RouterMetrics()
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "models": sorted(self.models)}
+
+    @api.get("/v1/models")
+    async def list_models(self, request: Request):
+        if not key_allowed(request.headers.get("authorization"), self.keys):
+            return self._record("", "models", _auth_error())
+        cards = [{"id": name, "object": "model", "created": self.created, "owned_by": "aigc_ray"}
+                 for name in self.models]  # fmt: skip
+        return {"object": "list", "data": cards}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._handle(request, CompletionRequest, "completions")
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._handle(request, ChatCompletionRequest, "chat")
+
+    async def _handle(self, request: Request, model_cls, route: str):
+        deadline = time.monotonic() + self.timeout
+        model = ""
+        try:
+            if not key_allowed(request.headers.get("authorization"), self.keys):
+                raise _auth_error()
+            req = parse_json(await request.body(), model_cls)
+            model = req.model
+            if model not in self.models:
+                raise ApiError(404, f"model {model!r} not found; available: {sorted(self.models)}",
+                               "not_found_error", "model", "model_not_found")  # fmt: skip
+            job = to_job(req, self.limit)
+            handle = self.models[model]
+            if req.stream:
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                writer = ChunkWriter(job.kind, model, include_usage)
+                response = await self._open_stream(handle, job, writer, deadline)
+            else:
+                out = await self._call(handle, job, deadline)
+                response = response_body(job.kind, model, out)
+        except ApiError as e:
+            return self._record(model, route, e)
+        except Exception as e:  # noqa: BLE001 - every failure leaves in OpenAI's shape
+            return self._record(model, route, _failure(e))
+        self.metrics.record(model, route, 200)
+        return response
+
+    def _record(self, model: str, route: str, err: ApiError) -> JSONResponse:
+        self.metrics.record(model, route, err.status, err.type)
+        return err.response()
+
+    async def _call(self, handle, job: Job, deadline: float) -> dict:
+        response = handle.complete.remote(job)
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                out = await response
+        except TimeoutError:
+            response.cancel()
+            raise
+        if "error" in out:
+            raise _error_from(out["error"])
+        return out
+
+    async def _open_stream(self, handle, job: Job, writer: ChunkWriter, deadline: float):
+        """Wait for the model server's first event (so validation errors keep their status),
+        then stream the rest as server-sent events."""
+        events = handle.options(stream=True).stream.remote(job)
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                first = await events.__anext__()
+        except BaseException:
+            events.cancel()
+            raise
+        if first[0] == "error":
+            raise _error_from(first[1])
+        sse = self._sse(events, writer, first[1], job.n, deadline)
+        return StreamingResponse(sse, media_type="text/event-stream")
+
+    async def _sse(self, events, writer: ChunkWriter, prompt_tokens: int, n: int,
+                   deadline: float):  # fmt: skip
+        """Chunks until every choice finished; a disconnect cancels generation downstream."""
+        done_tokens, finished = 0, 0
+        try:
+            yield writer.role(n)
+            while True:
+                # wait_for per event, not asyncio.timeout around the loop: a timeout must not
+                # cancel Starlette's send of a chunk we already yielded.
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                try:
+                    event = await asyncio.wait_for(events.__anext__(), remaining)
+                except StopAsyncIteration:
+                    break
+                if event[0] == "delta":
+                    yield writer.delta(event[1], event[2])
+                elif event[0] == "finish":
+                    done_tokens += event[3]
+                    finished += 1
+                    last = usage(prompt_tokens, done_tokens) if finished == n else None
+                    yield writer.finish(event[1], event[2], last)
+                else:
+                    raise _error_from(event[1])
+            yield writer.end(usage(prompt_tokens, done_tokens))
+        except Exception as e:  # noqa: BLE001 - mid-stream failures become an error event
+            yield writer.error(_failure(e))
+        finally:
+            events.cancel()
+
+
+def _auth_error() -> ApiError:
+    return ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)",
+                    "authentication_error", code="invalid_api_key")  # fmt: skip

@@ -1,0 +1,72 @@
+"""Prometheus metrics through Ray's metrics API (`ray.serve.metrics`), exported by every node's
+metrics agent with Ray's `ray_` prefix (e.g. `ray_aigc_ray_requests_total`). Serve adds the
+deployment, replica and application tags."""
+
+from __future__ import annotations
+
+LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+
+
+class RouterMetrics:
+    """Requests and errors by status code, per model and route (recorded by the ingress)."""
+
+    def __init__(self):
+        from ray.serve import metrics
+
+        tags = ("model", "route", "status")
+        self.requests = metrics.Counter(
+            "aigc_ray_requests", description="HTTP requests by model, route and status code.",
+            tag_keys=tags)  # fmt: skip
+        self.errors = metrics.Counter(
+            "aigc_ray_request_errors", description="Failed requests by status code and type.",
+            tag_keys=(*tags, "type"))  # fmt: skip
+
+    def record(self, model: str, route: str, status: int, error_type: str | None = None) -> None:
+        tags = {"model": model or "-", "route": route, "status": str(status)}
+        self.requests.inc(1, tags)
+        if status >= 400:
+            self.errors.inc(1, {**tags, "type": error_type or "error"})
+
+
+class ModelMetrics:
+    """Token-level latency and throughput of one model's replica (recorded by the model server)."""
+
+    def __init__(self, model: str):
+        from ray.serve import metrics
+
+        def histogram(name, description):
+            h = metrics.Histogram(name, description=description, boundaries=LATENCY_BOUNDARIES,
+                                  tag_keys=("model",))  # fmt: skip
+            h.set_default_tags({"model": model})
+            return h
+
+        def tagged(kind, name, description):
+            m = kind(name, description=description, tag_keys=("model",))
+            m.set_default_tags({"model": model})
+            return m
+
+        self.ttft = histogram("aigc_ray_time_to_first_token_seconds",
+                              "Submit to first generated token, queueing included.")  # fmt: skip
+        self.itl = histogram("aigc_ray_inter_token_latency_seconds",
+                             "Time between consecutive generated tokens of a request.")  # fmt: skip
+        self.generated = tagged(metrics.Counter, "aigc_ray_generated_tokens", "Tokens generated.")
+        self.prompt = tagged(metrics.Counter, "aigc_ray_prompt_tokens", "Prompt tokens prefilled.")
+        self.running = tagged(metrics.Gauge, "aigc_ray_running_requests",
+                              "Requests in the replica's running batch.")  # fmt: skip
+        self.queued = tagged(metrics.Gauge, "aigc_ray_queued_requests",
+                             "Requests waiting for a slot in the running batch.")  # fmt: skip
+
+    def observe_request(self, req) -> None:
+        """Record one finished engine request (an aigc_ray.engine.EngineRequest)."""
+        if req.first_token_at is not None:
+            self.ttft.observe(req.first_token_at - req.submitted_at)
+        times = req.token_times
+        for a, b in zip(times, times[1:], strict=False):
+            self.itl.observe(b - a)
+        if times:
+            self.generated.inc(len(times))
+        self.prompt.inc(len(req.prompt_ids))
+
+    def update(self, stats: dict) -> None:
+        self.running.set(stats["running"])
+        self.queued.set(stats["waiting"])
