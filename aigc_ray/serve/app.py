@@ -60,7 +60,8 @@ def run_serve(cfg: ServeConfig, model_dir: str | None = None, app_name: str = "a
     """Deploy on the connected Ray cluster; return the base URL. Returns once replicas are ready.
     ``model_dir`` fills in serve.model_dir when the config leaves it empty."""
     check_bind(cfg.host, load_api_keys())
-    args = cfg.model_dump(exclude_unset=False)
+    # exclude_unset keeps serve.models entries inheriting what they leave out
+    args = cfg.model_dump(exclude_unset=True)
     if model_dir and not cfg.models:
         args["model_dir"] = model_dir
     app = build_app(args)

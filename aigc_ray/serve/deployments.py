@@ -234,6 +234,11 @@ def _failure(e: BaseException) -> ApiError:
     return ApiError(500, f"internal error: {type(e).__name__}", "server_error")
 
 
+def _auth_error() -> ApiError:
+    return ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)",
+                    "authentication_error", code="invalid_api_key")  # fmt: skip
+
+
 def _error_from(body: dict) -> ApiError:
     return ApiError(body["status"], body["message"], body["type"], body["param"], body["code"])
 
@@ -358,8 +363,3 @@ class Router:
             yield writer.error(_failure(e))
         finally:
             events.cancel()
-
-
-def _auth_error() -> ApiError:
-    return ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)",
-                    "authentication_error", code="invalid_api_key")  # fmt: skip

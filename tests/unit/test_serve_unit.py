@@ -332,3 +332,10 @@ def test_deployment_options_fixed_and_autoscaling():
     from ray.serve.config import AutoscalingConfig
 
     AutoscalingConfig(**ac)  # Serve accepts it
+
+
+def test_dumped_config_keeps_inheritance():
+    cfg = ServeConfig(num_cpus=0.25, models=[{"name": "a", "model_dir": "/m", "max_batch_size": 2}])
+    again = ServeConfig(**cfg.model_dump(exclude_unset=True))
+    (m,) = again.served_models()
+    assert (m.num_cpus, m.max_batch_size) == (0.25, 2)

@@ -1,0 +1,366 @@
+"""The serving stage through real clients: the official `openai` package and raw HTTP, against
+one app with several models on the shared local Ray instance (tiny random-init models)."""
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+KEY = "test-key-1"  # set for the replicas by the ray_session fixture (runtime_env)
+PORT = 8047
+TIMEOUT_S = 4.0
+SLOW_LIMIT = 1800
+
+
+def _model_dir(root, tokenizer, seed: int, **arch) -> str:
+    from aigc_ray.config import ModelConfig
+    from aigc_ray.model import build_model
+
+    out = root / f"model-{seed}-{arch.get('hidden_size', 64)}"
+    model = build_model(ModelConfig(**arch), tokenizer, seed=seed)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    from aigc_ray.data import stdlib_files
+    from aigc_ray.model import train_tokenizer
+
+    root = tmp_path_factory.mktemp("serve-models")
+    texts = [Path(p).read_text(encoding="utf-8", errors="replace")[:5000] for p in
+             sorted(stdlib_files())[:40]]  # fmt: skip
+    tok = train_tokenizer(texts, 512, root / "tok")
+    small = dict(hidden_size=64, num_layers=2, num_heads=2, max_position_embeddings=256)
+    slow = dict(hidden_size=256, num_layers=4, num_heads=4, max_position_embeddings=2048)
+    return {"a": _model_dir(root, tok, 1, **small), "b": _model_dir(root, tok, 2, **small),
+            "slow": _model_dir(root, tok, 3, **slow)}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base_url(ray_session, model_dirs):
+    from ray import serve
+
+    from aigc_ray.config import ServeConfig
+    from aigc_ray.serve import run_serve
+
+    cfg = ServeConfig(
+        port=PORT, num_cpus=0.25, request_timeout_s=TIMEOUT_S, max_tokens_limit=SLOW_LIMIT,
+        models=[
+            {"name": "tiny-a", "model_dir": model_dirs["a"]},
+            {"name": "tiny-b", "model_dir": model_dirs["b"]},
+            # one request at a time, one more in the queue: the third gets a 503
+            {"name": "slow", "model_dir": model_dirs["slow"], "max_ongoing_requests": 1,
+             "max_queued_requests": 1, "max_batch_size": 1},
+            # no replica until the first request arrives
+            {"name": "lazy", "model_dir": model_dirs["a"], "autoscaling": {
+                "min_replicas": 0, "max_replicas": 1, "initial_replicas": 0,
+                "upscale_delay_s": 0, "downscale_delay_s": 600}},
+        ],
+    )  # fmt: skip
+    yield f"{run_serve(cfg)}/v1"
+    serve.shutdown()  # free the replicas' CPU for the next module
+
+
+@pytest.fixture
+def client(base_url):
+    from openai import OpenAI
+
+    return OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=60)
+
+
+def stats(model: str) -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle(f"model-{model}", "aigc").stats.remote().result()
+
+
+def post(base_url, path, body, key=KEY, **kw):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{base_url}{path}", content=content, headers=headers, timeout=60, **kw)
+
+
+# ---------------------------------------------------------------- the API
+
+
+def test_models_and_health(client, base_url):
+    assert sorted(m.id for m in client.models.list().data) == ["lazy", "slow", "tiny-a", "tiny-b"]
+    health = httpx.get(base_url.replace("/v1", "/health")).json()  # no key needed
+    assert health["status"] == "ok"
+
+
+def test_completion_params_n_seed_usage(client):
+    out = client.completions.create(model="tiny-a", prompt="def add(a, b):", max_tokens=8,
+                                    temperature=0)  # fmt: skip
+    assert out.model == "tiny-a" and out.object == "text_completion"
+    assert out.usage.completion_tokens == 8 and out.usage.prompt_tokens > 0
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 8
+    assert out.choices[0].finish_reason == "length"
+    kw = dict(model="tiny-a", prompt="import os", max_tokens=10, temperature=1.0, top_p=0.9,
+              seed=123, n=3, extra_body={"top_k": 40, "ignore_eos": True})  # fmt: skip
+    first, again = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]  # seeded
+    assert len({c.text for c in first.choices}) > 1  # n choices sample independently
+    assert first.usage.completion_tokens == 30  # usage counts all n choices
+
+
+def _stop_candidate(text: str) -> int | None:
+    """Index i >= 2 of the first occurrence of a printable character (a stop string)."""
+    return next((i for i in range(2, len(text)) if text[i].isprintable() and text[i].strip()
+                 and text[i] != "\ufffd" and text.find(text[i]) == i), None)  # fmt: skip
+
+
+def test_stop_string_cuts_the_text(client):
+    for seed in range(20):  # random-init model: find a sample with visible text to stop on
+        kw = dict(model="tiny-a", prompt="x = ", max_tokens=30, temperature=1.0, seed=seed,
+                  extra_body={"ignore_eos": True})  # fmt: skip
+        text = client.completions.create(**kw).choices[0].text
+        if (i := _stop_candidate(text)) is not None:
+            break
+    else:
+        pytest.fail("no sample with a usable stop string")
+    cut = client.completions.create(**kw, stop=[text[i]])
+    assert cut.choices[0].text == text[:i]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_chat_completion(client):
+    out = client.chat.completions.create(
+        model="tiny-b", messages=[{"role": "system", "content": "You write Python."},
+                                  {"role": "user", "content": "A stack class:"}],
+        max_tokens=12, temperature=0)  # fmt: skip
+    assert out.object == "chat.completion" and out.model == "tiny-b"
+    assert out.choices[0].message.role == "assistant"
+    assert isinstance(out.choices[0].message.content, str)
+    assert out.usage.completion_tokens <= 12 and out.usage.prompt_tokens > 10  # template added
+    # no max_tokens: as many as fit in the context window (256), capped by the server's limit
+    free = client.chat.completions.create(model="tiny-b", temperature=0, extra_body={
+        "ignore_eos": True}, messages=[{"role": "user", "content": "hi"}])  # fmt: skip
+    assert free.usage.prompt_tokens + free.usage.completion_tokens == 256
+
+
+def test_models_are_routed_by_name(client):
+    # same seed, same prompt: only the weights differ (greedy tiny random models just repeat)
+    outs = {m: client.completions.create(model=m, prompt="class Stack:", max_tokens=20,
+                                         temperature=1.0, seed=0, extra_body={"ignore_eos": True})
+            for m in ("tiny-a", "tiny-b")}  # fmt: skip
+    assert outs["tiny-a"].choices[0].text != outs["tiny-b"].choices[0].text
+    assert stats("tiny-a")["finished"] > 0 and stats("tiny-b")["finished"] > 0
+
+
+def test_streaming_completion_equals_whole_completion(client, base_url):
+    kw = dict(model="tiny-a", prompt="def main():", max_tokens=20, temperature=0)
+    whole = client.completions.create(**kw).choices[0].text
+    chunks = list(client.completions.create(**kw, stream=True))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(texts) == whole and len([t for t in texts if t]) > 1
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 20  # usage rides on the last chunk
+    raw = post(base_url, "/completions", {**kw, "stream": True}).text
+    assert raw.rstrip().endswith("data: [DONE]")
+    assert raw.startswith("data: {")
+
+
+def test_streaming_chat_with_usage_and_n(client):
+    stream = client.chat.completions.create(
+        model="tiny-b", messages=[{"role": "user", "content": "hello"}], max_tokens=6, n=2,
+        temperature=0.7, seed=5, stream=True, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True})  # fmt: skip
+    chunks = list(stream)
+    roles = [c.choices[0].delta.role for c in chunks if c.choices and c.choices[0].delta.role]
+    assert roles == ["assistant", "assistant"]
+    finished = {c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason}
+    assert finished == {0, 1}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+BAD = [
+    (b"{not json", 400, None),
+    ({"prompt": "x"}, 400, "model"),
+    ({"model": "tiny-a"}, 400, "prompt"),
+    ({"model": "tiny-a", "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"model": "tiny-a", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "tiny-a", "prompt": "x", "max_tokens": SLOW_LIMIT + 1}, 400, "max_tokens"),
+    ({"model": "tiny-a", "prompt": "x", "temperature": 2.5}, 400, "temperature"),
+    ({"model": "tiny-a", "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"model": "tiny-a", "prompt": "x", "n": 0}, 400, "n"),
+    ({"model": "tiny-a", "prompt": 5}, 400, "prompt"),
+    ({"model": "tiny-a", "prompt": "x", "stream": True, "max_tokens": -2}, 400, "max_tokens"),
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "param"), BAD)
+def test_bad_requests_get_openai_errors(base_url, body, status, param):
+    resp = post(base_url, "/completions", body)
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] == param
+    assert "detail" not in resp.json()
+
+
+def test_context_overflow_and_auth_and_chat_errors(client, base_url):
+    from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI
+
+    for stream in (False, True):
+        with pytest.raises(BadRequestError) as e:
+            client.completions.create(model="tiny-a", prompt="x " * 300, max_tokens=10,
+                                      stream=stream)  # fmt: skip
+        assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(BadRequestError) as e:
+        client.chat.completions.create(model="tiny-a", messages=[], max_tokens=3)
+    assert e.value.body["param"] == "messages"
+    with pytest.raises(NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=base_url, api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(f"{base_url}/models").status_code == 401  # no key at all
+    resp = post(base_url, "/chat/completions", {"model": "tiny-a"}, key=None)
+    assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+    resp = httpx.get(f"{base_url}/nothing-here")
+    assert resp.status_code == 404 and "error" in resp.json()
+    # the server is still up and the next valid request succeeds
+    ok = client.completions.create(model="tiny-a", prompt="x", max_tokens=2)
+    assert ok.usage.completion_tokens == 2
+
+
+# ---------------------------------------------------------------- load, time and faults
+
+
+def test_timeout_gets_408_and_frees_the_engine(client, base_url):
+    started = time.monotonic()
+    resp = post(base_url, "/completions", {"model": "slow", "prompt": "x", "max_tokens":
+                                           SLOW_LIMIT, "ignore_eos": True})  # fmt: skip
+    assert resp.status_code == 408, resp.text
+    assert resp.json()["error"]["type"] == "timeout"
+    assert TIMEOUT_S <= time.monotonic() - started < TIMEOUT_S + 5
+    deadline = time.monotonic() + 10
+    while stats("slow")["running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    s = stats("slow")
+    assert s["running"] == 0 and s["cancelled"] >= 1
+
+
+def test_overload_beyond_the_queue_gets_503(base_url):
+    body = {"model": "slow", "prompt": "x", "max_tokens": SLOW_LIMIT, "ignore_eos": True}
+    results: list = [None] * 4
+
+    def send(i):
+        results[i] = post(base_url, "/completions", body)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+        time.sleep(0.3)  # in order: one running, one queued, then overflow
+    for t in threads:
+        t.join(60)
+    codes = sorted(r.status_code for r in results)
+    assert 503 in codes, codes
+    assert set(codes) <= {408, 503}, codes  # the admitted ones run into the 4 s timeout
+    overloaded = next(r for r in results if r.status_code == 503)
+    assert overloaded.json()["error"]["code"] == "overloaded"
+    assert overloaded.headers["retry-after"] == "1"
+
+
+def test_client_disconnect_cancels_generation(base_url):
+    before = stats("slow")
+    body = {"model": "slow", "prompt": "x", "max_tokens": SLOW_LIMIT, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    with httpx.stream("POST", f"{base_url}/completions", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {KEY}"}) as resp:  # fmt: skip
+        assert resp.status_code == 200
+        got = 0
+        for line in resp.iter_lines():
+            got += line.startswith("data: ")
+            if got >= 3:
+                break
+    # connection closed after 3 chunks: generation for it must stop
+    deadline = time.monotonic() + 10
+    while stats("slow")["running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    first = stats("slow")
+    time.sleep(1.0)
+    second = stats("slow")
+    assert first["running"] == 0
+    assert second["generated_tokens"] == first["generated_tokens"]  # nothing more generated
+    assert first["cancelled"] == before["cancelled"] + 1
+    assert first["generated_tokens"] - before["generated_tokens"] < SLOW_LIMIT
+
+
+def test_scale_from_zero(client):
+    """No replica at first: the request starts one. A cold start longer than this app's 4 s
+    request timeout gets an OpenAI-shaped 408 and the retry succeeds."""
+    from openai import APIStatusError
+
+    assert stats_count("lazy") == 0
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            out = client.completions.create(model="lazy", prompt="x", max_tokens=3)
+            break
+        except APIStatusError as e:
+            assert e.status_code == 408 and e.body["type"] == "timeout"
+            assert time.monotonic() < deadline, "lazy model never came up"
+    assert out.usage.completion_tokens == 3
+    assert stats_count("lazy") == 1
+
+
+def stats_count(model: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications["aigc"].deployments[f"model-{model}"]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def test_killed_replica_is_replaced_and_requests_succeed_again(client):
+    old = stats("tiny-b")["pid"]
+    os.kill(old, signal.SIGKILL)
+    statuses, deadline = [], time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            out = client.completions.create(model="tiny-b", prompt="x", max_tokens=3)
+            if out.usage.completion_tokens == 3:
+                break
+        except Exception as e:  # noqa: BLE001 - record what clients saw meanwhile
+            statuses.append(getattr(e, "status_code", type(e).__name__))
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"tiny-b never recovered; saw {statuses}")
+    assert stats("tiny-b")["pid"] != old
+    assert all(s in (503, 408) for s in statuses), statuses  # OpenAI-shaped while down
+
+
+def test_prometheus_metrics_are_exported(client, ray_session):
+    node = ray_session._private.worker.global_worker.node
+    url = f"http://127.0.0.1:{node.metrics_export_port}/metrics"
+    client.completions.create(model="tiny-a", prompt="x", max_tokens=4)
+    wanted = ["ray_aigc_ray_requests_total", "ray_aigc_ray_request_errors_total",
+              "ray_aigc_ray_time_to_first_token_seconds_bucket",
+              "ray_aigc_ray_inter_token_latency_seconds_bucket",
+              "ray_aigc_ray_generated_tokens_total", "ray_aigc_ray_running_requests",
+              "ray_aigc_ray_queued_requests"]  # fmt: skip
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        if all(w in text for w in wanted):
+            break
+        time.sleep(2)
+    missing = [w for w in wanted if w not in text]
+    assert not missing, missing
+    assert 'status="200"' in text and 'status="404"' in text
