@@ -64,7 +64,8 @@ def preflight(cfg: PipelineConfig, stages: set[str]) -> None:
 
         check_bind(cfg.serve.host, load_api_keys())
     if "serve" in stages and "train" not in stages:
-        check_model_dir(cfg.resolved_model_dir())
+        for served in cfg.serve.served_models(cfg.resolved_model_dir()):
+            check_model_dir(served.model_dir)
 
 
 def http_complete(
