@@ -63,6 +63,10 @@ def preflight(cfg: PipelineConfig, stages: set[str]) -> None:
         from aigc_ray.serve import check_bind, load_api_keys
 
         check_bind(cfg.serve.host, load_api_keys())
+    if "generate" in stages:
+        from aigc_ray.generate import preflight as generate_preflight
+
+        generate_preflight(cfg.generate, cfg.resolved_generate_model_dir())
     if "serve" in stages and "train" not in stages:
         for served in cfg.serve.served_models(cfg.resolved_model_dir()):
             check_model_dir(served.model_dir)
@@ -193,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in [("preprocess", "Ray Data: corpus -> parquet shards"),
                         ("train", "Ray Train: shards -> model directory"),
                         ("serve", "Ray Serve: model directory -> OpenAI API"),
-                        ("pipeline", "preprocess -> train -> serve -> sample requests")]:  # fmt: skip
+                        ("pipeline", "preprocess -> train -> serve -> sample requests"),
+                        ("generate", "Ray Data + engine: prompts -> parquet of completions")]:  # fmt: skip
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", default="configs/tiny.yaml", help="YAML config file")
         s.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -209,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 STAGES = {"preprocess": {"preprocess"}, "train": {"train"}, "serve": {"serve"},
-          "pipeline": {"preprocess", "train", "serve"}}  # fmt: skip
+          "pipeline": {"preprocess", "train", "serve"}, "generate": {"generate"}}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +243,13 @@ def _dispatch(args, cfg: PipelineConfig) -> int:
         cmd_preprocess(cfg)
     elif args.command == "train":
         cmd_train(cfg)
+    elif args.command == "generate":
+        from aigc_ray.generate import run_generate
+
+        summary = run_generate(cfg.generate, cfg.resolved_generate_model_dir())
+        print(f"generate: {summary['rows']} rows ({summary['errors']} with errors), "
+              f"{summary['completion_tokens']:,} tokens in {summary['seconds']} s "
+              f"({summary['tokens_per_s']} tok/s) -> {summary['output_dir']}", flush=True)  # fmt: skip
     elif args.command == "serve":
         url, samples = cmd_serve(cfg, cfg.resolved_model_dir())
         for prompt, text in samples:

@@ -322,11 +322,33 @@ class ServeConfig(ReplicaSettings):
         return ServedModel(**{**base, **fields})
 
 
+class GenerateConfig(_Section):
+    inputs: list[str] = Field(
+        default_factory=list, description="Prompt files (jsonl or parquet), local or s3://."
+    )
+    output_dir: str = Field("runs/tiny/generate", description="Parquet output directory.")
+    model_dir: str | None = Field(None, description="Model directory; empty = train.run_dir/model.")
+    prompt_column: str = Field("prompt", description="Column holding the prompt text.")
+    max_tokens: int = Field(64, ge=1, description="Default max_tokens (a row's column overrides).")
+    temperature: float = Field(0.0, ge=0, le=2, description="Default temperature; 0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Default top_p.")
+    top_k: int = Field(0, ge=0, description="Default top_k; 0 = off.")
+    seed: int | None = Field(None, description="Default seed.")
+    num_actors: int = Field(1, ge=1, description="Engine actors (one model copy each).")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per actor (also its torch threads).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (>0 loads on CUDA).")
+    batch_size: int = Field(64, ge=1, description="Rows handed to an actor per call.")
+    max_batch_size: int = Field(32, ge=1, description="Rows decoded together by an engine.")
+
+
 class PipelineConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Preprocess stage.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model architecture.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training stage.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving stage.")
+    generate: GenerateConfig = Field(
+        default_factory=GenerateConfig, description="Offline batch generation."
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:
@@ -346,6 +368,9 @@ class PipelineConfig(_Section):
 
     def resolved_model_dir(self) -> str:
         return self.serve.model_dir or str(Path(self.train.run_dir) / "model")
+
+    def resolved_generate_model_dir(self) -> str:
+        return self.generate.model_dir or str(Path(self.train.run_dir) / "model")
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
