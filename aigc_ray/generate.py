@@ -4,7 +4,7 @@ prompt: prompt, completion, token counts, finish reason, latency and an error co
 
 A row that cannot be generated (no prompt, a bad parameter, a prompt beyond the context window)
 gets its error recorded and an empty completion; it never fails the job. Per-row sampling:
-columns named max_tokens, temperature, top_p, top_k, seed or stop override the config's defaults.
+columns named max_tokens, temperature, top_p, top_k, seed, stop or ignore_eos override the config's defaults.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from aigc_ray.engine import GenerationEngine, InvalidParamError, SamplingParams
 
 log = logging.getLogger(__name__)
 
-ROW_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+ROW_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
 OUTPUT_SCHEMA = pa.schema([
     ("prompt", pa.string()), ("completion", pa.string()), ("prompt_tokens", pa.int64()),
     ("completion_tokens", pa.int64()), ("finish_reason", pa.string()),
@@ -36,7 +36,7 @@ class GenerateError(ValueError):
 def row_params(row: dict, cfg: GenerateConfig) -> SamplingParams:
     """The config's defaults overridden by the row's own (non-null) parameter columns."""
     values = {k: getattr(cfg, k) for k in ("max_tokens", "temperature", "top_p", "top_k", "seed")}
-    values["stop"] = []
+    values["stop"], values["ignore_eos"] = [], False
     for key in ROW_PARAMS:
         value = row.get(key)
         if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -134,7 +134,11 @@ def run_generate(cfg: GenerateConfig, model_dir: str) -> dict:
     out = _read(cfg).map_batches(
         GenerateUDF, fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()),
                                             "cfg": cfg.model_dump()},
-        compute=ActorPoolStrategy(size=cfg.num_actors), batch_size=cfg.batch_size,
+        # Two calls in flight per actor (threads): the next batch's rows wait in the engine and
+        # join its continuous batch as rows of the current one finish.
+        compute=ActorPoolStrategy(size=cfg.num_actors, max_concurrent_calls_per_actor=2,
+                                  enable_true_multi_threading=True),
+        batch_size=cfg.batch_size,
         batch_format="pyarrow", **resources,
     ).materialize()  # fmt: skip
     out.write_parquet(cfg.output_dir)
