@@ -62,7 +62,7 @@ def test_pipeline_bad_input_fails_before_ray(tmp_path):
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("name", ["preprocess", "train", "serve", "pipeline"])
+@pytest.mark.parametrize("name", ["preprocess", "train", "serve", "pipeline", "generate"])
 def test_job_wrappers_are_importable_and_documented(name):
     path = ROOT / "jobs" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"job_{name}", path)

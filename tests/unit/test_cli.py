@@ -264,3 +264,15 @@ def test_main_train_incomplete_manifest_is_an_error(tmp_path, capsys):
     rc = main(["train", "--config", TINY, f"train.data_dir={tmp_path}"])
     assert rc == 2
     assert "manifest.json" in capsys.readouterr().err
+
+
+def test_main_generate_fails_fast_without_inputs_or_model(tmp_path, capsys, no_ray):
+    rc = main(["generate", "--config", TINY])
+    assert rc == 2 and "generate.inputs is empty" in capsys.readouterr().err
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "x"}\n')
+    rc = main(["generate", "--config", TINY, f"generate.inputs=[{prompts}]",
+               f"generate.model_dir={tmp_path}"])  # fmt: skip
+    assert rc == 2 and str(tmp_path) in capsys.readouterr().err
+    if not no_ray:
+        assert ray.is_initialized() is False
