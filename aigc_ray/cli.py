@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                 help="leave the endpoint up: on a cluster (RAY_ADDRESS) exit and keep it "
                 "deployed; on a local Ray started here, block until Ctrl-C",
             )
+    doc = sub.add_parser("doctor", help="versions, GPUs, token auth, cluster resources; warns "
+                         "on mismatches (exit 1)")  # fmt: skip
+    doc.add_argument("--verbose", action="store_true", help="show Ray's logs")
     return p
 
 
@@ -221,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    if args.command == "doctor":
+        from aigc_ray.doctor import report
+
+        text, warnings = report()
+        print(text)
+        return 1 if warnings else 0
     try:
         cfg = load_config(args.config, args.overrides)
         preflight(cfg, STAGES[args.command])

@@ -45,3 +45,11 @@ def test_batch_generation_writes_every_row(ray_session, tmp_path, tiny_gen_model
         assert got[r["prompt"]]["completion_tokens"] <= r["max_tokens"]
         assert got[r["prompt"]]["error"] is None
     assert sum(1 for r in table.to_pylist() if r["error"]) == 2
+
+
+def test_doctor_on_a_connected_cluster(ray_session):
+    from aigc_ray.doctor import report
+
+    text, warnings = report(connect=True)
+    assert "CPU=2" in text and "1 alive" in text
+    assert not warnings, warnings  # the node runs the driver's own versions
