@@ -366,11 +366,15 @@ class PipelineConfig(_Section):
     def resolved_data_dir(self) -> str:
         return self.train.data_dir or self.data.output_dir
 
+    def trained_model_dir(self) -> str:
+        """Where `train` exports its model: the default for serving and batch generation."""
+        return str(Path(self.train.run_dir) / "model")
+
     def resolved_model_dir(self) -> str:
-        return self.serve.model_dir or str(Path(self.train.run_dir) / "model")
+        return self.serve.model_dir or self.trained_model_dir()
 
     def resolved_generate_model_dir(self) -> str:
-        return self.generate.model_dir or str(Path(self.train.run_dir) / "model")
+        return self.generate.model_dir or self.trained_model_dir()
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

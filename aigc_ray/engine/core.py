@@ -432,8 +432,9 @@ class GenerationEngine:
         keep = [i for i, r in enumerate(batch.rows) if not (r.row.finished or r.cancelled)]
         if len(keep) == len(batch):
             return
+        kept = set(keep)  # the snapshot, not the flags again: cancel() may land meanwhile
         for i, req in enumerate(batch.rows):
-            if i not in keep:
+            if i not in kept:
                 self._retire(req)
         with self._cv:
             batch.keep(keep)

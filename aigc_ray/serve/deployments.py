@@ -13,6 +13,7 @@ deaths surface in OpenAI's error shape: they are raised into the Router's handle
 
 # No `from __future__ import annotations`: FastAPI must resolve the route annotations at runtime.
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -90,8 +91,7 @@ class ModelServer:
             params.max_tokens = max(
                 1, min(params.max_tokens, self.engine.context_window - len(ids))
             )
-        try:
-            self.engine._check(ids, params)
+        try:  # every copy shares the params but the seed: the first submit validates them all
             seeds = [params.seed + i if params.seed is not None else None for i in range(job.n)]
             reqs = [self.engine.submit(ids, _with_seed(params, s), stream=stream) for s in seeds]
         except ContextLengthError as e:
@@ -113,12 +113,11 @@ class ModelServer:
         try:
             reqs = self._submit(job, stream=False)
         except ApiError as e:
-            return {"error": {**e.body()["error"], "status": e.status}}
+            return {"error": e.to_dict()}
         try:
             results = [await r.aresult() for r in reqs]
         except EngineError as e:
-            return {"error": {**ApiError(500, str(e), "server_error").body()["error"],
-                              "status": 500}}  # fmt: skip
+            return {"error": _engine_failure(e).to_dict()}
         finally:
             self._finished(reqs)
         choices = [{"text": r.text, "finish_reason": r.finish_reason,
@@ -132,15 +131,14 @@ class ModelServer:
         try:
             reqs = self._submit(job, stream=True)
         except ApiError as e:
-            yield ("error", {**e.body()["error"], "status": e.status})
+            yield ("error", e.to_dict())
             return
         try:
             yield ("start", len(reqs[0].prompt_ids))
             async for event in _merge(reqs, self._stream_interval):
                 yield event
         except EngineError as e:
-            yield ("error", {**ApiError(500, str(e), "server_error").body()["error"],
-                             "status": 500})  # fmt: skip
+            yield ("error", _engine_failure(e).to_dict())
         finally:
             self._finished(reqs)
 
@@ -163,9 +161,11 @@ class ModelServer:
 
 
 def _with_seed(params, seed):
-    from dataclasses import replace
+    return dataclasses.replace(params, seed=seed, stop=list(params.stop))
 
-    return replace(params, seed=seed, stop=list(params.stop))
+
+def _engine_failure(e: EngineError) -> ApiError:
+    return ApiError(500, str(e), "server_error")
 
 
 async def _merge(reqs: list[EngineRequest], interval):
@@ -237,10 +237,6 @@ def _failure(e: BaseException) -> ApiError:
 def _auth_error() -> ApiError:
     return ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)",
                     "authentication_error", code="invalid_api_key")  # fmt: skip
-
-
-def _error_from(body: dict) -> ApiError:
-    return ApiError(body["status"], body["message"], body["type"], body["param"], body["code"])
 
 
 @serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
@@ -315,7 +311,7 @@ class Router:
             response.cancel()
             raise
         if "error" in out:
-            raise _error_from(out["error"])
+            raise ApiError.from_dict(out["error"])
         return out
 
     async def _open_stream(self, handle, job: Job, writer: ChunkWriter, deadline: float):
@@ -329,7 +325,7 @@ class Router:
             events.cancel()
             raise
         if first[0] == "error":
-            raise _error_from(first[1])
+            raise ApiError.from_dict(first[1])
         sse = self._sse(events, writer, first[1], job.n, deadline)
         return StreamingResponse(sse, media_type="text/event-stream")
 
@@ -357,7 +353,7 @@ class Router:
                     last = usage(prompt_tokens, done_tokens) if finished == n else None
                     yield writer.finish(event[1], event[2], last)
                 else:
-                    raise _error_from(event[1])
+                    raise ApiError.from_dict(event[1])
             yield writer.end(usage(prompt_tokens, done_tokens))
         except Exception as e:  # noqa: BLE001 - mid-stream failures become an error event
             yield writer.error(_failure(e))

@@ -39,14 +39,17 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}  # fmt: skip
 
+    def to_dict(self) -> dict:
+        """The error body's fields plus the status: how a model server hands an error back."""
+        return {**self.body()["error"], "status": self.status}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ApiError":
+        return cls(d["status"], d["message"], d["type"], d["param"], d["code"])
+
     def response(self) -> JSONResponse:
         headers = {"Retry-After": "1"} if self.status in (429, 503) else None
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-
-def error_response(status: int, message: str, type_: str, param: str | None = None,
-                   code: str | None = None) -> JSONResponse:  # fmt: skip
-    return ApiError(status, message, type_, param, code).response()
 
 
 # ---------------------------------------------------------------- request models
