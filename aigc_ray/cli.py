@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", help="versions, GPUs, token auth, cluster resources; warns "
                          "on mismatches (exit 1)")  # fmt: skip
     doc.add_argument("--verbose", action="store_true", help="show Ray's logs")
+    sub.add_parser("submit", add_help=False,
+                   help="`ray job submit --working-dir .` after refusing an upload over Ray's "
+                        "limit: aigc-ray submit [ray job submit options] -- python jobs/<x>.py ...")  # fmt: skip
     return p
 
 
@@ -221,6 +224,15 @@ STAGES = {"preprocess": {"preprocess"}, "train": {"train"}, "serve": {"serve"},
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["submit"]:  # everything after `submit` belongs to `ray job submit`
+        from aigc_ray.submit import UploadError, submit
+
+        try:
+            return submit(argv[1:])
+        except UploadError as e:
+            print(f"aigc-ray: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip

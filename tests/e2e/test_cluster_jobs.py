@@ -19,7 +19,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 GCS_PORT, DASHBOARD_PORT, SERVE_PORT = 6391, 8266, 8013
-EXCLUDES = [".git", ".venv", "runs", "data", "__pycache__"]
 
 
 def ray(*args, timeout=180, **kw):
@@ -50,9 +49,14 @@ def two_node_cluster():
 
 
 def test_pipeline_job_on_a_two_node_cluster(two_node_cluster, tmp_path):
+    from aigc_ray.submit import check_upload
+
+    # what `--working-dir .` packs: Ray's defaults (.git, .venv, __pycache__) + .gitignore +
+    # .rayignore (runs/, data/): code and configs only
+    plan = check_upload(ROOT)
+    assert plan.package_size() < 5 * 2**20, plan.largest()
     submit = ray(
-        "job", "submit", "--working-dir", ".", "--runtime-env-json",
-        json.dumps({"excludes": EXCLUDES}), "--",
+        "job", "submit", "--working-dir", ".", "--",
         "python", "jobs/pipeline.py", "--config", "configs/tiny.yaml",
         f"data.output_dir={tmp_path / 'data'}", f"train.run_dir={tmp_path / 'train'}",
         "train.max_steps=30", "train.eval_every=30", "train.checkpoint_every=30",

@@ -95,9 +95,17 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
     text = "\n".join(_text_of(c) for c in code)
     for expected in ("documents read", "train blocks", "val loss", "models: ['aigc-tiny']",
-                     "--- 'def fibonacci(n):'", "--- 'import os\\n'"):  # fmt: skip
+                     "--- 'def fibonacci(n):'", "--- 'import os\\n'",
+                     "batch generation   5 rows, 1 errors", "'x = 1'"):  # fmt: skip
         assert expected in text, f"notebook output lacks {expected!r}"
     assert any(o.get("data", {}).get("image/png") for c in code for o in c.outputs), "no loss plot"
     assert "Ray stopped" in _text_of(code[-1])
     assert (work / "train" / "model" / "config.json").is_file()
     assert (work / "data" / "manifest.json").is_file()
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(work / "generate").to_pylist()
+    assert len(rows) == 5 and sum(r["error"] is not None for r in rows) == 1
+    short = next(r for r in rows if r["prompt"] == "import os\n")
+    # the row's own max_tokens (8) wins over the config's 24
+    assert short["error"] is None and 0 < short["completion_tokens"] <= 8

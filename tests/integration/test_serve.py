@@ -84,6 +84,23 @@ def stats(model: str) -> dict:
     return serve.get_deployment_handle(f"model-{model}", "aigc").stats.remote().result()
 
 
+def quiet_stats(model: str, timeout: float = 30.0) -> dict:
+    """Stats once the model is idle and its counters have stopped moving.
+
+    Requests left by earlier tests (a 408'd request still queued in Serve reaches the replica
+    only after the one ahead of it is cancelled) must land before a test takes its baseline.
+    """
+    deadline = time.monotonic() + timeout
+    last = stats(model)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = stats(model)
+        if now == last and not now["running"] and not now["waiting"]:
+            return now
+        last = now
+    raise AssertionError(f"model {model!r} never went quiet: {last}")
+
+
 def post(base_url, path, body, key=KEY, **kw):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -279,7 +296,7 @@ def test_overload_beyond_the_queue_gets_503(base_url):
 
 
 def test_client_disconnect_cancels_generation(base_url):
-    before = stats("slow")
+    before = quiet_stats("slow")
     body = {"model": "slow", "prompt": "x", "max_tokens": SLOW_LIMIT, "ignore_eos": True,
             "stream": True}  # fmt: skip
     with httpx.stream("POST", f"{base_url}/completions", json=body, timeout=30,

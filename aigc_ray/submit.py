@@ -1,0 +1,146 @@
+"""`aigc-ray submit`: `ray job submit --working-dir DIR` after an upload-size preflight.
+
+`ray job submit --working-dir .` zips the directory and uploads it to the cluster. Ray skips what
+its default excludes (.git, .venv, venv, __pycache__), `.gitignore`, `.rayignore` and the
+runtime_env's `excludes` name, and refuses a package at or over its gRPC limit (512 MiB), but only
+after zipping everything, and a package just under the limit still costs minutes to upload and
+unpack on every node. The preflight walks the directory with Ray's own rules, first, and refuses
+with the largest offenders named and what to do about them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)  # Ray's walk logs every ignore file it honours at INFO
+ZIP_HEADERS = 30 + 46 + 36  # local header + central entry + room for extra fields, per file
+ZIP_END = 22  # end-of-central-directory record
+
+
+class UploadError(ValueError):
+    """The working directory would not upload (too large), with what to exclude."""
+
+
+def ray_upload_limit() -> int:
+    """Ray's maximum working_dir package size (bytes), as the installed Ray computes it."""
+    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
+
+    return GCS_STORAGE_MAX_SIZE
+
+
+@dataclass
+class UploadPlan:
+    root: Path
+    files: list[tuple[str, int]] = field(default_factory=list)  # (relative path, bytes)
+    excludes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(size for _, size in self.files)
+
+    def package_size(self) -> int:
+        """The size of Ray's package: Ray zips without compression (ZIP_STORED), so it is the
+        files' bytes plus a local header and a central-directory entry per file."""
+        headers = sum(ZIP_HEADERS + 2 * len(rel.encode()) for rel, _ in self.files)
+        return self.total + headers + ZIP_END
+
+    def largest(self, n: int = 5) -> list[tuple[str, int]]:
+        """The n largest top-level entries (directories summed), biggest first."""
+        tops: dict[str, int] = {}
+        for rel, size in self.files:
+            top = rel.split("/", 1)[0] + ("/" if "/" in rel else "")
+            tops[top] = tops.get(top, 0) + size
+        return sorted(tops.items(), key=lambda kv: -kv[1])[:n]
+
+
+def plan_upload(working_dir: str | Path, excludes: list[str] | None = None) -> UploadPlan:
+    """The files `ray job submit --working-dir` would pack, found with Ray's own walk and rules."""
+    from ray._private import ray_constants
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    root = Path(working_dir).resolve()
+    if not root.is_dir():
+        raise UploadError(f"--working-dir {working_dir} is not a directory")
+    all_excludes = ray_constants.get_runtime_env_default_excludes() + list(excludes or [])
+    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    plan = UploadPlan(root, excludes=all_excludes)
+
+    def visit(path: Path) -> None:
+        if path.is_file():
+            plan.files.append((path.relative_to(root).as_posix(), path.stat().st_size))
+
+    _dir_travel(root, [_get_excludes(root, all_excludes)], visit, include_gitignore, logger=log)
+    return plan
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def check_upload(working_dir: str | Path, excludes: list[str] | None = None,
+                 limit: int | None = None) -> UploadPlan:  # fmt: skip
+    """Return the upload plan, or raise UploadError if Ray would refuse the package."""
+    limit = ray_upload_limit() if limit is None else limit
+    plan = plan_upload(working_dir, excludes)
+    size = plan.package_size()
+    if size < limit:
+        return plan
+    biggest = ", ".join(f"{name} ({_mib(n)})" for name, n in plan.largest())
+    raise UploadError(
+        f"the working dir {plan.root} would upload {_mib(size)} ({len(plan.files)} files), "
+        f"over Ray's {_mib(limit)} limit for a job's working_dir. Largest: {biggest}. "
+        "Exclude them in .rayignore (gitignore syntax) or with "
+        "--runtime-env-json '{\"excludes\": [...]}', and keep datasets and checkpoints in object "
+        "storage (s3://...) referenced from the config instead of in the working dir."
+    )
+
+
+def split_submit_args(args: list[str]) -> tuple[str, list[str], list[str], list[str]]:
+    """(working_dir, excludes, other `ray job submit` options, entrypoint) from our argv."""
+    if "--" not in args:
+        raise UploadError("usage: aigc-ray submit [ray job submit options] -- python jobs/<x>.py "
+                          "--config <file>")  # fmt: skip
+    cut = args.index("--")
+    opts, entrypoint = args[:cut], args[cut + 1 :]
+    if not entrypoint:
+        raise UploadError("aigc-ray submit: nothing to run after --")
+    working_dir, excludes, rest = ".", [], []
+    i = 0
+    while i < len(opts):
+        opt = opts[i]
+        name, eq, value = opt.partition("=")
+        if name in ("--working-dir", "--runtime-env-json") and not eq:
+            if i + 1 >= len(opts):
+                raise UploadError(f"aigc-ray submit: {name} needs a value")
+            value, i = opts[i + 1], i + 1
+        if name == "--working-dir":
+            working_dir = value
+        elif name == "--runtime-env-json":
+            excludes += json.loads(value).get("excludes") or []
+            rest += ["--runtime-env-json", value]
+        else:
+            rest.append(opt)
+        i += 1
+    return working_dir, excludes, rest, entrypoint
+
+
+def ray_cli() -> str:
+    """The `ray` executable next to this Python (the venv's), else the one on PATH."""
+    beside = Path(sys.executable).parent / "ray"
+    return str(beside) if beside.exists() else "ray"
+
+
+def submit(args: list[str], limit: int | None = None) -> int:
+    """Preflight the upload, then exec the real `ray job submit` (never returns on success)."""
+    working_dir, excludes, rest, entrypoint = split_submit_args(args)
+    plan = check_upload(working_dir, excludes, limit)
+    print(f"aigc-ray submit: uploading {plan.root} ({len(plan.files)} files, "
+          f"{_mib(plan.total)} before zip)", file=sys.stderr, flush=True)  # fmt: skip
+    argv = [ray_cli(), "job", "submit", "--working-dir", working_dir, *rest, "--", *entrypoint]
+    os.execvp(argv[0], argv)
+    return 0  # only reached when exec is patched out in tests
