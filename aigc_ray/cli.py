@@ -182,7 +182,7 @@ def cmd_pipeline(cfg: PipelineConfig) -> tuple[str, str]:
     r = cmd_train(cfg)
     check_learned(r.val_loss_initial, r.val_loss_final)
     print("[3/3] serve (Ray Serve) ...", flush=True)
-    url, samples = cmd_serve(cfg, r.model_dir)
+    url, samples = cmd_serve(cfg, r.serving_dir)
     summary = format_summary(m, r, url, samples, time.time() - t0)
     print(summary, flush=True)
     return url, summary

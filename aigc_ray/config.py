@@ -168,6 +168,11 @@ class TrainConfig(_Section):
         None,
         description="Ray Train storage (local dir or s3://) for checkpoints; empty = run_dir/ray.",
     )
+    export_dir: str | None = Field(
+        None,
+        description="Also copy the final model here (s3:// on clusters); serve/generate default "
+        "to it.",
+    )
     name: str = Field("tiny", description="Run name; re-running with the same name resumes.")
     data_dir: str | None = Field(
         None, description="Shard directory from preprocess; empty = data.output_dir."
@@ -368,7 +373,7 @@ class PipelineConfig(_Section):
 
     def trained_model_dir(self) -> str:
         """Where `train` exports its model: the default for serving and batch generation."""
-        return str(Path(self.train.run_dir) / "model")
+        return self.train.export_dir or str(Path(self.train.run_dir) / "model")
 
     def resolved_model_dir(self) -> str:
         return self.serve.model_dir or self.trained_model_dir()

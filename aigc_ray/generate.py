@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from aigc_ray.config import GenerateConfig
 from aigc_ray.engine import GenerationEngine, InvalidParamError, SamplingParams
+from aigc_ray.model import is_uri
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def preflight(cfg: GenerateConfig, model_dir: str) -> None:
     if not cfg.inputs:
         raise GenerateError("generate.inputs is empty: give jsonl/parquet files of prompts")
     for path in cfg.inputs:
-        if "://" not in path and not Path(path).exists():
+        if not is_uri(path) and not Path(path).exists():
             raise GenerateError(f"generate.inputs: {path} does not exist")
     check_model_dir(model_dir)
 
@@ -132,7 +133,8 @@ def run_generate(cfg: GenerateConfig, model_dir: str) -> dict:
     if cfg.num_gpus:
         resources["num_gpus"] = cfg.num_gpus  # one model copy per GPU share
     out = _read(cfg).map_batches(
-        GenerateUDF, fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()),
+        GenerateUDF, fn_constructor_kwargs={"model_dir": model_dir if is_uri(model_dir)
+                                            else str(Path(model_dir).resolve()),
                                             "cfg": cfg.model_dump()},
         # Two calls in flight per actor (threads): the next batch's rows wait in the engine and
         # join its continuous batch as rows of the current one finish.

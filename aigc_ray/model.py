@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -69,8 +73,44 @@ def load_tokenizer(name_or_dir: str | Path):
     return tok
 
 
+def is_uri(path: str | Path) -> bool:
+    """True for s3:// / gs:// (any scheme://) locations, False for local paths."""
+    return "://" in str(path)
+
+
+def _remote_files(uri: str) -> tuple[object, str, list]:
+    """(filesystem, base path, FileInfo of every file under it) for a remote directory."""
+    from pyarrow import fs
+
+    filesystem, base = fs.FileSystem.from_uri(uri.rstrip("/"))
+    try:
+        infos = filesystem.get_file_info(fs.FileSelector(base, recursive=True))
+    except (FileNotFoundError, OSError) as e:
+        raise ModelDirError(f"model directory not found: {uri} ({e})") from None
+    return filesystem, base, [i for i in infos if i.type == fs.FileType.File]
+
+
+def _check_remote_model_dir(uri: str) -> None:
+    filesystem, base, files = _remote_files(uri)
+    names = {f.path[len(base) :].lstrip("/") for f in files}
+    if not names:
+        raise ModelDirError(f"model directory not found (or empty): {uri}")
+    if "config.json" not in names:
+        raise ModelDirError(f"{uri} is not a Hugging Face model directory (no config.json)")
+    with filesystem.open_input_stream(f"{base}/config.json") as fh:
+        try:
+            json.loads(fh.read())
+        except ValueError as e:
+            raise ModelDirError(f"{uri}/config.json is not valid JSON: {e}") from None
+    if not any(n.endswith((".safetensors", ".bin")) and "/" not in n for n in names):
+        raise ModelDirError(f"{uri} has a config.json but no weights (*.safetensors or *.bin)")
+
+
 def check_model_dir(path: str | Path) -> None:
-    """Raise ModelDirError unless `path` holds a loadable Hugging Face causal-LM config."""
+    """Raise ModelDirError unless `path` (local, or s3:// / gs://) holds a Hugging Face
+    causal-LM directory: a valid config.json and weights."""
+    if is_uri(path):
+        return _check_remote_model_dir(str(path))
     p = Path(path)
     if not p.is_dir():
         raise ModelDirError(f"model directory not found: {path}")
@@ -83,6 +123,59 @@ def check_model_dir(path: str | Path) -> None:
     weights = list(p.glob("*.safetensors")) + list(p.glob("*.bin"))
     if not weights:
         raise ModelDirError(f"{path} has a config.json but no weights (*.safetensors or *.bin)")
+
+
+def cache_root() -> Path:
+    """Where remote model directories are copied on each node ($AIGC_RAY_CACHE)."""
+    return Path(os.environ.get("AIGC_RAY_CACHE", "~/.cache/aigc_ray")).expanduser() / "models"
+
+
+def local_model_dir(path: str | Path) -> str:
+    """A local directory holding the model at `path`.
+
+    Local paths are returned resolved. An s3:// / gs:// directory is copied once per node into
+    cache_root(), under a key made of the URI and the listing (names, sizes, mtimes), so a model
+    re-exported to the same URI is fetched again. The copy lands in a temporary directory and is
+    renamed into place, so replicas starting together on one node never load a half copy.
+    """
+    if not is_uri(path):
+        return str(Path(path).resolve())
+    from pyarrow import fs
+
+    uri = str(path).rstrip("/")
+    filesystem, base, files = _remote_files(uri)
+    listing = sorted((f.path, f.size, str(f.mtime)) for f in files)
+    key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:20]
+    dest = cache_root() / key
+    if (dest / "config.json").is_file():
+        return str(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{key}.{os.getpid()}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    fs.copy_files(base, str(tmp), source_filesystem=filesystem,
+                  destination_filesystem=fs.LocalFileSystem())  # fmt: skip
+    try:
+        tmp.rename(dest)
+    except OSError:  # another process on this node finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("fetched %s -> %s", uri, dest)
+    return str(dest)
+
+
+def copy_model_dir(local: str | Path, dest: str) -> str:
+    """Copy a local model directory to `dest` (a local path or s3:// / gs://); return `dest`."""
+    from pyarrow import fs
+
+    if is_uri(dest):
+        filesystem, path = fs.FileSystem.from_uri(dest.rstrip("/"))
+    else:
+        filesystem, path = fs.LocalFileSystem(), str(Path(dest).resolve())
+        shutil.rmtree(path, ignore_errors=True)
+    filesystem.create_dir(path, recursive=True)
+    fs.copy_files(str(Path(local).resolve()), path, source_filesystem=fs.LocalFileSystem(),
+                  destination_filesystem=filesystem)  # fmt: skip
+    return dest
 
 
 def llama_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int) -> LlamaConfig:

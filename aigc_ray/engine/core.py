@@ -240,9 +240,14 @@ class GenerationEngine:
     def from_pretrained(
         cls, model_dir: str, device: str = "auto", dtype: str = "auto", max_batch_size: int = 32
     ) -> GenerationEngine:
-        """Load a HF model dir (model + tokenizer) onto ``device`` in ``dtype``, in eval mode."""
+        """Load a HF model dir (model + tokenizer) onto ``device`` in ``dtype``, in eval mode.
+
+        ``model_dir`` may be s3:// or gs://: it is copied to this node's cache first."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from aigc_ray.model import local_model_dir
+
+        model_dir = local_model_dir(model_dir)
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

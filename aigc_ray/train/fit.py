@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from aigc_ray.config import ModelConfig, TrainConfig, write_resolved
+from aigc_ray.model import copy_model_dir
 from aigc_ray.train.checkpoint import latest_complete_checkpoint
 from aigc_ray.train.loop import train_loop_per_worker
 from aigc_ray.train.steps import LORA_FILE, METRICS_FILE, STATE_FILE, TrainError
@@ -35,6 +36,12 @@ class TrainResult:
     seconds: float
     params: int
     tokens_per_s: float = 0.0  # mean over logged windows after the first (steady state)
+    exported_to: str | None = None  # train.export_dir, when set (e.g. s3:// for a cluster)
+
+    @property
+    def serving_dir(self) -> str:
+        """The copy every node can reach when there is one, else the local model dir."""
+        return self.exported_to or self.model_dir
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +61,7 @@ class TrainResult:
             f"  val loss   {val}",
             f"  model      {self.model_dir} (save_pretrained: config, safetensors, tokenizer)",
             f"  metrics    {self.run_dir}/metrics.jsonl, {self.run_dir}/loss.png",
+            *([f"  exported   {self.exported_to}"] if self.exported_to else []),
         ])  # fmt: skip
 
 
@@ -218,10 +226,11 @@ def _export(checkpoint, run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig,
 
     n_params = count_params_from_config(AutoConfig.from_pretrained(str(model_dir)))
     rates = [r["tokens_per_s"] for r in history if "tokens_per_s" in r][1:]
+    exported = copy_model_dir(model_dir, cfg.export_dir) if cfg.export_dir else None
     return TrainResult(str(model_dir), str(run_dir), history[-1]["step"], history[-1].get("tokens", 0),
                        losses[0], losses[-1], vals[0] if vals else None,
                        vals[-1] if len(vals) > 1 else None, round(secs, 1), n_params,
-                       round(float(np.mean(rates)), 1) if rates else 0.0)  # fmt: skip
+                       round(float(np.mean(rates)), 1) if rates else 0.0, exported)  # fmt: skip
 
 
 def count_params_from_config(conf) -> int:

@@ -47,6 +47,28 @@ def test_batch_generation_writes_every_row(ray_session, tmp_path, tiny_gen_model
     assert sum(1 for r in table.to_pylist() if r["error"]) == 2
 
 
+def test_batch_generation_from_a_model_in_object_storage(ray_session, s3_server, tmp_path,
+                                                         tiny_gen_model_dir):  # fmt: skip
+    """model_dir s3://...: each actor copies the model to its node's cache, then generates."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from aigc_ray.config import GenerateConfig
+    from aigc_ray.generate import run_generate
+    from aigc_ray.model import copy_model_dir
+
+    uri = copy_model_dir(tiny_gen_model_dir, "s3://aigc-test/models/gen")
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"x{i} ="}) + "\n" for i in range(4)))
+    cfg = GenerateConfig(inputs=[str(src)], output_dir=str(tmp_path / "out"), max_tokens=3,
+                         num_cpus=0.5)  # fmt: skip
+    summary = run_generate(cfg, uri)
+    rows = pq.read_table(tmp_path / "out").to_pylist()
+    assert summary["errors"] == 0 and len(rows) == 4
+    assert all(r["error"] is None and r["completion_tokens"] >= 1 for r in rows)
+
+
 def test_doctor_on_a_connected_cluster(ray_session):
     from aigc_ray.doctor import report
 

@@ -2,17 +2,11 @@
 a real S3-compatible server (moto) for s3:// inputs and outputs."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from s3env import MOTO_PORT, S3_ENV
 
 from aigc_ray.config import load_config
 from aigc_ray.data import DataError, run_preprocess
@@ -80,31 +74,6 @@ def test_sft_shards_carry_masked_labels(ray_session, tmp_path):
     ids, labels = t["input_ids"][0].as_py(), t["labels"][0].as_py()
     assert len(ids) == len(labels) == 32
     assert -100 in labels and any(x != -100 for x in labels)
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    exe = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(MOTO_PORT)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", MOTO_PORT), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    old = {k: os.environ.get(k) for k in S3_ENV}
-    os.environ.update(S3_ENV)
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket="aigc-test")
-    yield boto3.client("s3")
-    proc.kill()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def test_s3_input_and_output(ray_session, s3_server, tmp_path):

@@ -128,16 +128,25 @@ def test_half_written_checkpoint_is_never_resumed(data_cfg):
     assert len(_ledger(first.run_dir)) == 15 * 8
 
 
-def test_lora_run_exports_a_merged_plain_model(data_cfg):
-    """LoRA through the real TorchTrainer: adapters train, the export is a plain merged model."""
+def test_lora_run_exports_a_merged_plain_model(data_cfg, s3_server):
+    """LoRA through the real TorchTrainer: adapters train, the export is a plain merged model,
+    also copied to train.export_dir in object storage (moto S3) for other nodes to serve."""
     from transformers import AutoModelForCausalLM
 
+    from aigc_ray.model import check_model_dir
     from aigc_ray.train import fit
 
     cfg, root = data_cfg
     model_cfg = cfg.model.model_copy(update={"lora_r": 4})
-    r = fit(_train_cfg(cfg, root, "lora", max_steps=8, eval_every=8, ledger=False, lr=0.01),
-            model_cfg, cfg.data.output_dir)  # fmt: skip
+    export = "s3://aigc-test/runs/lora/model"
+    r = fit(_train_cfg(cfg, root, "lora", max_steps=8, eval_every=8, ledger=False, lr=0.01,
+                       export_dir=export), model_cfg, cfg.data.output_dir)  # fmt: skip
+    assert r.exported_to == r.serving_dir == export and f"exported   {export}" in r.summary()
+    keys = {o["Key"] for o in s3_server.list_objects_v2(Bucket="aigc-test",
+                                                         Prefix="runs/lora/model/")["Contents"]}  # fmt: skip
+    local = {f"runs/lora/model/{p.name}" for p in Path(r.model_dir).iterdir()}
+    assert keys - {"runs/lora/model/"} == local  # (pyarrow may leave a directory marker)
+    check_model_dir(export)
     files = {p.name for p in Path(r.model_dir).iterdir()}
     assert "config.json" in files and not any("adapter" in f for f in files)
     model = AutoModelForCausalLM.from_pretrained(r.model_dir)

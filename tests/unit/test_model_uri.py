@@ -1,0 +1,73 @@
+"""Model directories in object storage: check, export (train.export_dir) and a per-node cached
+copy for serving and batch generation. file:// URIs take the same pyarrow code path as s3://
+(which the integration tier runs against a real S3-compatible server)."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from aigc_ray.config import PipelineConfig
+from aigc_ray.engine import GenerationEngine, SamplingParams
+from aigc_ray.model import ModelDirError, check_model_dir, copy_model_dir, local_model_dir
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("AIGC_RAY_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "models"
+
+
+def test_export_check_fetch_and_generate(tiny_model_dir, tmp_path, cache):
+    uri = copy_model_dir(tiny_model_dir, f"file://{tmp_path}/bucket/run/model")
+    assert sorted(os.listdir(tmp_path / "bucket/run/model")) == sorted(os.listdir(tiny_model_dir))
+    check_model_dir(uri)
+    local = local_model_dir(uri)
+    assert Path(local).parent == cache and (Path(local) / "config.json").is_file()
+    assert local_model_dir(uri + "/") == local  # cached: same copy, no refetch
+    engine = GenerationEngine.from_pretrained(uri, device="cpu")
+    try:
+        out = engine.generate(["def f(x):"], [SamplingParams(max_tokens=4, ignore_eos=True)])[0]
+        assert out.completion_tokens == 4
+    finally:
+        engine.close()
+    assert len(list(cache.iterdir())) == 1 and not list(cache.glob(".*partial"))
+
+
+def test_a_re_export_to_the_same_uri_is_fetched_again(tiny_model_dir, tmp_path, cache):
+    remote = tmp_path / "bucket" / "model"
+    uri = copy_model_dir(tiny_model_dir, f"file://{remote}")
+    first = local_model_dir(uri)
+    (remote / "generation_config.json").write_text('{"max_new_tokens": 7}')
+    second = local_model_dir(uri)
+    assert second != first and (Path(second) / "generation_config.json").is_file()
+
+
+def test_local_export_replaces_what_was_there(tiny_model_dir, tmp_path):
+    dest = tmp_path / "exported"
+    dest.mkdir()
+    (dest / "stale.bin").write_text("old")
+    copy_model_dir(tiny_model_dir, str(dest))
+    assert not (dest / "stale.bin").exists()
+    check_model_dir(dest)
+
+
+def test_bad_remote_model_dirs_are_clear_errors(tiny_model_dir, tmp_path):
+    with pytest.raises(ModelDirError, match="not found"):
+        check_model_dir(f"file://{tmp_path}/nothing-here")
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(tiny_model_dir, no_weights)
+    for w in no_weights.glob("*.safetensors"):
+        w.unlink()
+    with pytest.raises(ModelDirError, match="no weights"):
+        check_model_dir(f"file://{no_weights}")
+    (no_weights / "config.json").unlink()
+    with pytest.raises(ModelDirError, match="no config.json"):
+        check_model_dir(f"file://{no_weights}")
+
+
+def test_export_dir_is_the_default_for_serve_and_generate():
+    cfg = PipelineConfig(train={"export_dir": "s3://bucket/aigc/model"})
+    assert cfg.resolved_model_dir() == cfg.resolved_generate_model_dir() == "s3://bucket/aigc/model"
+    assert PipelineConfig().resolved_model_dir().endswith("train/model")
