@@ -132,7 +132,10 @@ def run_generate(cfg: GenerateConfig, model_dir: str) -> dict:
     resources = {"num_cpus": cfg.num_cpus}
     if cfg.num_gpus:
         resources["num_gpus"] = cfg.num_gpus  # one model copy per GPU share
-    out = _read(cfg).map_batches(
+    # Exact-size blocks: reads cut files into uneven blocks, and each block's remainder would
+    # become an underfull batch (measured: 11-row batches between the 32-row ones).
+    ds = _read(cfg).repartition(target_num_rows_per_block=cfg.batch_size, strict=True)
+    out = ds.map_batches(
         GenerateUDF, fn_constructor_kwargs={"model_dir": model_dir if is_uri(model_dir)
                                             else str(Path(model_dir).resolve()),
                                             "cfg": cfg.model_dump()},
