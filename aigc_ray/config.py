@@ -288,7 +288,8 @@ class ServedModel(ReplicaSettings):
 
 class ServeConfig(ReplicaSettings):
     model_dir: str | None = Field(
-        None, description="Model directory to serve; empty = train.run_dir/model."
+        None, description="Model directory to serve (local or s3://); empty = train.export_dir, else "
+        "train.run_dir/model."
     )
     model_name: str = Field("aigc-tiny", description="Name clients pass as `model`.")
     models: list[ServedModel] = Field(
@@ -332,7 +333,11 @@ class GenerateConfig(_Section):
         default_factory=list, description="Prompt files (jsonl or parquet), local or s3://."
     )
     output_dir: str = Field("runs/tiny/generate", description="Parquet output directory.")
-    model_dir: str | None = Field(None, description="Model directory; empty = train.run_dir/model.")
+    model_dir: str | None = Field(
+        None,
+        description="Model directory (local or s3://); empty = train.export_dir, else "
+        "train.run_dir/model.",
+    )
     prompt_column: str = Field("prompt", description="Column holding the prompt text.")
     max_tokens: int = Field(64, ge=1, description="Default max_tokens (a row's column overrides).")
     temperature: float = Field(0.0, ge=0, le=2, description="Default temperature; 0 = greedy.")

@@ -89,8 +89,14 @@ def report(connect: bool | None = None) -> tuple[str, list[str]]:
     lines.append(f"{'gpus':<13}{', '.join(found) if found else 'none visible'}")
     lines.append(f"{'token auth':<13}{token_auth()}")
     nodes: list[dict] = []
-    connect = bool(os.environ.get("RAY_ADDRESS")) if connect is None else connect
-    if connect:
+    address = os.environ.get("RAY_ADDRESS", "")
+    connect = bool(address) if connect is None else connect
+    if connect and address.startswith(("http://", "https://")):
+        # the dashboard / Jobs API (e.g. through `ray dashboard cluster.yaml`): ray.init cannot
+        # connect there, but a job runs the doctor inside the cluster
+        lines.append(f"{'cluster':<13}not checked: RAY_ADDRESS={address} is the Jobs API; run "
+                     "`ray job submit -- python -m aigc_ray.cli doctor` to check the cluster")  # fmt: skip
+    elif connect:
         import ray
 
         if not ray.is_initialized():

@@ -131,7 +131,7 @@ def cache_root() -> Path:
 
 
 def local_model_dir(path: str | Path) -> str:
-    """A local directory holding the model at `path`.
+    """A local directory holding the model (or tokenizer) directory at `path`.
 
     Local paths are returned resolved. An s3:// / gs:// directory is copied once per node into
     cache_root(), under a key made of the URI and the listing (names, sizes, mtimes), so a model
@@ -147,7 +147,7 @@ def local_model_dir(path: str | Path) -> str:
     listing = sorted((f.path, f.size, str(f.mtime)) for f in files)
     key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:20]
     dest = cache_root() / key
-    if (dest / "config.json").is_file():
+    if dest.is_dir():  # only ever complete: it appears by rename
         return str(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{key}.{os.getpid()}.partial"

@@ -233,7 +233,17 @@ class GenerationEngine:
         self._tok_lock = threading.Lock()
         self.counters = {"finished": 0, "cancelled": 0, "failed": 0, "prompt_tokens": 0,
                          "generated_tokens": 0, "steps": 0, "busy_s": 0.0}  # fmt: skip
-        self._probe_cache()
+        # The scheduler thread starts now and probes the cache itself, so it is the first thread
+        # of the process to run torch's OpenMP regions. Measured on 2 cores: once another thread
+        # (the caller's) has run one, every later thread's regions are ~35% slower (libgomp
+        # keeps the first team and throttles spinning), and the decode loop lives in this one.
+        self._ready = threading.Event()
+        self._probe_error: BaseException | None = None
+        with self._cv:
+            self._ensure_thread()
+        self._ready.wait()
+        if self._probe_error is not None:
+            raise self._probe_error
         _ENGINES.add(self)
 
     @classmethod
@@ -361,6 +371,14 @@ class GenerationEngine:
 
     def _run(self) -> None:
         with torch.inference_mode():
+            if not self._ready.is_set():
+                try:
+                    self._probe_cache()
+                except BaseException as e:  # noqa: BLE001 - re-raised by __init__
+                    self._probe_error = e
+                    return
+                finally:
+                    self._ready.set()
             while True:
                 joiners = self._next_joiners()
                 if joiners is None:

@@ -22,7 +22,6 @@ from aigc_ray.train.feed import _Feed, check_same_order, rank_micro_batches
 from aigc_ray.train.fit import (
     TrainResult,
     _export,
-    _local_dir,
     _plot_loss,
     count_params_from_config,
     fit,
@@ -60,7 +59,6 @@ __all__ = [
     "_export",
     "_gather_for_save",
     "_load_optimizer",
-    "_local_dir",
     "_plot_loss",
     "_save_checkpoint",
     "accumulate_step",

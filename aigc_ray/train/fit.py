@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 
 from aigc_ray.config import ModelConfig, TrainConfig, write_resolved
-from aigc_ray.model import copy_model_dir
+from aigc_ray.model import copy_model_dir, is_uri
 from aigc_ray.train.checkpoint import latest_complete_checkpoint
 from aigc_ray.train.loop import train_loop_per_worker
 from aigc_ray.train.steps import LORA_FILE, METRICS_FILE, STATE_FILE, TrainError
@@ -89,21 +88,6 @@ def preflight(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> dict:
     return manifest
 
 
-def _local_dir(uri: str) -> str:
-    """A local copy of a small directory (the tokenizer) that may live in object storage."""
-    if "://" not in uri:
-        return str(Path(uri).resolve())
-
-    from pyarrow import fs as pafs
-
-    from aigc_ray.data.readers import filesystem_for
-
-    filesystem, path = filesystem_for(uri)
-    local = tempfile.mkdtemp(prefix="aigc_tok_")
-    pafs.copy_files(path, local, source_filesystem=filesystem)
-    return local
-
-
 def _plot_loss(history: list[dict], out: Path) -> None:
     import matplotlib
 
@@ -150,6 +134,7 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     manifest = preflight(cfg, model_cfg, data_dir)
+    tok_dir = manifest["tokenizer_dir"]
     t0 = time.time()
     run_dir = Path(cfg.run_dir).resolve()
     storage = cfg.storage_path or str(run_dir / "ray")
@@ -170,7 +155,8 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
             "train": cfg.model_dump(),
             "model": model_cfg.model_dump(),
             "data_dir": data_dir,
-            "tokenizer_dir": _local_dir(manifest["tokenizer_dir"]),
+            # a URI stays a URI: each worker copies it on its own node (see train_loop)
+            "tokenizer_dir": tok_dir if is_uri(tok_dir) else str(Path(tok_dir).resolve()),
             "train_rows": manifest["splits"]["train"]["blocks"],
         },
         scaling_config=ScalingConfig(

@@ -119,13 +119,13 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from aigc_ray.model import load_tokenizer
+    from aigc_ray.model import load_tokenizer, local_model_dir
 
     cfg = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed + rank)
-    tok = load_tokenizer(config["tokenizer_dir"])
+    tok = load_tokenizer(local_model_dir(config["tokenizer_dir"]))  # s3:// -> this node's cache
     model, saved = _restore(config, tok)
     device = ray.train.torch.get_device()
     model = _prepare(model, cfg)

@@ -30,6 +30,7 @@ OPEN_CIDRS = {"0.0.0.0/0", "::/0"}
 _RAY_START = re.compile(r"\bray start\b")
 _AUTH_EXPORT = re.compile(r"(?:^|[;&|\s])(?:export\s+)?RAY_AUTH_MODE=token\b")
 _AUTH_ANY = re.compile(r"RAY_AUTH_MODE=(\S+?)(?=[\s;'\"]|$)")
+_VENV_PATH = re.compile(r"\bPATH=\$HOME/venv/bin:\$PATH\b")
 _DASHBOARD_HOST = re.compile(r"--dashboard-host[= ](\S+)")
 _PIP_INSTALL = re.compile(r"\bpip install\b")
 _PROJECT_INSTALL = re.compile(r"\bpip install\b.*-c constraints\.txt\b.*-e \.(?:\s|$)")
@@ -113,6 +114,9 @@ def _check_start_commands(prepared: dict[str, Any]) -> list[str]:
             before_start = cmd[: _RAY_START.search(cmd).start()]
             if not _AUTH_EXPORT.search(before_start):
                 errors.append(f"{key}: `ray start` without RAY_AUTH_MODE=token before it: {cmd!r}")
+            if not _VENV_PATH.search(before_start):
+                errors.append(f"{key}: `ray start` without the venv first on PATH (jobs' `python` "
+                              f"would be the system's): {cmd!r}")  # fmt: skip
     head_starts = [c for c in prepared.get("head_start_ray_commands", []) if "--head" in c]
     for cmd in head_starts:
         hosts = _DASHBOARD_HOST.findall(cmd)
@@ -360,14 +364,20 @@ def _open_ssh_to_world(cfg: dict[str, Any]) -> None:
 
 def _drop_auth_mode_on_workers(cfg: dict[str, Any]) -> None:
     cfg["worker_start_ray_commands"] = [
-        c.replace("export RAY_AUTH_MODE=token;", "") for c in cfg["worker_start_ray_commands"]
+        c.replace("export RAY_AUTH_MODE=token ", "export ") for c in cfg["worker_start_ray_commands"]
     ]
 
 
 def _auth_mode_after_ray_start(cfg: dict[str, Any]) -> None:
     cfg["head_start_ray_commands"] = [
-        c.replace("export RAY_AUTH_MODE=token;", "") + "; export RAY_AUTH_MODE=token"
+        c.replace("export RAY_AUTH_MODE=token ", "export ") + "; export RAY_AUTH_MODE=token"
         for c in cfg["head_start_ray_commands"]
+    ]
+
+
+def _system_python_for_jobs(cfg: dict[str, Any]) -> None:
+    cfg["head_start_ray_commands"] = [
+        c.replace(" PATH=$HOME/venv/bin:$PATH", "") for c in cfg["head_start_ray_commands"]
     ]
 
 
@@ -442,6 +452,7 @@ def _no_idle_timeout(cfg: dict[str, Any]) -> None:
         ),
         (_auth_mode_after_ray_start, "head_start_ray_commands: `ray start` without RAY_AUTH_MODE"),
         (_disable_auth_in_setup, "RAY_AUTH_MODE=disabled"),
+        (_system_python_for_jobs, "head_start_ray_commands: `ray start` without the venv first"),
         (_public_dashboard, "dashboard host must be 127.0.0.1"),
         (_head_runs_work, "resources.CPU must be 0"),
         (_token_from_repo, "token comes from inside the repo"),

@@ -27,3 +27,12 @@ def test_doctor_warns_on_pin_and_node_mismatches(tmp_path):
     assert any("node 10.0.0.5: transformers 5.0.0" in w for w in warnings)
     assert len(warnings) == 2
     assert doctor.token_auth().startswith(("on", "off"))
+
+
+def test_doctor_with_a_jobs_api_address_says_how_to_check_the_cluster(capsys, monkeypatch):
+    """RAY_ADDRESS=http://127.0.0.1:8265 (the dashboard tunnel) is not a GCS address: no crash."""
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    rc = main(["doctor"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "is the Jobs API" in out and "ray job submit -- python -m aigc_ray.cli doctor" in out
