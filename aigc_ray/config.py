@@ -288,8 +288,9 @@ class ServedModel(ReplicaSettings):
 
 class ServeConfig(ReplicaSettings):
     model_dir: str | None = Field(
-        None, description="Model directory to serve (local or s3://); empty = train.export_dir, else "
-        "train.run_dir/model."
+        None,
+        description="Model directory to serve (local or s3://); empty = train.export_dir, else "
+        "train.run_dir/model.",
     )
     model_name: str = Field("aigc-tiny", description="Name clients pass as `model`.")
     models: list[ServedModel] = Field(

@@ -364,7 +364,8 @@ def _open_ssh_to_world(cfg: dict[str, Any]) -> None:
 
 def _drop_auth_mode_on_workers(cfg: dict[str, Any]) -> None:
     cfg["worker_start_ray_commands"] = [
-        c.replace("export RAY_AUTH_MODE=token ", "export ") for c in cfg["worker_start_ray_commands"]
+        c.replace("export RAY_AUTH_MODE=token ", "export ")
+        for c in cfg["worker_start_ray_commands"]
     ]
 
 
