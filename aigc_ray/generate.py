@@ -63,7 +63,8 @@ class GenerateUDF:
             torch.set_num_threads(max(1, math.floor(self.cfg.num_cpus)))
         device = "cuda" if self.cfg.num_gpus > 0 else "cpu"
         self.engine = GenerationEngine.from_pretrained(model_dir, device=device,
-                                                       max_batch_size=self.cfg.max_batch_size)  # fmt: skip
+                                                       max_batch_size=self.cfg.max_batch_size,
+                                                       own_cores=True)  # fmt: skip
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()

@@ -209,7 +209,7 @@ class GenerationEngine:
     reports running/waiting counts and token totals for metrics.
     """
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 32):
+    def __init__(self, model, tokenizer, max_batch_size: int = 32, own_cores: bool = False):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model
@@ -233,22 +233,34 @@ class GenerationEngine:
         self._tok_lock = threading.Lock()
         self.counters = {"finished": 0, "cancelled": 0, "failed": 0, "prompt_tokens": 0,
                          "generated_tokens": 0, "steps": 0, "busy_s": 0.0}  # fmt: skip
-        # The scheduler thread starts now and probes the cache itself, so it is the first thread
-        # of the process to run torch's OpenMP regions. Measured on 2 cores: once another thread
-        # (the caller's) has run one, every later thread's regions are ~35% slower (libgomp
-        # keeps the first team and throttles spinning), and the decode loop lives in this one.
+        # Who runs torch first decides how the decode thread's OpenMP workers wait (measured on
+        # 2 cores, torch 2.13 CPU, libgomp). own_cores=True (batch generation: nothing else
+        # needs these cores): the scheduler thread starts now and probes the cache itself, so it
+        # is the process's first OpenMP user; its workers spin between ops and steps are fast
+        # (~790 vs ~600 tok/s offline). own_cores=False (serving): the probe runs on the
+        # caller's thread first, which makes libgomp throttle the decode thread's spinning and
+        # leaves CPU to the HTTP proxy and router between steps (470 vs 378 tok/s at c=32).
         self._ready = threading.Event()
         self._probe_error: BaseException | None = None
-        with self._cv:
-            self._ensure_thread()
-        self._ready.wait()
-        if self._probe_error is not None:
-            raise self._probe_error
+        if own_cores:
+            with self._cv:
+                self._ensure_thread()
+            self._ready.wait()
+            if self._probe_error is not None:
+                raise self._probe_error
+        else:
+            self._probe_cache()
+            self._ready.set()
         _ENGINES.add(self)
 
     @classmethod
     def from_pretrained(
-        cls, model_dir: str, device: str = "auto", dtype: str = "auto", max_batch_size: int = 32
+        cls,
+        model_dir: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_batch_size: int = 32,
+        own_cores: bool = False,
     ) -> GenerationEngine:
         """Load a HF model dir (model + tokenizer) onto ``device`` in ``dtype``, in eval mode.
 
@@ -264,7 +276,7 @@ class GenerationEngine:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
         model.to(torch_device).eval()
         logger.info("loaded %s on %s as %s", model_dir, torch_device, torch_dtype)
-        return cls(model, tokenizer, max_batch_size=max_batch_size)
+        return cls(model, tokenizer, max_batch_size=max_batch_size, own_cores=own_cores)
 
     # ------------------------------------------------------------ requests
 

@@ -23,10 +23,12 @@ def wait_for(predicate, timeout=10.0):
         time.sleep(0.005)
 
 
-def test_requests_joining_mid_flight_match_hf_generate(model, tokenizer):  # noqa: F811
+@pytest.mark.parametrize("own_cores", [False, True])
+def test_requests_joining_mid_flight_match_hf_generate(model, tokenizer, own_cores):  # noqa: F811
     """A long request is decoding when others join (and leave) at token granularity: every
-    greedy output still equals transformers' generate on that prompt alone."""
-    eng = GenerationEngine(model, tokenizer, max_batch_size=3)
+    greedy output still equals transformers' generate on that prompt alone (with the probe on
+    the caller's thread, as in serving, or in the engine thread, as in batch generation)."""
+    eng = GenerationEngine(model, tokenizer, max_batch_size=3, own_cores=own_cores)
     long = eng.submit(PROMPTS[3], SamplingParams(max_tokens=40, temperature=0))
     wait_for(lambda: len(long.row.token_ids) >= 5)
     lengths = (7, 12, 3, 9)  # short ones finish and free slots while `long` keeps going
@@ -171,6 +173,19 @@ def test_running_batch_merge_keep_and_trim():
     assert a.mask.tolist() == [[1, 1, 1], [0, 1, 1]]
     a.advance(torch.tensor([7, 8]))
     assert a.width == 4 and a.next_positions.tolist() == [4, 3]
+
+
+@pytest.mark.parametrize("own_cores", [False, True])
+def test_probe_error_reaches_the_constructor(model, tokenizer, own_cores, monkeypatch):  # noqa: F811
+    """The probe's error reaches the constructor even when it ran in the engine thread."""
+    import aigc_ray.engine.core as core
+
+    def refuse(cache):
+        raise NotImplementedError("only full-attention caches can be batched")
+
+    monkeypatch.setattr(core, "check_cache_supported", refuse)
+    with pytest.raises(NotImplementedError, match="full-attention"):
+        GenerationEngine(model, tokenizer, own_cores=own_cores)
 
 
 def test_unsupported_cache_is_refused_clearly():
