@@ -1,15 +1,18 @@
 """The day-one cluster workflow on a real multi-node Ray on this machine: a head and a worker
-started with `ray start` (each with its own --temp-dir, the worker declaring a custom resource),
-the pipeline submitted with the real `ray job submit --working-dir .` CLI, the endpoint it leaves
-running called over HTTP, then both nodes stopped."""
+started with `ray start` under token authentication, as cluster.yaml starts them (each with its
+own --temp-dir, the worker declaring a custom resource), the pipeline submitted with the real
+`ray job submit --working-dir .` CLI, the endpoint it leaves running called over HTTP, a client
+without the token refused, then both nodes stopped."""
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -21,8 +24,11 @@ BIN = Path(sys.executable).parent
 GCS_PORT, DASHBOARD_PORT, SERVE_PORT = 6391, 8266, 8013
 
 
+TOKEN_ENV: dict[str, str] = {}  # RAY_AUTH_MODE=token + RAY_AUTH_TOKEN_PATH, set by the fixture
+
+
 def ray(*args, timeout=180, **kw):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = {**os.environ, **TOKEN_ENV, "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run([str(BIN / "ray"), *args], cwd=ROOT, env={**env, **kw.pop("env", {})},
                           capture_output=True, text=True, timeout=timeout, **kw)  # fmt: skip
@@ -32,6 +38,10 @@ def ray(*args, timeout=180, **kw):
 def two_node_cluster():
     # short temp dirs: Ray's unix sockets live under them (107-byte path limit)
     tmp = Path(tempfile.mkdtemp(prefix="aigc_", dir="/tmp"))
+    token = tmp / "auth_token"  # as cluster.yaml mounts it: a file, never on a command line
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    TOKEN_ENV.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     head = ray("start", "--head", f"--port={GCS_PORT}", "--num-cpus=1",
                f"--temp-dir={tmp / 'h'}", "--include-dashboard=true",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}",
@@ -45,6 +55,7 @@ def two_node_cluster():
         yield f"http://127.0.0.1:{DASHBOARD_PORT}"
     finally:
         ray("stop", "--force")
+        TOKEN_ENV.clear()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -82,3 +93,8 @@ def test_pipeline_job_on_a_two_node_cluster(two_node_cluster, tmp_path):
             time.sleep(1)
     status = ray("status", env={"RAY_ADDRESS": f"127.0.0.1:{GCS_PORT}"})
     assert "data_worker" in status.stdout  # the worker node and its custom resource joined
+    # the Jobs API refuses a client without the token
+    anon = urllib.request.Request(f"{two_node_cluster}/api/jobs/")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(anon, timeout=30)
+    assert refused.value.code in (401, 403)
