@@ -21,7 +21,12 @@ import pytest
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-GCS_PORT, DASHBOARD_PORT, SERVE_PORT = 6391, 8266, 8013
+GCS_PORT, DASHBOARD_PORT, SERVE_PORT, S3_PORT = 6391, 8266, 8013, 5125
+BUCKET = "aigc-e2e"
+# An S3-compatible server (moto) on loopback stands in for the bucket of the README's workflow:
+# the job gets its endpoint and credentials through the runtime env, as it would get AWS's.
+S3_ENV = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "testing",
+          "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
 
 
 TOKEN_ENV: dict[str, str] = {}  # RAY_AUTH_MODE=token + RAY_AUTH_TOKEN_PATH, set by the fixture
@@ -59,17 +64,44 @@ def two_node_cluster():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_pipeline_job_on_a_two_node_cluster(two_node_cluster, tmp_path):
+@pytest.fixture
+def s3_bucket():
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(S3_PORT)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=S3_ENV["AWS_ENDPOINT_URL"],
+                              aws_access_key_id="testing", aws_secret_access_key="testing",
+                              region_name="us-east-1")  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.create_bucket(Bucket=BUCKET)
+                break
+            except Exception:  # noqa: BLE001 - the server is still starting
+                assert time.monotonic() < deadline, "moto_server did not start"
+                time.sleep(0.2)
+        yield client
+    finally:
+        proc.kill()
+
+
+def test_pipeline_job_on_a_two_node_cluster(two_node_cluster, s3_bucket, tmp_path):
+    """The README's cluster recipe: stage outputs in object storage, so nodes share them."""
     from aigc_ray.submit import check_upload
 
     # what `--working-dir .` packs: Ray's defaults (.git, .venv, __pycache__) + .gitignore +
     # .rayignore (runs/, data/): code and configs only
     plan = check_upload(ROOT)
     assert plan.package_size() < 5 * 2**20, plan.largest()
+    env_vars = {**S3_ENV, "AIGC_RAY_CACHE": str(tmp_path / "cache")}
     submit = ray(
-        "job", "submit", "--working-dir", ".", "--",
+        "job", "submit", "--working-dir", ".",
+        "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--",
         "python", "jobs/pipeline.py", "--config", "configs/tiny.yaml",
-        f"data.output_dir={tmp_path / 'data'}", f"train.run_dir={tmp_path / 'train'}",
+        f"data.output_dir=s3://{BUCKET}/aigc/data", f"train.storage_path=s3://{BUCKET}/aigc/ray",
+        f"train.export_dir=s3://{BUCKET}/aigc/model", f"train.run_dir={tmp_path / 'train'}",
         "train.max_steps=30", "train.eval_every=30", "train.checkpoint_every=30",
         f"serve.port={SERVE_PORT}", "serve.sample_max_tokens=8",
         env={"RAY_ADDRESS": two_node_cluster}, timeout=600,
@@ -91,6 +123,14 @@ def test_pipeline_job_on_a_two_node_cluster(two_node_cluster, tmp_path):
         except OSError:
             assert time.monotonic() < deadline
             time.sleep(1)
+    # shards, checkpoints and the exported model went to the bucket; the replica loaded that copy
+    keys = {o["Key"] for page in s3_bucket.get_paginator("list_objects_v2").paginate(
+        Bucket=BUCKET) for o in page.get("Contents", [])}  # fmt: skip
+    assert "aigc/data/manifest.json" in keys and "aigc/model/config.json" in keys
+    assert any(k.startswith("aigc/data/train/") and k.endswith(".parquet") for k in keys)
+    assert any(k.startswith("aigc/ray/") for k in keys)
+    assert "exported   s3://aigc-e2e/aigc/model" in out
+    assert any((tmp_path / "cache" / "models").iterdir())  # a node's cached copy of the model
     status = ray("status", env={"RAY_ADDRESS": f"127.0.0.1:{GCS_PORT}"})
     assert "data_worker" in status.stdout  # the worker node and its custom resource joined
     # the Jobs API refuses a client without the token
