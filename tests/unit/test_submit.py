@@ -10,16 +10,21 @@ import pytest
 from aigc_ray import cli
 from aigc_ray.submit import UploadError, check_upload, plan_upload, ray_upload_limit, submit
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = ROOT_PKG = Path(__file__).resolve().parents[2]
 MIB = 2**20
 
 
 def test_repo_upload_is_small_and_leaves_out_outputs_and_history():
     plan = plan_upload(REPO)
     names = {rel for rel, _ in plan.files}
-    assert {"aigc_ray/cli.py", "jobs/pipeline.py", "configs/tiny.yaml", "constraints.txt"} <= names
-    for skipped in (".git/", ".venv/", "runs/", "data/", "__pycache__/", ".pytest_cache/"):
-        assert not any(n.startswith(skipped) or f"/{skipped}" in n for n in names), skipped
+    # every package of the project travels (an unanchored "data/" once dropped aigc_ray/data)
+    for init in (ROOT_PKG / "aigc_ray").rglob("__init__.py"):
+        assert init.relative_to(ROOT_PKG).as_posix() in names
+    assert {"aigc_ray/data/stage.py", "jobs/pipeline.py", "configs/tiny.yaml",
+            "constraints.txt"} <= names  # fmt: skip
+    for top in (".git/", ".venv/", "runs/", "data/", ".pytest_cache/"):
+        assert not any(n.startswith(top) for n in names), top
+    assert not any("__pycache__/" in n for n in names)
     assert plan.total < 5 * MIB, plan.largest()
     check_upload(REPO)  # the project itself passes
 
