@@ -100,8 +100,41 @@ def check_upload(working_dir: str | Path, excludes: list[str] | None = None,
     )
 
 
-def split_submit_args(args: list[str]) -> tuple[str, list[str], list[str], list[str]]:
-    """(working_dir, excludes, other `ray job submit` options, entrypoint) from our argv."""
+@dataclass
+class SubmitArgs:
+    working_dir: str  # what Ray will pack: --working-dir, else the runtime env's, else "."
+    excludes: list[str]  # the runtime env's `excludes`
+    ray_options: list[str]  # everything else for `ray job submit`, as given
+    entrypoint: list[str]
+    from_flag: bool = True  # False when the runtime env names the working dir itself
+
+    def argv(self, ray: str) -> list[str]:
+        wd = ["--working-dir", self.working_dir] if self.from_flag else []
+        return [ray, "job", "submit", *wd, *self.ray_options, "--", *self.entrypoint]
+
+
+_VALUED = ("--working-dir", "--runtime-env", "--runtime-env-json")
+
+
+def _runtime_env(name: str, value: str) -> dict:
+    """The runtime env given as JSON (--runtime-env-json) or as a YAML file (--runtime-env)."""
+    import yaml
+
+    try:
+        if name == "--runtime-env-json":
+            env = json.loads(value)
+        else:
+            env = yaml.safe_load(Path(value).read_text())
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise UploadError(f"aigc-ray submit: cannot read {name} {value!r}: {e}") from None
+    if not isinstance(env, dict):
+        raise UploadError(f"aigc-ray submit: {name} must hold a mapping, got {type(env).__name__}")
+    return env
+
+
+def split_submit_args(args: list[str]) -> SubmitArgs:
+    """Our argv, `[ray job submit options] -- entrypoint`, split into what the preflight needs
+    (the working dir and excludes, with Ray's precedence) and what passes through unchanged."""
     if "--" not in args:
         raise UploadError("usage: aigc-ray submit [ray job submit options] -- python jobs/<x>.py "
                           "--config <file>")  # fmt: skip
@@ -109,24 +142,28 @@ def split_submit_args(args: list[str]) -> tuple[str, list[str], list[str], list[
     opts, entrypoint = args[:cut], args[cut + 1 :]
     if not entrypoint:
         raise UploadError("aigc-ray submit: nothing to run after --")
-    working_dir, excludes, rest = ".", [], []
+    flag_dir, env, rest = None, {}, []
     i = 0
     while i < len(opts):
-        opt = opts[i]
-        name, eq, value = opt.partition("=")
-        if name in ("--working-dir", "--runtime-env-json") and not eq:
-            if i + 1 >= len(opts):
-                raise UploadError(f"aigc-ray submit: {name} needs a value")
-            value, i = opts[i + 1], i + 1
-        if name == "--working-dir":
-            working_dir = value
-        elif name == "--runtime-env-json":
-            excludes += json.loads(value).get("excludes") or []
-            rest += ["--runtime-env-json", value]
+        name, eq, value = opts[i].partition("=")
+        if name in _VALUED:
+            if not eq:
+                if i + 1 >= len(opts):
+                    raise UploadError(f"aigc-ray submit: {name} needs a value")
+                i += 1
+                value = opts[i]
+            if name == "--working-dir":
+                flag_dir = value
+            else:
+                env.update(_runtime_env(name, value))
+                rest += [name, value]
         else:
-            rest.append(opt)
+            rest.append(opts[i])
         i += 1
-    return working_dir, excludes, rest, entrypoint
+    env_dir = env.get("working_dir")
+    return SubmitArgs(working_dir=flag_dir or env_dir or ".", excludes=list(env.get("excludes") or []),
+                      ray_options=rest, entrypoint=entrypoint,
+                      from_flag=flag_dir is not None or env_dir is None)  # fmt: skip
 
 
 def ray_cli() -> str:
@@ -137,10 +174,14 @@ def ray_cli() -> str:
 
 def submit(args: list[str], limit: int | None = None) -> int:
     """Preflight the upload, then exec the real `ray job submit` (never returns on success)."""
-    working_dir, excludes, rest, entrypoint = split_submit_args(args)
-    plan = check_upload(working_dir, excludes, limit)
-    print(f"aigc-ray submit: uploading {plan.root} ({len(plan.files)} files, "
-          f"{_mib(plan.total)} before zip)", file=sys.stderr, flush=True)  # fmt: skip
-    argv = [ray_cli(), "job", "submit", "--working-dir", working_dir, *rest, "--", *entrypoint]
+    parsed = split_submit_args(args)
+    if "://" in parsed.working_dir:  # a remote package (s3://.../x.zip): nothing to upload
+        print(f"aigc-ray submit: working dir {parsed.working_dir} is remote; no upload",
+              file=sys.stderr, flush=True)  # fmt: skip
+    else:
+        plan = check_upload(parsed.working_dir, parsed.excludes, limit)
+        print(f"aigc-ray submit: uploading {plan.root} ({len(plan.files)} files, "
+              f"{_mib(plan.package_size())})", file=sys.stderr, flush=True)  # fmt: skip
+    argv = parsed.argv(ray_cli())
     os.execvp(argv[0], argv)
     return 0  # only reached when exec is patched out in tests

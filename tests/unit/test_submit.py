@@ -95,6 +95,9 @@ def test_cli_refuses_before_calling_ray(tmp_path, monkeypatch, capsys):
 
 def test_cli_execs_the_real_ray_job_submit(tmp_path, monkeypatch):
     wd = _workdir(tmp_path)
+    (wd / "big").mkdir()
+    (wd / "big" / "blob.bin").write_bytes(os.urandom(3 * MIB))  # over the limit unless excluded
+    monkeypatch.setattr("aigc_ray.submit.ray_upload_limit", lambda: 2 * MIB)
     calls = []
     monkeypatch.setattr(os, "execvp", lambda exe, argv: calls.append(argv))
     env_json = '{"excludes": ["big/"], "env_vars": {"A": "1"}}'
@@ -109,8 +112,40 @@ def test_cli_execs_the_real_ray_job_submit(tmp_path, monkeypatch):
                         "--", "python", "jobs/x.py", "--config", "c.yaml"]  # fmt: skip
 
 
+def test_a_runtime_env_file_names_the_dir_and_its_excludes(tmp_path, monkeypatch):
+    """`--runtime-env env.yaml` with working_dir + excludes: checked as Ray will pack it, and
+    no --working-dir is added to override the file's."""
+    wd = _workdir(tmp_path)
+    (wd / "big").mkdir()
+    (wd / "big" / "blob.bin").write_bytes(os.urandom(3 * MIB))
+    env_file = tmp_path / "env.yaml"
+    env_file.write_text(f"working_dir: {wd}\nexcludes: [big/]\n")
+    monkeypatch.setattr("aigc_ray.submit.ray_upload_limit", lambda: 2 * MIB)
+    calls = []
+    monkeypatch.setattr(os, "execvp", lambda exe, argv: calls.append(argv))
+    assert cli.main(["submit", "--runtime-env", str(env_file), "--", "python", "x.py"]) == 0
+    assert calls[0][1:] == ["job", "submit", "--runtime-env", str(env_file), "--", "python", "x.py"]
+    env_file.write_text(f"working_dir: {wd}\n")  # without the excludes: refused
+    assert cli.main(["submit", f"--runtime-env={env_file}", "--", "python", "x.py"]) == 2
+
+
+def test_a_remote_working_dir_is_passed_through(monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "execvp", lambda exe, argv: calls.append(argv))
+    assert submit(["--working-dir", "s3://bucket/app.zip", "--", "python", "x.py"]) == 0
+    assert calls[0][3:5] == ["--working-dir", "s3://bucket/app.zip"]
+
+
 @pytest.mark.parametrize(
-    "args", [["python", "x.py"], ["--working-dir", ".", "--"], ["--working-dir", "--", "x"]]
+    "args",
+    [
+        ["python", "x.py"],
+        ["--working-dir", ".", "--"],
+        ["--working-dir", "--", "x"],
+        ["--runtime-env-json", "{not json", "--", "x"],
+        ["--runtime-env", "/no/such/env.yaml", "--", "x"],
+        ["--runtime-env-json", "[1, 2]", "--", "x"],
+    ],
 )
 def test_bad_submit_usage_is_a_clear_error(args):
     with pytest.raises(UploadError):
