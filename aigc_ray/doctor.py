@@ -91,7 +91,8 @@ def report(connect: bool | None = None) -> tuple[str, list[str]]:
     nodes: list[dict] = []
     address = os.environ.get("RAY_ADDRESS", "")
     connect = bool(address) if connect is None else connect
-    if connect and address.startswith(("http://", "https://")):
+    jobs_api = address.lower().startswith(("http://", "https://"))
+    if connect and jobs_api:
         # the dashboard / Jobs API (e.g. through `ray dashboard cluster.yaml`): ray.init cannot
         # connect there, but a job runs the doctor inside the cluster
         lines.append(f"{'cluster':<13}not checked: RAY_ADDRESS={address} is the Jobs API; run "
@@ -109,5 +110,6 @@ def report(connect: bool | None = None) -> tuple[str, list[str]]:
     else:
         lines.append(f"{'cluster':<13}not connected (set RAY_ADDRESS to check a cluster)")
     warnings = check(local, pins(), nodes)
-    lines += [f"WARNING: {w}" for w in warnings] or ["ok: no mismatches found"]
+    scope = "on this machine (the cluster was not checked)" if connect and jobs_api else "found"
+    lines += [f"WARNING: {w}" for w in warnings] or [f"ok: no mismatches {scope}"]
     return "\n".join(lines), warnings

@@ -82,11 +82,13 @@ def _remote_files(uri: str) -> tuple[object, str, list]:
     """(filesystem, base path, FileInfo of every file under it) for a remote directory."""
     from pyarrow import fs
 
-    filesystem, base = fs.FileSystem.from_uri(uri.rstrip("/"))
     try:
+        filesystem, base = fs.FileSystem.from_uri(uri.rstrip("/"))
         infos = filesystem.get_file_info(fs.FileSelector(base, recursive=True))
-    except (FileNotFoundError, OSError) as e:
-        raise ModelDirError(f"model directory not found: {uri} ({e})") from None
+    except FileNotFoundError:
+        raise ModelDirError(f"model directory not found: {uri}") from None
+    except (OSError, ValueError) as e:  # ArrowInvalid (a ValueError): unsupported URI
+        raise ModelDirError(f"cannot list model directory {uri}: {e}") from None
     return filesystem, base, [i for i in infos if i.type == fs.FileType.File]
 
 
@@ -135,11 +137,14 @@ def local_model_dir(path: str | Path) -> str:
 
     Local paths are returned resolved. An s3:// / gs:// directory is copied once per node into
     cache_root(), under a key made of the URI and the listing (names, sizes, mtimes), so a model
-    re-exported to the same URI is fetched again. The copy lands in a temporary directory and is
-    renamed into place, so replicas starting together on one node never load a half copy.
+    re-exported to the same URI is fetched again. Processes on one node take a file lock, so
+    replicas starting together fetch once; the copy lands in a temporary directory renamed into
+    place, so a killed fetch never leaves a half copy that looks complete.
     """
     if not is_uri(path):
         return str(Path(path).resolve())
+    import fcntl
+
     from pyarrow import fs
 
     uri = str(path).rstrip("/")
@@ -150,30 +155,51 @@ def local_model_dir(path: str | Path) -> str:
     if dest.is_dir():  # only ever complete: it appears by rename
         return str(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{key}.{os.getpid()}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    fs.copy_files(base, str(tmp), source_filesystem=filesystem,
-                  destination_filesystem=fs.LocalFileSystem())  # fmt: skip
-    try:
-        tmp.rename(dest)
-    except OSError:  # another process on this node finished first
+    with open(dest.parent / f".{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we die
+        if dest.is_dir():  # another process fetched it while we waited
+            return str(dest)
+        tmp = dest.parent / f".{key}.partial"  # leftovers of a killed fetch are replaced
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            fs.copy_files(base, str(tmp), source_filesystem=filesystem,
+                          destination_filesystem=fs.LocalFileSystem())  # fmt: skip
+            tmp.rename(dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     log.info("fetched %s -> %s", uri, dest)
     return str(dest)
 
 
+def check_export_dir(model_dir: str | Path, dest: str) -> None:
+    """Refuse a local export dir that is, contains or lies inside the model dir it copies
+    (exporting replaces the destination, which would delete the model)."""
+    if is_uri(dest):
+        return
+    src, target = Path(model_dir).resolve(), Path(dest).resolve()
+    if target == src or target in src.parents or src in target.parents:
+        raise ModelDirError(f"train.export_dir {dest} overlaps the model directory {src}; "
+                            "choose a directory outside it (or an s3:// URI)")  # fmt: skip
+
+
 def copy_model_dir(local: str | Path, dest: str) -> str:
-    """Copy a local model directory to `dest` (a local path or s3:// / gs://); return `dest`."""
+    """Copy a local model directory to `dest` (a local path or s3:// / gs://), replacing what
+    was there, so no file of an earlier export (e.g. other weight shards) survives; return
+    `dest`."""
     from pyarrow import fs
 
+    src = Path(local).resolve()
     if is_uri(dest):
         filesystem, path = fs.FileSystem.from_uri(dest.rstrip("/"))
+        filesystem.delete_dir_contents(path, missing_dir_ok=True)
     else:
-        filesystem, path = fs.LocalFileSystem(), str(Path(dest).resolve())
+        target = Path(dest).resolve()
+        check_export_dir(src, dest)
+        filesystem, path = fs.LocalFileSystem(), str(target)
         shutil.rmtree(path, ignore_errors=True)
     filesystem.create_dir(path, recursive=True)
-    fs.copy_files(str(Path(local).resolve()), path, source_filesystem=fs.LocalFileSystem(),
+    fs.copy_files(str(src), path, source_filesystem=fs.LocalFileSystem(),
                   destination_filesystem=filesystem)  # fmt: skip
     return dest
 
@@ -200,7 +226,8 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> torch.nn.Module:
     """A causal LM: loaded from `cfg.pretrained`, or a new Llama with seeded random init."""
     if cfg.pretrained:
         check_model_dir(cfg.pretrained)
-        return AutoModelForCausalLM.from_pretrained(cfg.pretrained, dtype=torch.float32)
+        local = local_model_dir(cfg.pretrained)  # s3:// -> this node's cache
+        return AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32)
     torch.manual_seed(seed)
     conf = llama_config(cfg, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     return LlamaForCausalLM(conf)

@@ -233,13 +233,14 @@ class GenerationEngine:
         self._tok_lock = threading.Lock()
         self.counters = {"finished": 0, "cancelled": 0, "failed": 0, "prompt_tokens": 0,
                          "generated_tokens": 0, "steps": 0, "busy_s": 0.0}  # fmt: skip
-        # Who runs torch first decides how the decode thread's OpenMP workers wait (measured on
-        # 2 cores, torch 2.13 CPU, libgomp). own_cores=True (batch generation: nothing else
-        # needs these cores): the scheduler thread starts now and probes the cache itself, so it
-        # is the process's first OpenMP user; its workers spin between ops and steps are fast
+        # Measured on 2 cores (torch 2.13 CPU, libgomp): the thread that runs torch's parallel
+        # ops first gets OpenMP workers that spin between ops; threads after it get throttled
+        # ones. Loading the weights does not count (it runs no parallel regions here); this
+        # probe's forward does. own_cores=True (batch generation: nothing else needs these
+        # cores): the scheduler thread starts now and runs the probe, so decode steps are fast
         # (~790 vs ~600 tok/s offline). own_cores=False (serving): the probe runs on the
-        # caller's thread first, which makes libgomp throttle the decode thread's spinning and
-        # leaves CPU to the HTTP proxy and router between steps (470 vs 378 tok/s at c=32).
+        # caller's thread, the decode thread's workers are throttled, and the HTTP proxy and
+        # router get the CPU between steps (bench_serve c=32: 470 vs 378 tok/s).
         self._ready = threading.Event()
         self._probe_error: BaseException | None = None
         if own_cores:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from aigc_ray.config import ModelConfig, TrainConfig, write_resolved
-from aigc_ray.model import copy_model_dir, is_uri
+from aigc_ray.model import check_export_dir, copy_model_dir, is_uri
 from aigc_ray.train.checkpoint import latest_complete_checkpoint
 from aigc_ray.train.loop import train_loop_per_worker
 from aigc_ray.train.steps import LORA_FILE, METRICS_FILE, STATE_FILE, TrainError
@@ -71,6 +71,11 @@ def preflight(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> dict:
 
     if model_cfg.pretrained:
         check_model_dir(model_cfg.pretrained)
+    if cfg.export_dir:
+        try:
+            check_export_dir(Path(cfg.run_dir) / "model", cfg.export_dir)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
     try:
         manifest = read_manifest(data_dir)
     except DataError as e:

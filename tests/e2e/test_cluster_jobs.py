@@ -130,7 +130,8 @@ def test_pipeline_job_on_a_two_node_cluster(two_node_cluster, s3_bucket, tmp_pat
     assert any(k.startswith("aigc/data/train/") and k.endswith(".parquet") for k in keys)
     assert any(k.startswith("aigc/ray/") for k in keys)
     assert "exported   s3://aigc-e2e/aigc/model" in out
-    assert any((tmp_path / "cache" / "models").iterdir())  # a node's cached copy of the model
+    cached = [d for d in (tmp_path / "cache" / "models").iterdir() if d.is_dir()]
+    assert any((d / "config.json").is_file() and list(d.glob("*.safetensors")) for d in cached)
     status = ray("status", env={"RAY_ADDRESS": f"127.0.0.1:{GCS_PORT}"})
     assert "data_worker" in status.stdout  # the worker node and its custom resource joined
     # the Jobs API refuses a client without the token

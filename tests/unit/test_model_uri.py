@@ -32,7 +32,7 @@ def test_export_check_fetch_and_generate(tiny_model_dir, tmp_path, cache):
         assert out.completion_tokens == 4
     finally:
         engine.close()
-    assert len(list(cache.iterdir())) == 1 and not list(cache.glob(".*partial"))
+    assert [p for p in cache.iterdir() if p.is_dir()] == [Path(local)]  # one copy, no .partial
 
 
 def test_a_re_export_to_the_same_uri_is_fetched_again(tiny_model_dir, tmp_path, cache):
@@ -71,3 +71,39 @@ def test_export_dir_is_the_default_for_serve_and_generate():
     cfg = PipelineConfig(train={"export_dir": "s3://bucket/aigc/model"})
     assert cfg.resolved_model_dir() == cfg.resolved_generate_model_dir() == "s3://bucket/aigc/model"
     assert PipelineConfig().resolved_model_dir().endswith("train/model")
+
+
+def test_an_export_dir_overlapping_the_model_is_refused(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "model")
+    for dest in (run / "model", run, run / "model" / "export"):
+        with pytest.raises(ModelDirError, match="overlaps"):
+            copy_model_dir(run / "model", str(dest))
+    check_model_dir(run / "model")  # untouched
+
+
+def test_train_preflight_refuses_an_overlapping_export_dir(tmp_path):
+    from aigc_ray.config import ModelConfig, TrainConfig
+    from aigc_ray.train import TrainError, preflight
+
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "run"))
+    with pytest.raises(TrainError, match="overlaps"):
+        preflight(cfg, ModelConfig(), str(tmp_path / "no-data"))  # before it reads any data
+
+
+def test_a_remote_re_export_leaves_no_stale_files(tiny_model_dir, tmp_path):
+    remote = tmp_path / "bucket" / "model"
+    remote.mkdir(parents=True)
+    (remote / "model-00001-of-00002.safetensors").write_text("old shard")
+    copy_model_dir(tiny_model_dir, f"file://{remote}")
+    assert sorted(os.listdir(remote)) == sorted(os.listdir(tiny_model_dir))
+
+
+def test_processes_fetching_together_share_one_complete_copy(tiny_model_dir, tmp_path, cache):
+    from concurrent.futures import ThreadPoolExecutor
+
+    uri = copy_model_dir(tiny_model_dir, f"file://{tmp_path}/bucket/model")
+    with ThreadPoolExecutor(4) as pool:
+        dirs = set(pool.map(lambda _: local_model_dir(uri), range(4)))
+    assert len(dirs) == 1 and (Path(dirs.pop()) / "config.json").is_file()
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 1  # one copy, no .partial left
