@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from aigc_ray.config import GenerateConfig
 from aigc_ray.engine import GenerationEngine, InvalidParamError, SamplingParams
-from aigc_ray.model import is_uri
+from aigc_ray.model import is_uri, portable_location
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,7 @@ def run_generate(cfg: GenerateConfig, model_dir: str) -> dict:
     # become an underfull batch (measured: 11-row batches between the 32-row ones).
     ds = _read(cfg).repartition(target_num_rows_per_block=cfg.batch_size, strict=True)
     out = ds.map_batches(
-        GenerateUDF, fn_constructor_kwargs={"model_dir": model_dir if is_uri(model_dir)
-                                            else str(Path(model_dir).resolve()),
+        GenerateUDF, fn_constructor_kwargs={"model_dir": portable_location(model_dir),
                                             "cfg": cfg.model_dump()},
         # Two calls in flight per actor (threads): the next batch's rows wait in the engine and
         # join its continuous batch as rows of the current one finish.
@@ -148,11 +148,12 @@ def run_generate(cfg: GenerateConfig, model_dir: str) -> dict:
         batch_format="pyarrow", **resources,
     ).materialize()  # fmt: skip
     out.write_parquet(cfg.output_dir)
-    table = pa.concat_tables([t for t in out.iter_batches(batch_format="pyarrow",
-                                                          batch_size=None)])  # fmt: skip
-    errors = table.column("error").drop_null()
-    tokens = sum(table.column("completion_tokens").to_pylist())
+    rows = errors = tokens = 0  # summed block by block: the output never gathers on the driver
+    for block in out.iter_batches(batch_format="pyarrow", batch_size=None):
+        rows += block.num_rows
+        errors += block.num_rows - block.column("error").null_count
+        tokens += pc.sum(block.column("completion_tokens")).as_py() or 0
     seconds = time.perf_counter() - t0
-    return {"rows": table.num_rows, "errors": len(errors), "completion_tokens": tokens,
+    return {"rows": rows, "errors": errors, "completion_tokens": tokens,
             "seconds": round(seconds, 2), "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
             "output_dir": cfg.output_dir}  # fmt: skip

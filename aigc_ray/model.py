@@ -78,6 +78,11 @@ def is_uri(path: str | Path) -> bool:
     return "://" in str(path)
 
 
+def portable_location(path: str | Path) -> str:
+    """`path` as any process can use it: a URI as given, a local path made absolute."""
+    return str(path) if is_uri(path) else str(Path(path).resolve())
+
+
 def _remote_files(uri: str) -> tuple[object, str, list]:
     """(filesystem, base path, FileInfo of every file under it) for a remote directory."""
     from pyarrow import fs
@@ -142,7 +147,7 @@ def local_model_dir(path: str | Path) -> str:
     place, so a killed fetch never leaves a half copy that looks complete.
     """
     if not is_uri(path):
-        return str(Path(path).resolve())
+        return portable_location(path)
     import fcntl
 
     from pyarrow import fs

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -39,7 +38,7 @@ def _torch_threads(m: ServedModel) -> int | None:
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Typed app builder: `args` are ServeConfig fields (model_dir or models required)."""
-    from aigc_ray.model import check_model_dir, is_uri
+    from aigc_ray.model import check_model_dir, portable_location
 
     cfg = ServeConfig(**args)  # a pydantic ValidationError names any unknown or bad arg
     try:
@@ -51,8 +50,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         check_model_dir(m.model_dir)
         device = m.device if m.device != "auto" or m.num_gpus == 0 else "cuda"
         handles[m.name] = ModelServer.options(**deployment_options(m)).bind(
-            m.name, m.model_dir if is_uri(m.model_dir) else str(Path(m.model_dir).resolve()),
-            device, m.dtype, m.max_batch_size,
+            m.name, portable_location(m.model_dir), device, m.dtype, m.max_batch_size,
             _torch_threads(m), m.stream_chunks_per_s)  # fmt: skip
     return Router.bind(handles, cfg.max_tokens_limit, cfg.request_timeout_s)
 

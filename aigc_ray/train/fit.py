@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from aigc_ray.config import ModelConfig, TrainConfig, write_resolved
-from aigc_ray.model import check_export_dir, copy_model_dir, is_uri
+from aigc_ray.model import check_export_dir, copy_model_dir, portable_location
 from aigc_ray.train.checkpoint import latest_complete_checkpoint
 from aigc_ray.train.loop import train_loop_per_worker
 from aigc_ray.train.steps import LORA_FILE, METRICS_FILE, STATE_FILE, TrainError
@@ -139,13 +139,12 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     manifest = preflight(cfg, model_cfg, data_dir)
-    tok_dir = manifest["tokenizer_dir"]
     t0 = time.time()
     run_dir = Path(cfg.run_dir).resolve()
     storage = cfg.storage_path or str(run_dir / "ray")
     cpus = worker_cpus(cfg, ray.available_resources().get("CPU", 0))
     ray.data.DataContext.get_current().enable_progress_bars = False
-    data_dir = data_dir if "://" in data_dir else str(Path(data_dir).resolve())
+    data_dir = portable_location(data_dir)
     columns = ["input_ids", "labels"] if manifest.get("format") == "sft" else ["input_ids"]
     # Shards are written in corpus order; without shuffling, the first steps would see one
     # corner of the corpus only (e.g. all of encodings/*.py). Both shuffles are seeded.
@@ -161,7 +160,7 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
             "model": model_cfg.model_dump(),
             "data_dir": data_dir,
             # a URI stays a URI: each worker copies it on its own node (see train_loop)
-            "tokenizer_dir": tok_dir if is_uri(tok_dir) else str(Path(tok_dir).resolve()),
+            "tokenizer_dir": portable_location(manifest["tokenizer_dir"]),
             "train_rows": manifest["splits"]["train"]["blocks"],
         },
         scaling_config=ScalingConfig(

@@ -277,12 +277,9 @@ def test_gpu_setup_repeats_the_shared_steps_then_installs_cuda_torch() -> None:
 
 
 def test_constraints_file_pins_what_the_cluster_installs() -> None:
-    pins = {}
-    for line in (REPO_ROOT / "constraints.txt").read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if "==" in line:
-            name, version = line.split("==", 1)
-            pins[name.strip().lower()] = version.strip()
+    from aigc_ray.doctor import pins as read_pins
+
+    pins = read_pins(REPO_ROOT / "constraints.txt")
     assert {"torch", "ray", "transformers"} <= pins.keys()
     import ray
 
