@@ -268,7 +268,8 @@ def _dispatch(args, cfg: PipelineConfig) -> int:
         from aigc_ray.generate import run_generate
 
         summary = run_generate(cfg.generate, cfg.resolved_generate_model_dir())
-        print(f"generate: {summary['rows']} rows ({summary['errors']} with errors), "
+        print(f"generate: {summary['rows']} rows ({summary['errors']} with errors, "
+              f"{summary['quarantined']} unreadable rows quarantined), "
               f"{summary['completion_tokens']:,} tokens in {summary['seconds']} s "
               f"({summary['tokens_per_s']} tok/s) -> {summary['output_dir']}", flush=True)  # fmt: skip
     elif args.command == "serve":

@@ -253,8 +253,48 @@ class AutoscalingSettings(_Section):
         return self
 
 
-class ReplicaSettings(_Section):
-    """How one model is deployed: replicas, resources, batching and queue limits."""
+class VllmSettings(_Section):
+    """vLLM engine settings (engine: vllm, or auto when vLLM is chosen); passed to AsyncEngineArgs."""
+
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs one replica spans (vLLM's workers in the replica's placement group)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Fraction of each GPU's memory vLLM may use."
+    )
+    quantization: str | None = Field(
+        None, description="vLLM quantization method; empty = what the model directory says."
+    )
+    enable_prefix_caching: bool = Field(True, description="Reuse KV cache of shared prefixes.")
+    kv_cache_memory_gb: float | None = Field(
+        None, gt=0, description="KV-cache size per replica in GiB; empty = vLLM sizes it."
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Any other AsyncEngineArgs, passed through."
+    )
+
+
+class EngineSettings(_Section):
+    """Which generation engine runs a model, in what precision and context (serve and generate)."""
+
+    engine: Literal["auto", "vllm", "builtin"] = Field(
+        "auto",
+        description="auto: vLLM when installed and it supports the model, else builtin "
+        "(torch + transformers).",
+    )
+    dtype: str = Field(
+        "auto",
+        description="auto (the model dir's half dtype, else bf16/fp16 on cuda, fp32 on cpu) or "
+        "float32 / bfloat16 / float16.",
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Longest prompt + completion; empty = the model's context window."
+    )
+    vllm: VllmSettings = Field(default_factory=VllmSettings, description="vLLM engine settings.")
+
+
+class ReplicaSettings(EngineSettings):
+    """How one model is deployed: replicas, resources, engine, batching and queue limits."""
 
     num_replicas: int = Field(1, ge=1, description="Replicas when autoscaling is off.")
     autoscaling: AutoscalingSettings | None = Field(
@@ -263,19 +303,27 @@ class ReplicaSettings(_Section):
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica (also its torch threads).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (>0 loads on CUDA).")
     device: str = Field("auto", description="auto (cuda if the replica has a GPU), cpu or cuda.")
-    dtype: str = Field("auto", description="auto (bf16/fp16 on cuda, fp32 on cpu) or a dtype.")
-    max_batch_size: int = Field(
-        32, ge=1, description="Rows decoded together (continuous batching)."
+    max_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Rows decoded together (continuous batching); empty = the engine's default "
+        "(32 builtin, vLLM's max_num_seqs).",
     )
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica accepts at once.")
     max_queued_requests: int = Field(
         128, ge=-1, description="Requests queued for the replicas before 503s; -1 = no limit."
     )
     stream_chunks_per_s: float = Field(
-        100,
+        400,
         ge=0,
-        description="Streamed chunks/s per replica before chunks carry several "
-        "tokens (bounds proxy CPU under load); 0 = one chunk per token always.",
+        description="Streamed chunks/s per replica before chunks carry several tokens (each "
+        "chunk costs CPU in the router and proxy); 0 = one chunk per token always.",
+    )
+    stream_max_interval_s: float = Field(
+        0.08,
+        gt=0,
+        description="Under load, a stream still gets a chunk at least this often (smoothness "
+        "bound on the coalescing above).",
     )
 
 
@@ -329,7 +377,7 @@ class ServeConfig(ReplicaSettings):
         return ServedModel(**{**base, **fields})
 
 
-class GenerateConfig(_Section):
+class GenerateConfig(EngineSettings):
     inputs: list[str] = Field(
         default_factory=list, description="Prompt files (jsonl or parquet), local or s3://."
     )
@@ -349,7 +397,9 @@ class GenerateConfig(_Section):
     num_cpus: float = Field(1.0, ge=0, description="CPUs per actor (also its torch threads).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (>0 loads on CUDA).")
     batch_size: int = Field(64, ge=1, description="Rows handed to an actor per call.")
-    max_batch_size: int = Field(32, ge=1, description="Rows decoded together by an engine.")
+    max_batch_size: int | None = Field(
+        None, ge=1, description="Rows decoded together; empty = the engine's default."
+    )
 
 
 class PipelineConfig(_Section):
@@ -473,3 +523,22 @@ def config_reference(model: type[BaseModel] = PipelineConfig, prefix: str = "") 
         default = field.get_default(call_default_factory=True)
         rows.append(f"| `{prefix}{name}` | `{default!r}` | {field.description} |")
     return rows
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md: every key, its default and description (generated, tested)."""
+    head = [
+        "# Configuration reference",
+        "",
+        "Defaults of every key when a config file leaves it out (`configs/tiny.yaml` sets several",
+        "of them). Generated from the pydantic models in `aigc_ray/config.py`:",
+        "`python -m aigc_ray.config > docs/configuration.md` (a test fails when it drifts).",
+        "",
+        "| key | default | description |",
+        "| --- | --- | --- |",
+    ]
+    return "\n".join([*head, *config_reference()]) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -1,34 +1,61 @@
-"""Offline batch generation: Ray Data reads a prompts dataset, an actor pool runs the serving
-engine (continuous batching, same sampling as the API) and parquet comes out with one row per
-prompt: prompt, completion, token counts, finish reason, latency and an error column.
+"""Offline batch generation: Ray Data reads a prompts dataset, an actor pool runs a generation
+engine (the built-in one or vLLM, chosen as for serving: ``generate.engine``) and parquet comes
+out with one row per prompt: prompt, completion, token counts, finish reason, latency, an error
+column, and the prompt's source file and line.
 
-A row that cannot be generated (no prompt, a bad parameter, a prompt beyond the context window)
-gets its error recorded and an empty completion; it never fails the job. Per-row sampling:
-columns named max_tokens, temperature, top_p, top_k, seed, stop or ignore_eos override the config's defaults.
+Nothing is fatal to the job and nothing is lost:
+- a row that cannot be read (malformed JSON, invalid UTF-8, not an object, no prompt or a prompt
+  that is not a string, an unreadable parquet file) goes to ``<output_dir>/quarantine`` with its
+  file, line and reason, and is counted in the summary;
+- a row that is read but cannot be generated (a bad parameter, a prompt beyond the context
+  window) gets its error recorded in the output and an empty completion.
+Per-row sampling: columns named max_tokens, temperature, top_p, top_k, seed, stop or ignore_eos
+override the config's defaults.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
-from pathlib import Path
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from aigc_ray.config import GenerateConfig
-from aigc_ray.engine import GenerationEngine, InvalidParamError, SamplingParams
+from aigc_ray.engine import InvalidParamError, SamplingParams, load_engine
+from aigc_ray.engine.loader import cpu_threads
 from aigc_ray.model import is_uri, portable_location
 
 log = logging.getLogger(__name__)
 
 ROW_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
-OUTPUT_SCHEMA = pa.schema([
-    ("prompt", pa.string()), ("completion", pa.string()), ("prompt_tokens", pa.int64()),
-    ("completion_tokens", pa.int64()), ("finish_reason", pa.string()),
-    ("latency_s", pa.float64()), ("error", pa.string()),
-])  # fmt: skip
+PROMPT_SCHEMA = pa.schema(
+    [
+        ("prompt", pa.string()),
+        ("params", pa.string()),  # the row's parameter columns as JSON
+        ("source", pa.string()),
+        ("line", pa.int64()),
+        ("reason", pa.string()),  # set: the row could not be read (quarantined)
+        ("raw", pa.string()),
+    ]
+)
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("prompt", pa.string()),
+        ("completion", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("finish_reason", pa.string()),
+        ("latency_s", pa.float64()),
+        ("error", pa.string()),
+        ("source", pa.string()),
+        ("line", pa.int64()),
+    ]
+)
+PROMPT_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet")
 
 
 class GenerateError(ValueError):
@@ -44,12 +71,145 @@ def row_params(row: dict, cfg: GenerateConfig) -> SamplingParams:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             continue
         values[key] = [value] if key == "stop" and isinstance(value, str) else value
-    if not isinstance(values["max_tokens"], int) or isinstance(values["max_tokens"], bool):
-        values["max_tokens"] = int(values["max_tokens"])
-    values["stop"] = list(values["stop"])
+    for key in ("max_tokens", "top_k"):
+        if not isinstance(values[key], int) or isinstance(values[key], bool):
+            values[key] = _as_int(key, values[key])
+    for key in ("temperature", "top_p"):
+        if not isinstance(values[key], int | float) or isinstance(values[key], bool):
+            raise InvalidParamError(f"{key} must be a number, got {values[key]!r}", key)
+    if not isinstance(values["stop"], list):
+        raise InvalidParamError(f"stop must be a string or a list, got {values['stop']!r}", "stop")
     if values["seed"] is not None:
-        values["seed"] = int(values["seed"])
+        values["seed"] = _as_int("seed", values["seed"])
     return SamplingParams(**values)
+
+
+def _as_int(key: str, value) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise InvalidParamError(f"{key} must be an integer, got {value!r}", key)
+
+
+# ---------------------------------------------------------------- reading prompt files
+
+
+def prompt_files(inputs: list[str]) -> list[dict]:
+    """The prompt files of ``generate.inputs`` (files, directories or globs; local or s3://)."""
+    from aigc_ray.data.readers import DataError, _expand_uri
+
+    files = []
+    for spec in inputs:
+        try:
+            found = _expand_uri(spec)
+        except DataError as e:
+            raise GenerateError(str(e).replace("data.inputs", "generate.inputs")) from None
+        for path, size in found:
+            if not path.endswith(PROMPT_SUFFIXES):
+                raise GenerateError(f"generate.inputs: {path} is not a prompts file "
+                                    f"({', '.join(PROMPT_SUFFIXES)})")  # fmt: skip
+            files.append({"path": path, "size": size})
+    return files
+
+
+class _PromptRows:
+    def __init__(self, path: str, column: str):
+        self.path, self.column = path, column
+        self.rows: list[dict] = []
+
+    def bad(self, line: int, reason: str, raw="") -> None:
+        if isinstance(raw, bytes):
+            raw = raw[:2000].decode("utf-8", "backslashreplace")
+        self.rows.append({"prompt": None, "params": None, "source": self.path, "line": line,
+                          "reason": reason, "raw": str(raw)[:2000]})  # fmt: skip
+
+    def record(self, line: int, obj, raw: str) -> None:
+        if not isinstance(obj, dict):
+            self.bad(line, f"expected a JSON object, got {type(obj).__name__}", raw)
+        elif obj.get(self.column) is None:
+            self.bad(line, f"missing column {self.column!r}", raw)
+        elif not isinstance(obj[self.column], str):
+            kind = type(obj[self.column]).__name__
+            self.bad(line, f"column {self.column!r} is {kind}, not a string", raw)
+        else:
+            params = {k: obj[k] for k in ROW_PARAMS if obj.get(k) is not None}
+            self.rows.append({"prompt": obj[self.column], "params": json.dumps(params),
+                              "source": self.path, "line": line, "reason": None, "raw": None})  # fmt: skip
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_pylist(self.rows, schema=PROMPT_SCHEMA)
+
+
+def read_prompt_file(path: str, column: str) -> pa.Table:
+    """Every row of one prompts file, good (prompt + params) or quarantined (reason + raw)."""
+    from aigc_ray.data.readers import _read_bytes
+
+    rows = _PromptRows(path, column)
+    try:
+        data = _read_bytes(path)
+    except OSError as e:
+        rows.bad(-1, f"cannot read file: {e}")
+        return rows.table()
+    if path.endswith(".parquet"):
+        _parquet_prompts(data, rows)
+    elif path.endswith(".json") and data.lstrip()[:1] == b"[":
+        _json_array_prompts(data, rows)
+    else:
+        for i, chunk in enumerate(data.split(b"\n"), start=1):
+            if chunk.strip():
+                _json_line(i, chunk, rows)
+    return rows.table()
+
+
+def _json_line(i: int, chunk: bytes, rows: _PromptRows) -> None:
+    try:
+        text = chunk.decode("utf-8")
+    except UnicodeDecodeError as e:
+        rows.bad(i, f"invalid UTF-8 at byte {e.start}", chunk)
+        return
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        rows.bad(i, f"malformed JSON: {e.msg} at column {e.colno}", text)
+        return
+    rows.record(i, obj, text)
+
+
+def _json_array_prompts(data: bytes, rows: _PromptRows) -> None:
+    try:
+        items = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        rows.bad(-1, f"malformed JSON array: {e}", data[:200])
+        return
+    for i, obj in enumerate(items):
+        rows.record(i, obj, json.dumps(obj)[:2000])
+
+
+def _parquet_prompts(data: bytes, rows: _PromptRows) -> None:
+    import io
+
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as e:
+        rows.bad(-1, f"unreadable parquet file: {e}")
+        return
+    if rows.column not in table.column_names:
+        rows.bad(-1, f"missing column {rows.column!r} (columns: {table.column_names})")
+        return
+    for i, obj in enumerate(table.to_pylist()):
+        rows.record(i, obj, json.dumps(obj, default=str)[:2000])
+
+
+def read_prompt_files(batch: pa.Table, column: str) -> Iterator[pa.Table]:
+    """Ray Data batch fn (tasks): file descriptors -> prompt rows (good and quarantined)."""
+    for path in batch.column("path").to_pylist():
+        yield read_prompt_file(path, column)
+
+
+# ---------------------------------------------------------------- generation
 
 
 class GenerateUDF:
@@ -60,28 +220,34 @@ class GenerateUDF:
         import torch
 
         self.cfg = GenerateConfig(**cfg)
-        if self.cfg.num_gpus == 0:
-            torch.set_num_threads(max(1, math.floor(self.cfg.num_cpus)))
-        device = "cuda" if self.cfg.num_gpus > 0 else "cpu"
-        self.engine = GenerationEngine.from_pretrained(model_dir, device=device,
-                                                       max_batch_size=self.cfg.max_batch_size,
-                                                       own_cores=True)  # fmt: skip
+        threads = cpu_threads(self.cfg.num_cpus, self.cfg.num_gpus)
+        if threads:
+            torch.set_num_threads(threads)
+        self.engine, self.choice = load_engine(
+            model_dir,
+            engine=self.cfg.engine,
+            device="cuda" if self.cfg.num_gpus > 0 else "cpu",
+            dtype=self.cfg.dtype,
+            max_batch_size=self.cfg.max_batch_size,
+            max_model_len=self.cfg.max_model_len,
+            vllm=self.cfg.vllm.model_dump(),
+            own_cores=True,
+        )
+        log.info("batch generation engine: %s (%s)", self.choice.name, self.choice.reason)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
         started = time.perf_counter()
         pending, out = [], []
-        for row in rows:
-            prompt = row.get(self.cfg.prompt_column)
-            record = {"prompt": prompt, "completion": "", "prompt_tokens": 0,
+        for row in batch.to_pylist():
+            record = {"prompt": row["prompt"], "completion": "", "prompt_tokens": 0,
                       "completion_tokens": 0, "finish_reason": None, "latency_s": 0.0,
-                      "error": None}  # fmt: skip
+                      "error": None, "source": row.get("source"), "line": row.get("line")}  # fmt: skip
             out.append(record)
             try:
-                if not isinstance(prompt, str):
-                    raise InvalidParamError(f"{self.cfg.prompt_column} must be a string, got "
-                                            f"{type(prompt).__name__}", "prompt")  # fmt: skip
-                pending.append((record, self.engine.submit(prompt, row_params(row, self.cfg))))
+                if not isinstance(row["prompt"], str):
+                    raise InvalidParamError("prompt must be a string", "prompt")
+                params = row_params(json.loads(row.get("params") or "{}"), self.cfg)
+                pending.append((record, self.engine.submit(row["prompt"], params)))
             except (InvalidParamError, TypeError, ValueError) as e:
                 record["error"] = f"{type(e).__name__}: {e}"
         for record, req in pending:
@@ -90,27 +256,14 @@ class GenerateUDF:
             except Exception as e:  # noqa: BLE001 - a failed row is recorded, never fatal
                 record["error"] = f"{type(e).__name__}: {e}"
                 continue
-            record.update(completion=result.text, prompt_tokens=result.prompt_tokens,
-                          completion_tokens=result.completion_tokens,
-                          finish_reason=result.finish_reason,
-                          latency_s=(req.finished_at or started) - req.submitted_at)  # fmt: skip
+            record.update(
+                completion=result.text,
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                finish_reason=result.finish_reason,
+                latency_s=(req.finished_at or started) - req.submitted_at,
+            )
         return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
-
-
-def _read(cfg: GenerateConfig):
-    import ray.data
-
-    jsonl = [p for p in cfg.inputs if p.endswith((".jsonl", ".json"))]
-    parquet = [p for p in cfg.inputs if p.endswith(".parquet") or Path(p).is_dir()]
-    if len(jsonl) + len(parquet) != len(cfg.inputs):
-        raise GenerateError(f"generate.inputs must be .jsonl/.json/.parquet files or parquet "
-                            f"directories, got {cfg.inputs}")  # fmt: skip
-    parts = []
-    if jsonl:
-        parts.append(ray.data.read_json(jsonl, num_cpus=0.25))
-    if parquet:
-        parts.append(ray.data.read_parquet(parquet, num_cpus=0.25))
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
 def preflight(cfg: GenerateConfig, model_dir: str) -> None:
@@ -120,33 +273,56 @@ def preflight(cfg: GenerateConfig, model_dir: str) -> None:
     if not cfg.inputs:
         raise GenerateError("generate.inputs is empty: give jsonl/parquet files of prompts")
     for path in cfg.inputs:
-        if not is_uri(path) and not Path(path).exists():
-            raise GenerateError(f"generate.inputs: {path} does not exist")
+        if not is_uri(path):
+            prompt_files([path])
     check_model_dir(model_dir)
 
 
+def _reason_is(null: bool):
+    def keep(t: pa.Table) -> pa.Table:
+        return t.filter(pc.is_null(t["reason"]) if null else pc.is_valid(t["reason"]))
+
+    return keep
+
+
 def run_generate(cfg: GenerateConfig, model_dir: str) -> dict:
-    """Generate for every row of cfg.inputs into cfg.output_dir; return a summary."""
+    """Generate for every readable row of cfg.inputs into cfg.output_dir (unreadable rows into
+    cfg.output_dir/quarantine); return a summary."""
+    import ray.data
     from ray.data import ActorPoolStrategy
 
     preflight(cfg, model_dir)
     t0 = time.perf_counter()
+    files = prompt_files(cfg.inputs)
+    read = (
+        ray.data.from_items(files)
+        .map_batches(read_prompt_files, fn_kwargs={"column": cfg.prompt_column},
+                     batch_size=1, batch_format="pyarrow", num_cpus=0.25)  # fmt: skip
+        .materialize()
+    )
+    bad = read.map_batches(_reason_is(null=False), batch_format="pyarrow").materialize()
+    quarantined = bad.count()
+    if quarantined:
+        bad.drop_columns(["prompt", "params"]).write_parquet(f"{cfg.output_dir}/quarantine")
     resources = {"num_cpus": cfg.num_cpus}
     if cfg.num_gpus:
         resources["num_gpus"] = cfg.num_gpus  # one model copy per GPU share
     # Exact-size blocks: reads cut files into uneven blocks, and each block's remainder would
     # become an underfull batch (measured: 11-row batches between the 32-row ones).
-    ds = _read(cfg).repartition(target_num_rows_per_block=cfg.batch_size, strict=True)
-    out = ds.map_batches(
-        GenerateUDF, fn_constructor_kwargs={"model_dir": portable_location(model_dir),
-                                            "cfg": cfg.model_dump()},
+    good = read.map_batches(_reason_is(null=True), batch_format="pyarrow").repartition(
+        target_num_rows_per_block=cfg.batch_size, strict=True
+    )
+    out = good.map_batches(
+        GenerateUDF,
+        fn_constructor_kwargs={"model_dir": portable_location(model_dir), "cfg": cfg.model_dump()},
         # Two calls in flight per actor (threads): the next batch's rows wait in the engine and
         # join its continuous batch as rows of the current one finish.
         compute=ActorPoolStrategy(size=cfg.num_actors, max_concurrent_calls_per_actor=2,
-                                  enable_true_multi_threading=True),
+                                  enable_true_multi_threading=True),  # fmt: skip
         batch_size=cfg.batch_size,
-        batch_format="pyarrow", **resources,
-    ).materialize()  # fmt: skip
+        batch_format="pyarrow",
+        **resources,
+    ).materialize()
     out.write_parquet(cfg.output_dir)
     rows = errors = tokens = 0  # summed block by block: the output never gathers on the driver
     for block in out.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -154,6 +330,13 @@ def run_generate(cfg: GenerateConfig, model_dir: str) -> dict:
         errors += block.num_rows - block.column("error").null_count
         tokens += pc.sum(block.column("completion_tokens")).as_py() or 0
     seconds = time.perf_counter() - t0
-    return {"rows": rows, "errors": errors, "completion_tokens": tokens,
-            "seconds": round(seconds, 2), "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
-            "output_dir": cfg.output_dir}  # fmt: skip
+    return {
+        "rows": rows,
+        "errors": errors,
+        "quarantined": quarantined,
+        "completion_tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+        "output_dir": cfg.output_dir,
+        "quarantine_dir": f"{cfg.output_dir}/quarantine" if quarantined else None,
+    }

@@ -1,55 +1,38 @@
-"""Text-generation engine shared by the Serve deployment and offline batch generation.
+"""Text-generation engines behind one interface, shared by the Serve model server and offline
+batch generation: the built-in engine (torch + transformers, continuous batching; core.py) and
+vLLM (vllm_engine.py). ``load_engine`` picks one (``engine: auto | vllm | builtin``, loader.py).
 
-Continuous batching over a batched KV cache (core.py, batch.py), per-request sampling
-(sampling.py) and request types (params.py). Pure torch + transformers: never imports Ray.
+Both return an EngineRequest (request.py) from ``submit`` / ``asubmit``; both validate requests
+the same way (params.py). Never imports Ray.
 """
 
-from aigc_ray.engine.batch import RunningBatch, check_cache_supported, left_pad
-from aigc_ray.engine.core import (
-    EngineRequest,
-    GenerationEngine,
-    _context_window,
-    _eos_token_ids,
-    _pad_token_id,
-)
+from aigc_ray.engine.core import GenerationEngine
+from aigc_ray.engine.loader import EngineChoice, choose_engine, load_engine, vllm_distribution
 from aigc_ray.engine.params import (
     ContextLengthError,
+    EngineDeadError,
     EngineError,
+    EngineUnavailableError,
     GenerationResult,
     InvalidParamError,
     SamplingParams,
-    resolve_device,
-    resolve_dtype,
-    validate_params,
+    TokenLogprob,
 )
-from aigc_ray.engine.sampling import (
-    RowState,
-    Sampler,
-    filter_logits,
-    make_generator,
-    stable_prefix,
-)
+from aigc_ray.engine.request import EngineRequest
 
 __all__ = [
     "ContextLengthError",
+    "EngineChoice",
+    "EngineDeadError",
     "EngineError",
     "EngineRequest",
+    "EngineUnavailableError",
     "GenerationEngine",
     "GenerationResult",
     "InvalidParamError",
-    "RowState",
-    "RunningBatch",
-    "Sampler",
     "SamplingParams",
-    "_context_window",
-    "_eos_token_ids",
-    "_pad_token_id",
-    "check_cache_supported",
-    "filter_logits",
-    "left_pad",
-    "make_generator",
-    "resolve_device",
-    "resolve_dtype",
-    "stable_prefix",
-    "validate_params",
+    "TokenLogprob",
+    "choose_engine",
+    "load_engine",
+    "vllm_distribution",
 ]

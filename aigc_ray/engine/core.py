@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import inspect
 import itertools
 import logging
@@ -23,7 +22,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -38,7 +37,14 @@ from aigc_ray.engine.params import (
     resolve_dtype,
     validate_params,
 )
-from aigc_ray.engine.sampling import RowState, Sampler, make_generator, stable_prefix
+from aigc_ray.engine.request import EngineRequest
+from aigc_ray.engine.sampling import (
+    RowState,
+    Sampler,
+    make_generator,
+    prompt_token_logprobs,
+    token_logprobs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,161 +59,14 @@ def _close_engines() -> None:
         engine.close()
 
 
-class EngineRequest:
-    """Handle on one submitted request. Thread-safe to read from any thread or event loop."""
-
-    def __init__(self, rid: int, prompt_ids: list[int], row: RowState, generator, stream: bool):
-        self.id = rid
-        self.prompt_ids = prompt_ids
-        self.row = row
-        self.generator = generator
-        self.stream = stream
-        self.submitted_at = time.perf_counter()
-        self.first_token_at: float | None = None
-        self.finished_at: float | None = None
-        self.token_times: list[float] = []
-        self._cancelled = False
-        self._quiet_until = 0.0  # time.monotonic() before which a paced consumer needs no wake
-        self._result: GenerationResult | None = None
-        self._error: BaseException | None = None
-        self._done = threading.Event()
-        self._wakers: list[Callable[[], None]] = []
-
-    # ------------------------------------------------------------ consumer side
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    def cancel(self) -> None:
-        """Stop generating for this request; the scheduler drops its row at the next step."""
-        self._cancelled = True
-
-    def result(self, timeout: float | None = None) -> GenerationResult:
-        """Block until finished; return the result or raise the engine's error."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.id} not finished after {timeout}s")
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-    def deltas(self) -> Iterator[str]:
-        """Yield text deltas as they become final; closing the iterator cancels the request.
-        ``result()`` afterwards gives usage and finish_reason."""
-        wake = threading.Event()
-        self._wakers.append(wake.set)
-        wake.set()
-        emitted = 0
-        try:
-            while True:
-                wake.wait()
-                wake.clear()
-                done, text = self.done, self._current_text()
-                if len(text) > emitted:
-                    yield text[emitted:]
-                    emitted = len(text)
-                if done:
-                    self.result()  # raise the engine's error, if any
-                    return
-        finally:
-            if not self.done:
-                self.cancel()
-
-    async def adeltas(self, min_interval: Callable[[], float] | None = None) -> AsyncIterator[str]:
-        """``deltas`` for asyncio consumers: deltas produced between two reads arrive as one.
-
-        ``min_interval()`` (seconds, asked before each delta) paces the stream: a delta is held
-        until that long after the previous one, so it carries every token made meanwhile. The
-        last delta is never held. Serving uses this to bound chunks/s per replica under load.
-        """
-        loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
-        self._wakers.append(lambda: _call_soon(loop, wake.set))
-        wake.set()
-        emitted, last_sent = 0, 0.0
-        try:
-            while True:
-                await wake.wait()
-                wake.clear()
-                done, text = self.done, self._current_text()
-                hold = (last_sent + min_interval() - loop.time()) if min_interval else 0.0
-                if not done and hold > 0:
-                    self._quiet_until = time.monotonic() + hold  # no per-token wakes meanwhile
-                    loop.call_later(hold, wake.set)
-                    continue
-                if len(text) > emitted:
-                    yield text[emitted:]
-                    emitted, last_sent = len(text), loop.time()
-                if done:
-                    self.result()
-                    return
-        finally:
-            if not self.done:
-                self.cancel()
-
-    async def aresult(self) -> GenerationResult:
-        """``result`` for asyncio consumers; cancelling the awaiting task cancels the request."""
-        loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
-        self._wakers.append(lambda: _call_soon(loop, wake.set))
-        try:
-            while not self.done:
-                await wake.wait()
-                wake.clear()
-        finally:
-            if not self.done:
-                self.cancel()
-        return self.result()
-
-    def _current_text(self) -> str:
-        """Text safe to show now. Decoded here, on the consumer's side, from a snapshot of the
-        ids (list appends are atomic), so the scheduler thread never decodes for streams."""
-        if self._result is not None:
-            return self._result.text
-        ids = self.row.token_ids[:]
-        stop = self.row.params.stop
-        text = self.row._tokenizer.decode(ids, skip_special_tokens=True)
-        # The scheduler may not have checked the newest token against the stop strings yet.
-        cut = [i for s in stop if (i := text.find(s)) >= 0]
-        return text[: min(cut)] if cut else stable_prefix(text, stop)
-
-    # ------------------------------------------------------------ scheduler side
-
-    def _push(self, token: int, now: float) -> None:
-        if self.first_token_at is None:
-            self.first_token_at = now
-        self.token_times.append(now)
-        self.row.push(token)
-
-    def _finish(self, error: BaseException | None = None) -> None:
-        if self._cancelled and not self.row.finished:
-            self.row.finish_reason = "cancelled"
-        self._error = error
-        self._result = self.row.result() if error is None else None
-        self.finished_at = time.perf_counter()
-        self._done.set()
-        self._wake()
-
-    def _wake(self) -> None:
-        for wake in list(self._wakers):
-            wake()
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
-    with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-        loop.call_soon_threadsafe(fn)
-
-
 class GenerationEngine:
     """Continuous-batching text generation over a causal LM and its tokenizer.
 
     Up to ``max_batch_size`` requests decode together; more wait in FIFO order. ``stats()``
     reports running/waiting counts and token totals for metrics.
     """
+
+    name = "builtin"
 
     def __init__(self, model, tokenizer, max_batch_size: int = 32, own_cores: bool = False):
         if max_batch_size < 1:
@@ -259,7 +118,7 @@ class GenerationEngine:
         cls,
         model_dir: str,
         device: str = "auto",
-        dtype: str = "auto",
+        dtype: str | torch.dtype = "auto",
         max_batch_size: int = 32,
         own_cores: bool = False,
     ) -> GenerationEngine:
@@ -272,7 +131,7 @@ class GenerationEngine:
 
         model_dir = local_model_dir(model_dir)
         torch_device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, torch_device)
+        torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, torch_device)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
         model.to(torch_device).eval()
@@ -314,8 +173,8 @@ class GenerationEngine:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check(ids, params)
         row = RowState(len(ids), params, self.tokenizer, self.eos_ids)
-        req = EngineRequest(next(self._ids), ids, row, make_generator(params.seed, self.device),
-                            stream)  # fmt: skip
+        generator = make_generator(params.seed, self.device)
+        req = EngineRequest(next(self._ids), ids, row, generator, stream)
         with self._cv:
             if self._closed:
                 raise EngineError("engine is closed")
@@ -323,6 +182,12 @@ class GenerationEngine:
             self._ensure_thread()
             self._cv.notify()
         return req
+
+    async def asubmit(
+        self, prompt: str | list[int], params: SamplingParams, stream: bool = False
+    ) -> EngineRequest:
+        """``submit`` for asyncio callers (the built-in engine queues without waiting)."""
+        return self.submit(prompt, params, stream)
 
     def generate(
         self, prompts: Sequence[str], params: Sequence[SamplingParams]
@@ -441,7 +306,10 @@ class GenerationEngine:
             self._batch.merge(part)
         self._sampler = None
         self.counters["prompt_tokens"] += sum(len(r.prompt_ids) for r in joiners)
-        self._accept(joiners, tokens)
+        for req in joiners:
+            if req.row.params.prompt_logprobs is not None:
+                req.row.prompt_logprobs = self._score_prompt(req)
+        self._accept(joiners, tokens, logits)
 
     def _decode_step(self) -> None:
         batch = self._batch
@@ -454,15 +322,16 @@ class GenerationEngine:
         tokens = self._sampler(logits)
         batch.advance(tokens)
         self.counters["steps"] += 1
-        self._accept(batch.rows, tokens)
+        self._accept(batch.rows, tokens, logits)
 
-    def _accept(self, rows: list[EngineRequest], tokens: torch.Tensor) -> None:
+    def _accept(self, rows: list[EngineRequest], tokens: torch.Tensor, logits) -> None:
         """Push each row's new token, wake its consumers, retire finished/cancelled rows."""
-        now, mono = time.perf_counter(), time.monotonic()
+        now = time.perf_counter()
+        entries = self._logprob_entries(rows, tokens, logits)
         for req, token in zip(rows, tokens.tolist(), strict=True):
-            req._push(token, now)
-            if req.stream and not req.row.finished and mono >= req._quiet_until:
-                req._wake()
+            req._push([token], now, entries.get(id(req)))
+            if not req.row.finished:
+                req._wake_stream()
         self.counters["generated_tokens"] += len(rows)
         batch = self._batch
         keep = [i for i, r in enumerate(batch.rows) if not (r.row.finished or r.cancelled)]
@@ -475,6 +344,21 @@ class GenerationEngine:
         with self._cv:
             batch.keep(keep)
         self._sampler = None
+
+    @staticmethod
+    def _logprob_entries(rows: list[EngineRequest], tokens: torch.Tensor, logits) -> dict:
+        """{id(request): [TokenLogprob]} for the rows that asked for logprobs."""
+        wanted = [i for i, r in enumerate(rows) if r.row.params.logprobs is not None]
+        if not wanted:
+            return {}
+        index = torch.tensor(wanted, device=tokens.device)
+        top_n = max(rows[i].row.params.logprobs for i in wanted)
+        entries = token_logprobs(logits.index_select(0, index), tokens[index], top_n)
+        out = {}
+        for i, entry in zip(wanted, entries, strict=True):
+            entry.top = entry.top[: rows[i].row.params.logprobs]
+            out[id(rows[i])] = [entry]
+        return out
 
     def _retire(self, req: EngineRequest, error: BaseException | None = None) -> None:
         key = (
@@ -506,15 +390,18 @@ class GenerationEngine:
                          use_cache=True, **extra)  # fmt: skip
         return out.logits[:, -1, :], getattr(out, self._cache_name)
 
+    def _score_prompt(self, req: EngineRequest) -> list:
+        """Prompt logprobs: one forward over the whole prompt (rare: evaluation requests)."""
+        ids = torch.tensor([req.prompt_ids], device=self.device)
+        logits = self.model(input_ids=ids, use_cache=False).logits[0]
+        return prompt_token_logprobs(logits, req.prompt_ids, req.row.params.prompt_logprobs)
+
     @torch.inference_mode()
     def _probe_cache(self) -> None:
         """Fail at start, not at the first request, if the model's cache cannot be batched."""
         ids = torch.tensor([[self.pad_id]], device=self.device)
         _, cache = self._forward(ids, torch.ones_like(ids), torch.zeros_like(ids), None)
         check_cache_supported(cache)
-
-    def _left_pad(self, encoded: list[list[int]]) -> tuple[torch.Tensor, ...]:
-        return left_pad(encoded, self.pad_id, self.device)
 
 
 def _eos_token_ids(model, tokenizer) -> set[int]:

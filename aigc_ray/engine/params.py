@@ -17,6 +17,10 @@ class SamplingParams:
     ``stop`` strings end generation; the returned text is cut before the first stop string.
     ``seed`` gives the request its own ``torch.Generator`` so sampling is reproducible.
     ``ignore_eos`` keeps generating past EOS (benchmarks with fixed output lengths, as in vLLM).
+    ``logprobs`` (0..MAX_LOGPROBS) returns each generated token's log-probability and that many
+    most likely alternatives; ``prompt_logprobs`` does the same for every prompt token after the
+    first (loglikelihood evaluation). Log-probabilities are of the model's raw distribution
+    (before temperature and top-k/top-p), as vLLM reports them by default.
     """
 
     max_tokens: int = 64
@@ -26,19 +30,37 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+
+MAX_LOGPROBS = 20  # as vLLM's default max_logprobs and OpenAI's top_logprobs limit
+
+
+@dataclass
+class TokenLogprob:
+    """One position: the token there, its log-probability, and the ``top`` alternatives
+    (token id, log-probability), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
 class GenerationResult:
     """One completion. ``token_ids`` include a final EOS token if one was generated (text never
     does); ``finish_reason`` is ``"stop"`` (EOS or stop string), ``"length"`` (max_tokens) or
-    ``"cancelled"`` (the caller cancelled the request)."""
+    ``"cancelled"`` (the caller cancelled the request). ``logprobs`` has one entry per token
+    id, ``prompt_logprobs`` one per prompt token (None for the first), when asked for."""
 
     text: str
     token_ids: list[int]
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class InvalidParamError(ValueError):
@@ -68,6 +90,16 @@ class EngineError(RuntimeError):
     """The engine failed while decoding a request (the request is lost, the engine keeps going)."""
 
 
+class EngineDeadError(EngineError):
+    """The engine itself is gone (e.g. vLLM's engine process died): nothing more will run here,
+    the replica must be replaced."""
+
+
+class EngineUnavailableError(RuntimeError):
+    """The requested engine cannot serve this model here (not installed, unsupported model, or
+    its load failed); the message names the model and the reason."""
+
+
 def validate_params(params: SamplingParams) -> None:
     """Raise InvalidParamError naming the first out-of-range field of ``params``."""
     if not isinstance(params.max_tokens, int) or params.max_tokens < 1:
@@ -82,6 +114,11 @@ def validate_params(params: SamplingParams) -> None:
         raise InvalidParamError(f"top_k must be >= 0, got {params.top_k}", "top_k")
     if any(not isinstance(s, str) or not s for s in params.stop):
         raise InvalidParamError("stop must be a list of non-empty strings", "stop")
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(params, name)
+        if value is not None and not 0 <= value <= MAX_LOGPROBS:
+            message = f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}"
+            raise InvalidParamError(message, name)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -91,9 +128,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``"auto"`` -> bfloat16 on cuda if supported (else float16), float32 elsewhere."""
+def resolve_dtype(dtype: str, device: torch.device, saved: str | None = None) -> torch.dtype:
+    """``"auto"``: the model directory's own dtype (``saved``) when it is a half type (an
+    optimized bf16/fp16 model stays one), else bfloat16 on cuda if supported (else float16),
+    float32 elsewhere."""
     if dtype == "auto":
+        if saved in ("bfloat16", "float16"):
+            return _DTYPES[saved]
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from aigc_ray.engine.params import GenerationResult, SamplingParams
+from aigc_ray.engine.params import GenerationResult, SamplingParams, TokenLogprob
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -74,12 +74,15 @@ class Sampler:
 
 
 class RowState:
-    """Output of one request: generated ids, stop checks, finish reason."""
+    """Output of one request in the built-in engine: generated ids, stop checks, finish reason,
+    log-probabilities when asked for."""
 
     def __init__(self, prompt_tokens: int, params: SamplingParams, tokenizer, eos_ids: set[int]):
         self.prompt_tokens = prompt_tokens
         self.params = params
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.finish_reason: str | None = None
         self._tokenizer = tokenizer
         self._eos_ids = set() if params.ignore_eos else eos_ids
@@ -100,10 +103,26 @@ class RowState:
             self._text_len = len(self.token_ids)
         return self._text
 
-    def push(self, token_id: int) -> None:
-        """Append one generated token (ignored once finished) and update the finish reason."""
-        if self.finished:
-            return
+    def stream_text(self) -> str:
+        """Text safe to show now. Decoded on the consumer's side from a snapshot of the ids (list
+        appends are atomic), so the scheduler thread never decodes for streams."""
+        ids = self.token_ids[:]
+        stop = self.params.stop
+        text = self._tokenizer.decode(ids, skip_special_tokens=True)
+        # The scheduler may not have checked the newest token against the stop strings yet.
+        cut = [i for s in stop if (i := text.find(s)) >= 0]
+        return text[: min(cut)] if cut else stable_prefix(text, stop)
+
+    def push(self, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
+        """Append generated tokens (ignored once finished) and update the finish reason."""
+        for i, token_id in enumerate(tokens):
+            if self.finished:
+                return
+            if self.logprobs is not None and logprobs is not None:
+                self.logprobs.append(logprobs[i])
+            self._push_one(token_id)
+
+    def _push_one(self, token_id: int) -> None:
         # Only text decoded since the last check (plus a stop-length overlap) can hold a new hit.
         # Trailing U+FFFD (partial UTF-8) may still change when the next byte arrives.
         search_from = max(0, len(self._text.rstrip("\ufffd")) - self._max_stop + 1)
@@ -130,7 +149,31 @@ class RowState:
             prompt_tokens=self.prompt_tokens,
             completion_tokens=len(self.token_ids),
             finish_reason=self.finish_reason or "length",
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            prompt_logprobs=self.prompt_logprobs,
         )
+
+
+def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, top_n: int) -> list[TokenLogprob]:
+    """Log-probabilities of ``chosen`` [rows] under ``logits`` [rows, vocab] (raw, before any
+    temperature or filtering), each with its ``top_n`` most likely alternatives."""
+    logp = logits.float().log_softmax(dim=-1)
+    picked = logp.gather(-1, chosen[:, None].long())[:, 0].tolist()
+    tops_v, tops_i = (logp.topk(top_n, dim=-1) if top_n else (None, None))
+    out = []
+    for r, token in enumerate(chosen.tolist()):
+        top = list(zip(tops_i[r].tolist(), tops_v[r].tolist(), strict=True)) if top_n else []
+        out.append(TokenLogprob(token, picked[r], top))
+    return out
+
+
+def prompt_token_logprobs(logits: torch.Tensor, ids: list[int], top_n: int) -> list:
+    """Prompt logprobs from the logits at every prompt position [T, vocab]: entry t scores
+    ``ids[t]`` given ``ids[:t]``; the first entry is None (nothing precedes it)."""
+    if len(ids) < 2:
+        return [None] * len(ids)
+    chosen = torch.tensor(ids[1:], device=logits.device)
+    return [None, *token_logprobs(logits[: len(ids) - 1], chosen, top_n)]
 
 
 def stable_prefix(text: str, stop: Sequence[str]) -> str:

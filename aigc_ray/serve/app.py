@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from ray import serve
@@ -14,26 +13,36 @@ from aigc_ray.serve.security import ServeError, check_bind, load_api_keys
 
 
 def deployment_options(m: ServedModel) -> dict:
-    """Serve options of one model's deployment (replicas or autoscaling, resources, queues)."""
+    """Serve options of one model's deployment (replicas or autoscaling, resources, queues).
+
+    A vLLM replica spanning several GPUs (``vllm.tensor_parallel_size`` > 1) reserves them in a
+    placement group on one node, as Ray Serve LLM does: the replica actor holds the CPUs of the
+    first bundle and no GPU, and vLLM's Ray workers take one GPU bundle each."""
     options: dict[str, Any] = {
         "name": f"model-{m.name}",
         "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
         "max_ongoing_requests": m.max_ongoing_requests,
         "max_queued_requests": m.max_queued_requests,
     }
+    tp = m.vllm.tensor_parallel_size
+    if tp > 1:
+        if m.engine == "builtin":
+            raise ServeError(f"serve model {m.name}: vllm.tensor_parallel_size={tp} needs "
+                             "engine vllm or auto (the builtin engine runs on one device)")  # fmt: skip
+        if m.num_gpus != tp:
+            raise ServeError(f"serve model {m.name}: num_gpus ({m.num_gpus:g}) must equal "
+                             f"vllm.tensor_parallel_size ({tp}), the GPUs one replica spans")  # fmt: skip
+        options["ray_actor_options"] = {"num_cpus": m.num_cpus, "num_gpus": 0}
+        options["placement_group_bundles"] = [{"CPU": m.num_cpus, "GPU": 1}] + [
+            {"GPU": 1} for _ in range(tp - 1)
+        ]
+        options["placement_group_strategy"] = "STRICT_PACK"
     if m.autoscaling is not None:
         options["autoscaling_config"] = m.autoscaling.model_dump(exclude_none=True)
         options["num_replicas"] = "auto"
     else:
         options["num_replicas"] = m.num_replicas
     return options
-
-
-def _torch_threads(m: ServedModel) -> int | None:
-    """CPU replicas use as many torch threads as CPUs they reserve (at least one)."""
-    if m.num_gpus > 0:
-        return None
-    return max(1, math.floor(m.num_cpus))
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -48,10 +57,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     handles = {}
     for m in models:
         check_model_dir(m.model_dir)
-        device = m.device if m.device != "auto" or m.num_gpus == 0 else "cuda"
-        handles[m.name] = ModelServer.options(**deployment_options(m)).bind(
-            m.name, portable_location(m.model_dir), device, m.dtype, m.max_batch_size,
-            _torch_threads(m), m.stream_chunks_per_s)  # fmt: skip
+        fields = {**m.model_dump(), "model_dir": portable_location(m.model_dir)}
+        handles[m.name] = ModelServer.options(**deployment_options(m)).bind(fields)
     return Router.bind(handles, cfg.max_tokens_limit, cfg.request_timeout_s)
 
 

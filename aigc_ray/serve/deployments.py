@@ -31,13 +31,16 @@ from ray.serve.exceptions import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from aigc_ray.config import ServedModel
 from aigc_ray.engine import (
     ContextLengthError,
+    EngineDeadError,
     EngineError,
     EngineRequest,
-    GenerationEngine,
     InvalidParamError,
+    load_engine,
 )
+from aigc_ray.engine.loader import cpu_threads
 from aigc_ray.serve.metrics import ModelMetrics, RouterMetrics
 from aigc_ray.serve.protocol import (
     ApiError,
@@ -45,6 +48,8 @@ from aigc_ray.serve.protocol import (
     ChunkWriter,
     CompletionRequest,
     Job,
+    chat_logprobs,
+    completion_logprobs,
     parse_json,
     render_chat,
     response_body,
@@ -59,47 +64,69 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- model server
 
 
-@serve.deployment
-class ModelServer:
-    """One model: an engine with continuous batching, shared by all requests to this replica."""
+def _vllm_stat_loggers() -> list:
+    """vLLM's own Prometheus metrics (KV-cache usage, running/waiting, latencies...) exported
+    through Ray's metrics agent, as Ray Serve LLM does."""
+    try:
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+    except ImportError:
+        return []
+    return [RayPrometheusStatLogger]
 
-    def __init__(self, name: str, model_dir: str, device: str, dtype: str, max_batch_size: int,
-                 threads: int | None, stream_chunks_per_s: float):  # fmt: skip
+
+@serve.deployment(health_check_period_s=5)
+class ModelServer:
+    """One model: an engine (built-in or vLLM) with continuous batching, shared by all requests
+    to this replica. ``model`` is a ServedModel's fields (validated again here)."""
+
+    def __init__(self, model: dict):
         import torch
 
+        cfg = ServedModel(**model)
+        threads = cpu_threads(cfg.num_cpus, cfg.num_gpus)
         if threads:
             torch.set_num_threads(threads)
-        self.name = name
-        self.engine = GenerationEngine.from_pretrained(model_dir, device=device, dtype=dtype,
-                                                       max_batch_size=max_batch_size)  # fmt: skip
-        self.metrics = ModelMetrics(name)
-        self.chunks_per_s = stream_chunks_per_s
-        log.info("model %s ready from %s (torch threads %d)", name, model_dir,
-                 torch.get_num_threads())  # fmt: skip
+        self.name = cfg.name
+        device = cfg.device if cfg.device != "auto" or cfg.num_gpus == 0 else "cuda"
+        self.engine, self.choice = load_engine(
+            cfg.model_dir, engine=cfg.engine, device=device, dtype=cfg.dtype,
+            max_batch_size=cfg.max_batch_size, max_model_len=cfg.max_model_len,
+            vllm=cfg.vllm.model_dump(), stat_loggers=_vllm_stat_loggers(),
+        )  # fmt: skip
+        self.metrics = ModelMetrics(cfg.name)
+        self.chunks_per_s, self.max_interval = cfg.stream_chunks_per_s, cfg.stream_max_interval_s
+        log.info("model %s ready from %s: engine %s (%s)", cfg.name, cfg.model_dir,
+                 self.choice.name, self.choice.reason)  # fmt: skip
 
-    def _submit(self, job: Job, stream: bool) -> list[EngineRequest]:
-        """Validate the job against this model and queue its n engine requests."""
+    async def _submit(self, job: Job, stream: bool) -> tuple[list[EngineRequest], list[list[int]]]:
+        """Validate the job against this model and queue its prompts x n engine requests."""
         params = job.params
-        add_special = True
-        prompt = job.prompt
         if job.kind == "chat":
             prompt, extra_stop = render_chat(self.engine.tokenizer, job.messages)
             params.stop = [*params.stop, *extra_stop]
-            add_special = False
-        ids = self.engine.encode(prompt, add_special_tokens=add_special)
-        if job.kind == "chat" and not job.max_tokens_given:
-            params.max_tokens = max(
-                1, min(params.max_tokens, self.engine.context_window - len(ids))
-            )
-        try:  # every copy shares the params but the seed: the first submit validates them all
-            seeds = [params.seed + i if params.seed is not None else None for i in range(job.n)]
-            reqs = [self.engine.submit(ids, _with_seed(params, s), stream=stream) for s in seeds]
+            prompts = [self.engine.encode(prompt, add_special_tokens=False)]
+            if not job.max_tokens_given:
+                room = self.engine.context_window - len(prompts[0])
+                params.max_tokens = max(1, min(params.max_tokens, room))
+        else:
+            prompts = [p if isinstance(p, list) else self.engine.encode(p) for p in job.prompts]
+        reqs: list[EngineRequest] = []
+        try:  # choice i of a prompt gets seed + i, so n choices differ but repeat with the seed
+            for ids in prompts:
+                for i in range(job.n):
+                    seed = params.seed + i if params.seed is not None else None
+                    reqs.append(await self.engine.asubmit(ids, _with_seed(params, seed), stream))
         except ContextLengthError as e:
+            _cancel(reqs)
             raise ApiError(400, str(e), param=e.param, code="context_length_exceeded") from None
         except InvalidParamError as e:
+            _cancel(reqs)
             raise ApiError(400, str(e), param=e.param) from None
+        except EngineError as e:
+            _cancel(reqs)
+            raise _engine_failure(e) from None
         self.metrics.update(self.engine.stats())
-        return reqs
+        return reqs, prompts
 
     def _finished(self, reqs: list[EngineRequest]) -> None:
         for req in reqs:
@@ -109,9 +136,9 @@ class ModelServer:
         self.metrics.update(self.engine.stats())
 
     async def complete(self, job: Job) -> dict:
-        """Whole completions: {"prompt_tokens", "choices": [...]} or {"error": ...}."""
+        """Whole completions: {"prompt_tokens", "choices": [...], "engine"} or {"error": ...}."""
         try:
-            reqs = self._submit(job, stream=False)
+            reqs, prompts = await self._submit(job, stream=False)
         except ApiError as e:
             return {"error": e.to_dict()}
         try:
@@ -120,21 +147,47 @@ class ModelServer:
             return {"error": _engine_failure(e).to_dict()}
         finally:
             self._finished(reqs)
-        choices = [{"text": r.text, "finish_reason": r.finish_reason,
-                    "completion_tokens": r.completion_tokens} for r in results]  # fmt: skip
-        return {"prompt_tokens": results[0].prompt_tokens, "choices": choices}
+        choices = [self._choice(job, prompts[i // job.n], r) for i, r in enumerate(results)]
+        return {"prompt_tokens": sum(len(p) for p in prompts), "choices": choices,
+                "engine": self.choice.name}  # fmt: skip
+
+    def _choice(self, job: Job, prompt_ids: list[int], r) -> dict:
+        """One choice's text, finish reason, token count and logprobs (echo: prompt first)."""
+        tok = self.engine.tokenizer
+        ids, entries, text = r.token_ids, r.logprobs, r.text
+        if job.score_only:
+            ids, entries, text = [], [] if entries is not None else None, ""
+        prefix = ""
+        if job.echo:
+            prefix = tok.decode(prompt_ids, skip_special_tokens=False)
+            if entries is not None:
+                ids = [*prompt_ids, *ids]
+                entries = [*(r.prompt_logprobs or [None] * len(prompt_ids)), *entries]
+        logprobs = None
+        if entries is not None:
+            if job.kind == "chat":
+                logprobs = chat_logprobs(tok, ids, entries)
+            else:
+                logprobs = completion_logprobs(tok, ids, entries)
+        return {"text": prefix + text, "finish_reason": r.finish_reason,
+                "completion_tokens": 0 if job.score_only else r.completion_tokens,
+                "logprobs": logprobs}  # fmt: skip
 
     async def stream(self, job: Job):
         """Events: ("start", prompt_tokens) or ("error", body), then ("delta", index, text) and
         ("finish", index, finish_reason, completion_tokens). Deltas produced between two reads
         are sent as one, so a busy replica sends fewer, larger chunks."""
+        if job.params.logprobs is not None or job.echo:
+            err = ApiError(400, "logprobs and echo need stream: false", param="stream")
+            yield ("error", err.to_dict())
+            return
         try:
-            reqs = self._submit(job, stream=True)
+            reqs, prompts = await self._submit(job, stream=True)
         except ApiError as e:
             yield ("error", e.to_dict())
             return
         try:
-            yield ("start", len(reqs[0].prompt_ids))
+            yield ("start", sum(len(p) for p in prompts))
             async for event in _merge(reqs, self._stream_interval):
                 yield event
         except EngineError as e:
@@ -145,14 +198,30 @@ class ModelServer:
     def _stream_interval(self) -> float:
         """Seconds between two chunks of one stream: every request streams token by token until
         the replica's running requests would exceed ``stream_chunks_per_s`` chunks in total;
-        then chunks carry several tokens (each chunk costs CPU in the router and the proxy)."""
+        then chunks carry several tokens (each chunk costs CPU in the router and the proxy), but
+        never more than ``stream_max_interval_s`` apart."""
         if not self.chunks_per_s:
             return 0.0
-        return self.engine.num_running / self.chunks_per_s
+        return min(self.max_interval, self.engine.num_running / self.chunks_per_s)
+
+    async def info(self) -> dict:
+        """The engine serving this model and why (aigc-ray serve prints it; /v1/models shows it)."""
+        return {"model": self.name, **self.choice.as_dict(),
+                "context_window": self.engine.context_window}  # fmt: skip
 
     async def stats(self) -> dict:
-        """Engine counters and this replica's pid (tests and debugging)."""
-        return {"pid": os.getpid(), "model": self.name, **self.engine.stats()}
+        """Engine counters, the engine's name and this replica's pid (tests and debugging)."""
+        out = {"pid": os.getpid(), "model": self.name, "engine": self.choice.name,
+               **self.engine.stats()}  # fmt: skip
+        if hasattr(self.engine, "engine_pids"):
+            out["engine_pids"] = self.engine.engine_pids()
+        return out
+
+    def check_health(self) -> None:
+        """Serve's health check: a dead engine (vLLM's process gone) fails it, so Serve replaces
+        this replica while requests in flight get 503s."""
+        if getattr(self.engine, "dead", False):
+            raise RuntimeError(f"model {self.name}: the {self.choice.name} engine is dead")
 
     def __del__(self):
         engine = getattr(self, "engine", None)
@@ -160,11 +229,19 @@ class ModelServer:
             engine.close()
 
 
+def _cancel(reqs: list[EngineRequest]) -> None:
+    for req in reqs:
+        req.cancel()
+
+
 def _with_seed(params, seed):
     return dataclasses.replace(params, seed=seed, stop=list(params.stop))
 
 
 def _engine_failure(e: EngineError) -> ApiError:
+    if isinstance(e, EngineDeadError):
+        return ApiError(503, f"model replica unavailable ({e}); retry", "server_unavailable",
+                        code="replica_unavailable")  # fmt: skip
     return ApiError(500, str(e), "server_error")
 
 
@@ -250,6 +327,7 @@ class Router:
         self.keys = load_api_keys()
         self.created = int(time.time())
         self.metrics = RouterMetrics()
+        self.engines: dict[str, str] = {}  # model -> engine, learnt from its responses
 
     @api.get("/health")
     async def health(self) -> dict:
@@ -259,8 +337,8 @@ class Router:
     async def list_models(self, request: Request):
         if not key_allowed(request.headers.get("authorization"), self.keys):
             return self._record("", "models", _auth_error())
-        cards = [{"id": name, "object": "model", "created": self.created, "owned_by": "aigc_ray"}
-                 for name in self.models]  # fmt: skip
+        cards = [{"id": name, "object": "model", "created": self.created, "owned_by": "aigc_ray",
+                  "engine": self.engines.get(name)} for name in self.models]  # fmt: skip
         return {"object": "list", "data": cards}
 
     @api.post("/v1/completions")
@@ -290,6 +368,7 @@ class Router:
                 response = await self._open_stream(handle, job, writer, deadline)
             else:
                 out = await self._call(handle, job, deadline)
+                self.engines[model] = out["engine"]
                 response = response_body(job.kind, model, out)
         except ApiError as e:
             return self._record(model, route, e)
@@ -326,7 +405,7 @@ class Router:
             raise
         if first[0] == "error":
             raise ApiError.from_dict(first[1])
-        sse = self._sse(events, writer, first[1], job.n, deadline)
+        sse = self._sse(events, writer, first[1], max(1, len(job.prompts)) * job.n, deadline)
         return StreamingResponse(sse, media_type="text/event-stream")
 
     async def _sse(self, events, writer: ChunkWriter, prompt_tokens: int, n: int,

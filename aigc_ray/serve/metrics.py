@@ -55,6 +55,8 @@ class ModelMetrics:
                               "Requests in the replica's running batch.")  # fmt: skip
         self.queued = tagged(metrics.Gauge, "aigc_ray_queued_requests",
                              "Requests waiting for a slot in the running batch.")  # fmt: skip
+        self.kv_cache = tagged(metrics.Gauge, "aigc_ray_kv_cache_usage",
+                               "Fraction of the engine's KV cache in use (0-1).")  # fmt: skip
 
     def observe_request(self, req) -> None:
         """Record one finished engine request (an aigc_ray.engine.EngineRequest)."""
@@ -70,3 +72,5 @@ class ModelMetrics:
     def update(self, stats: dict) -> None:
         self.running.set(stats["running"])
         self.queued.set(stats["waiting"])
+        if "kv_cache_usage" in stats:
+            self.kv_cache.set(stats["kv_cache_usage"])

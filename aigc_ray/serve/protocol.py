@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aigc_ray.engine import SamplingParams
+from aigc_ray.engine.params import MAX_LOGPROBS
 
 # ChatML, used when a tokenizer has no chat template of its own (ours do not). Documented in the
 # README; "<|im_end|>" is added to the stop strings so a turn ends where the template says.
@@ -55,6 +56,10 @@ class ApiError(Exception):
 # ---------------------------------------------------------------- request models
 
 
+MAX_PROMPTS = 256  # prompts in one /v1/completions request (each with n choices)
+MAX_CHOICES = 512  # prompts x n
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -72,13 +77,17 @@ class _Common(BaseModel):
     stream: bool = Field(False, description="Server-sent events.")
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="Generate past EOS (benchmarks; vLLM's name).")
-    logprobs: Any = None
-    echo: bool = False
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] = Field(description="Prompt text (or a list with one prompt).")
-    max_tokens: int = Field(16, description="Tokens to generate.")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A prompt, a list of prompts, or token ids (one list or a list of lists)."
+    )
+    max_tokens: int = Field(16, description="Tokens to generate (0 only with echo: score).")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Top-N log-probabilities per token."
+    )
+    echo: bool = Field(False, description="Return the prompt (and its logprobs) before the text.")
 
 
 class ChatMessage(BaseModel):
@@ -97,6 +106,10 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     max_tokens: int | None = Field(None, description="Tokens to generate (default: the limit).")
     max_completion_tokens: int | None = Field(None, description="Newer name of max_tokens.")
+    logprobs: bool = Field(False, description="Log-probability of each generated token.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Alternatives per token (needs logprobs)."
+    )
 
 
 def _validation_error(exc: ValidationError) -> ApiError:
@@ -125,51 +138,70 @@ def parse_json(raw: bytes, model: type[BaseModel]) -> BaseModel:
 
 @dataclass
 class Job:
-    """What a model server needs for one request: prompt (text or chat messages), params, n."""
+    """What a model server needs for one request: prompts (text or token ids) or chat messages,
+    params, n choices per prompt, and how to report logprobs."""
 
     kind: Literal["completion", "chat"]
-    prompt: str | None = None
+    prompts: list[str | list[int]] = field(default_factory=list)
     messages: list[dict] = field(default_factory=list)
     params: SamplingParams = field(default_factory=SamplingParams)
     max_tokens_given: bool = True  # chat: False means "as many as fit" (resolved per model)
     n: int = 1
+    echo: bool = False
+    score_only: bool = False  # echo with max_tokens 0: the prompt's logprobs, nothing generated
 
 
 def to_job(req: CompletionRequest | ChatCompletionRequest, limit: int) -> Job:
-    """Check what the engine cannot (types, n, unsupported options, max_tokens range)."""
-    if req.logprobs not in (None, False, 0):
-        raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
-    if req.echo:
-        raise ApiError(400, "echo is not supported by this server", param="echo")
+    """Check what the engine cannot (types, n, prompt counts, max_tokens range)."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > 4:
         raise ApiError(400, f"stop may hold at most 4 strings, got {len(stop)}", param="stop")
+    logprobs = None
     if isinstance(req, ChatCompletionRequest):
         max_tokens = req.max_completion_tokens or req.max_tokens
         given = max_tokens is not None
         max_tokens = max_tokens if given else limit
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         job = Job("chat", messages=messages, max_tokens_given=given)
+        if req.logprobs:
+            logprobs = req.top_logprobs or 0
+        elif req.top_logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     else:
         max_tokens = req.max_tokens
-        job = Job("completion", prompt=_single_prompt(req.prompt))
+        job = Job("completion", prompts=_prompts(req.prompt), echo=req.echo)
+        logprobs = req.logprobs
+        if max_tokens == 0 and req.echo:
+            job.score_only, max_tokens = True, 1
+    if len(job.prompts) * req.n > MAX_CHOICES:
+        raise ApiError(400, f"prompts x n may be at most {MAX_CHOICES}, got "
+                       f"{len(job.prompts) * req.n}", param="n")  # fmt: skip
     if not 1 <= max_tokens <= limit:
-        raise ApiError(400, f"max_tokens must be between 1 and {limit}, got {max_tokens}",
-                       param="max_tokens")  # fmt: skip
-    job.params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature,
-                                top_p=req.top_p, top_k=req.top_k, stop=stop, seed=req.seed,
-                                ignore_eos=req.ignore_eos)  # fmt: skip
+        message = f"max_tokens must be between 1 and {limit} (0 with echo), got {max_tokens}"
+        raise ApiError(400, message, param="max_tokens")
+    prompt_logprobs = logprobs if job.echo and logprobs is not None else None
+    job.params = SamplingParams(
+        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+        stop=stop, seed=req.seed, ignore_eos=req.ignore_eos, logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+    )  # fmt: skip
     job.n = req.n
     return job
 
 
-def _single_prompt(prompt: str | list[str]) -> str:
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise ApiError(400, "prompt must be a string or a list with exactly one string",
-                           param="prompt")  # fmt: skip
-        return prompt[0]
-    return prompt
+def _prompts(prompt) -> list[str | list[int]]:
+    """The request's prompts: a string, a list of strings, token ids, or lists of token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt must not be empty", param="prompt")
+    prompts = [prompt] if isinstance(prompt[0], int) else list(prompt)
+    if len(prompts) > MAX_PROMPTS:
+        raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}",
+                       param="prompt")  # fmt: skip
+    if any(isinstance(p, list) and not p for p in prompts):
+        raise ApiError(400, "a token-id prompt must not be empty", param="prompt")
+    return prompts
 
 
 def render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[str]]:
@@ -181,6 +213,46 @@ def render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[str]]:
     text = tokenizer.apply_chat_template(messages, chat_template=DEFAULT_CHAT_TEMPLATE,
                                          tokenize=False, add_generation_prompt=True)  # fmt: skip
     return text, [DEFAULT_CHAT_STOP]
+
+
+# ---------------------------------------------------------------- logprobs
+
+
+def completion_logprobs(tokenizer, token_ids: list[int], entries: list, start: int = 0) -> dict:
+    """OpenAI's legacy completions ``logprobs`` object for ``token_ids`` and their entries
+    (TokenLogprob or None): tokens, token_logprobs, top_logprobs and text_offset from ``start``.
+    """
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = start
+    for token_id, entry in zip(token_ids, entries, strict=True):
+        piece = tokenizer.decode([token_id])
+        tokens.append(piece)
+        offsets.append(offset)
+        offset += len(piece)
+        if entry is None:
+            token_lps.append(None)
+            tops.append(None)
+            continue
+        token_lps.append(entry.logprob)
+        top = {tokenizer.decode([t]): lp for t, lp in entry.top}
+        top.setdefault(piece, entry.logprob)  # as OpenAI: the chosen token is always listed
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+            "text_offset": offsets}  # fmt: skip
+
+
+def chat_logprobs(tokenizer, token_ids: list[int], entries: list) -> dict:
+    """OpenAI's chat ``logprobs`` object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+
+    def item(token_id: int, lp: float) -> dict:
+        piece = tokenizer.decode([token_id])
+        return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
+
+    content = []
+    for token_id, entry in zip(token_ids, entries, strict=True):
+        content.append({**item(token_id, entry.logprob),
+                        "top_logprobs": [item(t, lp) for t, lp in entry.top]})  # fmt: skip
+    return {"content": content}
 
 
 # ---------------------------------------------------------------- responses and chunks
@@ -197,19 +269,24 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def response_body(kind: str, model: str, out: dict) -> dict:
     """A full (non-streamed) completion / chat.completion from a model server's output
-    ``{"prompt_tokens", "choices": [{"text", "finish_reason", "completion_tokens"}]}``."""
+    ``{"prompt_tokens", "choices": [{"text", "finish_reason", "completion_tokens", "logprobs"}]}``
+    (choices in order: prompt by prompt, n each)."""
     choices = []
     for i, c in enumerate(out["choices"]):
+        common = {"index": i, "logprobs": c.get("logprobs"), "finish_reason": c["finish_reason"]}
         if kind == "chat":
-            message = {"role": "assistant", "content": c["text"]}
-            choices.append({"index": i, "message": message, "finish_reason": c["finish_reason"]})
+            choices.append({**common, "message": {"role": "assistant", "content": c["text"]}})
         else:
-            choices.append({"index": i, "text": c["text"], "logprobs": None,
-                            "finish_reason": c["finish_reason"]})  # fmt: skip
+            choices.append({**common, "text": c["text"]})
     completion_tokens = sum(c["completion_tokens"] for c in out["choices"])
-    return {"id": new_id(kind), "object": "chat.completion" if kind == "chat" else "text_completion",
-            "created": int(time.time()), "model": model, "choices": choices,
-            "usage": usage(out["prompt_tokens"], completion_tokens)}  # fmt: skip
+    return {
+        "id": new_id(kind),
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage(out["prompt_tokens"], completion_tokens),
+    }
 
 
 class ChunkWriter:

@@ -46,23 +46,36 @@ def model_dirs(tmp_path_factory):
             "slow": _model_dir(root, tok, 3, **slow)}  # fmt: skip
 
 
+# Every API test runs once per engine. vLLM runs its CPU build here, in eager mode (no
+# torch.compile warm-up: 25 s instead of 55 s per engine start) with a small KV cache each.
+VLLM = {"engine": "vllm", "vllm": {"kv_cache_memory_gb": 0.25,
+                                   "engine_kwargs": {"enforce_eager": True}}}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["builtin", "vllm"])
+def engine(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def base_url(ray_session, model_dirs):
+def base_url(ray_session, model_dirs, engine):
     from ray import serve
 
     from aigc_ray.config import ServeConfig
     from aigc_ray.serve import run_serve
 
+    chosen = VLLM if engine == "vllm" else {"engine": "builtin"}
     cfg = ServeConfig(
         port=PORT, num_cpus=0.25, request_timeout_s=TIMEOUT_S, max_tokens_limit=SLOW_LIMIT,
         models=[
-            {"name": "tiny-a", "model_dir": model_dirs["a"]},
-            {"name": "tiny-b", "model_dir": model_dirs["b"]},
+            {"name": "tiny-a", "model_dir": model_dirs["a"], **chosen},
+            {"name": "tiny-b", "model_dir": model_dirs["b"], **chosen},
             # one request at a time, one more in the queue: the third gets a 503
             {"name": "slow", "model_dir": model_dirs["slow"], "max_ongoing_requests": 1,
-             "max_queued_requests": 1, "max_batch_size": 1},
-            # no replica until the first request arrives
-            {"name": "lazy", "model_dir": model_dirs["a"], "autoscaling": {
+             "max_queued_requests": 1, "max_batch_size": 1, **chosen},
+            # no replica until the first request arrives (Serve's scale from zero does not
+            # depend on the engine: the builtin one in both runs keeps the vLLM run shorter)
+            {"name": "lazy", "model_dir": model_dirs["a"], "engine": "builtin", "autoscaling": {
                 "min_replicas": 0, "max_replicas": 1, "initial_replicas": 0,
                 "upscale_delay_s": 0, "downscale_delay_s": 600}},
         ],
@@ -130,6 +143,13 @@ def test_completion_params_n_seed_usage(client):
     assert [c.text for c in first.choices] == [c.text for c in again.choices]  # seeded
     assert len({c.text for c in first.choices}) > 1  # n choices sample independently
     assert first.usage.completion_tokens == 30  # usage counts all n choices
+
+
+def test_models_show_the_engine_that_answered(client, engine):
+    client.completions.create(model="tiny-b", prompt="x", max_tokens=2)
+    cards = {m.id: m for m in client.models.list().data}
+    assert cards["tiny-b"].engine == engine  # learnt from its responses
+    assert stats("tiny-b")["engine"] == engine
 
 
 def _stop_candidate(text: str) -> int | None:
@@ -203,6 +223,72 @@ def test_streaming_chat_with_usage_and_n(client):
     assert all(c.object == "chat.completion.chunk" for c in chunks)
 
 
+def test_prompt_lists_and_token_ids_give_one_choice_per_prompt(client, model_dirs):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model_dirs["a"])("def f():")["input_ids"]
+    kw = dict(model="tiny-a", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    single = [client.completions.create(prompt=p, **kw).choices[0].text
+              for p in ("def f():", "import os")]  # fmt: skip
+    both = client.completions.create(prompt=["def f():", "import os"], n=2, **kw)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]  # prompt by prompt, n each
+    assert [c.text for c in both.choices] == [single[0], single[0], single[1], single[1]]
+    assert both.usage.completion_tokens == 16
+    by_ids = client.completions.create(prompt=ids, **kw)
+    assert by_ids.choices[0].text == single[0]
+    assert by_ids.usage.prompt_tokens == len(ids)
+    two_ids = client.completions.create(prompt=[ids, ids[:-1]], **kw)
+    assert len(two_ids.choices) == 2 and two_ids.usage.prompt_tokens == 2 * len(ids) - 1
+
+
+def _reference_logprobs(model_dir: str, ids: list[int]):
+    """transformers' own log-softmax over the model's logits at every position."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0].log_softmax(-1)
+
+
+def test_logprobs_and_echo_match_transformers(client, model_dirs):
+    """What loglikelihood evaluation (lm-eval's local-completions) sends: token ids, echo,
+    logprobs=1, max_tokens=1; and top-N logprobs of generated tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dirs["a"])
+    ids = tok("def add(a, b): return a + b")["input_ids"]
+    out = client.completions.create(model="tiny-a", prompt=ids, max_tokens=1, temperature=0,
+                                    logprobs=1, echo=True)  # fmt: skip
+    lp = out.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None
+    assert out.choices[0].text.startswith(tok.decode(ids))
+    ref = _reference_logprobs(model_dirs["a"], ids)
+    for t in range(1, len(ids)):
+        assert abs(lp.token_logprobs[t] - float(ref[t - 1, ids[t]])) < 2e-3, t
+        assert abs(max(lp.top_logprobs[t].values()) - float(ref[t - 1].max())) < 2e-3, t
+    greedy = int(ref[-1].argmax())
+    assert out.choices[0].logprobs.tokens[-1] == tok.decode([greedy])  # the generated token
+    scored = client.completions.create(model="tiny-a", prompt=ids, max_tokens=0, echo=True,
+                                       logprobs=0)  # fmt: skip
+    assert scored.usage.completion_tokens == 0
+    assert scored.choices[0].logprobs.token_logprobs[1:] == lp.token_logprobs[1:-1]
+    gen = client.completions.create(model="tiny-a", prompt="import os", max_tokens=5,
+                                    temperature=0, logprobs=3,
+                                    extra_body={"ignore_eos": True})  # fmt: skip
+    glp = gen.choices[0].logprobs
+    assert len(glp.tokens) == len(glp.token_logprobs) == 5
+    assert all(3 <= len(top) <= 4 for top in glp.top_logprobs)  # 3 (+ the chosen one)
+    assert all(abs(t - max(top.values())) < 1e-4 for t, top in
+               zip(glp.token_logprobs, glp.top_logprobs, strict=True))  # greedy: the best
+    chat = client.chat.completions.create(model="tiny-b", max_tokens=3, temperature=0,
+                                          logprobs=True, top_logprobs=2, extra_body={
+                                              "ignore_eos": True},
+                                          messages=[{"role": "user", "content": "hi"}])  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(c.top_logprobs) == 2 for c in content)
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -218,6 +304,9 @@ BAD = [
     ({"model": "tiny-a", "prompt": "x", "n": 0}, 400, "n"),
     ({"model": "tiny-a", "prompt": 5}, 400, "prompt"),
     ({"model": "tiny-a", "prompt": "x", "stream": True, "max_tokens": -2}, 400, "max_tokens"),
+    ({"model": "tiny-a", "prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"model": "tiny-a", "prompt": "x", "logprobs": 1, "stream": True}, 400, "stream"),
+    ({"model": "tiny-a", "prompt": [[]]}, 400, "prompt"),
     ({"model": "nope", "prompt": "x"}, 404, "model"),
 ]
 
@@ -363,7 +452,46 @@ def test_killed_replica_is_replaced_and_requests_succeed_again(client):
     assert all(s in (503, 408) for s in statuses), statuses  # OpenAI-shaped while down
 
 
-def test_prometheus_metrics_are_exported(client, ray_session):
+def test_dead_vllm_engine_gets_503_and_the_replica_is_replaced(engine, client, base_url):
+    """vLLM's engine process dies inside a replica: the request in flight gets an OpenAI-shaped
+    503, Serve's health check replaces the replica, later requests succeed."""
+    if engine != "vllm":
+        pytest.skip("the builtin engine runs in the replica's own process (see the kill test)")
+    before = stats("tiny-a")
+    assert before["engine_pids"], before
+    result: dict = {}
+
+    def long_request():
+        result["resp"] = post(base_url, "/completions", {"model": "tiny-a", "prompt": "x",
+                              "max_tokens": 250, "ignore_eos": True})  # fmt: skip
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not stats("tiny-a")["running"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for pid in before["engine_pids"]:
+        os.kill(pid, signal.SIGKILL)
+    thread.join(60)
+    resp = result["resp"]
+    assert resp.status_code == 503, resp.text
+    assert resp.json()["error"]["code"] == "replica_unavailable"
+    statuses, deadline = [], time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            out = client.completions.create(model="tiny-a", prompt="x", max_tokens=3)
+            if out.usage.completion_tokens == 3:
+                break
+        except Exception as e:  # noqa: BLE001 - record what clients saw meanwhile
+            statuses.append(getattr(e, "status_code", type(e).__name__))
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"tiny-a never recovered; saw {statuses}")
+    assert stats("tiny-a")["pid"] != before["pid"]  # a new replica
+    assert all(s in (503, 408) for s in statuses), statuses
+
+
+def test_prometheus_metrics_are_exported(client, ray_session, engine):
     node = ray_session._private.worker.global_worker.node
     url = f"http://127.0.0.1:{node.metrics_export_port}/metrics"
     client.completions.create(model="tiny-a", prompt="x", max_tokens=4)
@@ -372,6 +500,9 @@ def test_prometheus_metrics_are_exported(client, ray_session):
               "ray_aigc_ray_inter_token_latency_seconds_bucket",
               "ray_aigc_ray_generated_tokens_total", "ray_aigc_ray_running_requests",
               "ray_aigc_ray_queued_requests"]  # fmt: skip
+    if engine == "vllm":  # vLLM's own series too, through Ray's metrics agent
+        wanted += ["ray_aigc_ray_kv_cache_usage", "ray_vllm_kv_cache_usage_perc",
+                   "ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting"]  # fmt: skip
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:
         text = urllib.request.urlopen(url, timeout=10).read().decode()

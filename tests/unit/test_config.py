@@ -233,12 +233,18 @@ def test_every_field_has_a_description(section: type[BaseModel]):
 def test_config_reference_covers_every_leaf_key():
     rows = config_reference()
     keys = {r.split("`")[1] for r in rows}
-    expected = {
-        f"{sec}.{name}"
-        for sec, model in PipelineConfig.model_fields.items()
-        for name in model.annotation.model_fields
-    }
+
+    def leaves(model: type[BaseModel], prefix: str) -> set[str]:
+        out = set()
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            nested = isinstance(ann, type) and issubclass(ann, BaseModel)
+            out |= leaves(ann, f"{prefix}{name}.") if nested else {f"{prefix}{name}"}
+        return out
+
+    expected = leaves(PipelineConfig, "")
     assert keys == expected
+    assert "serve.vllm.tensor_parallel_size" in keys and "generate.engine" in keys
     assert all(r.count("|") >= 4 and not r.endswith("| None |") for r in rows)
 
 

@@ -13,18 +13,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from aigc_ray.engine import (
-    ContextLengthError,
-    GenerationEngine,
-    InvalidParamError,
-    RowState,
-    SamplingParams,
-    _pad_token_id,
-    filter_logits,
-    resolve_device,
-    resolve_dtype,
-    stable_prefix,
-)
+from aigc_ray.engine import ContextLengthError, GenerationEngine, InvalidParamError, SamplingParams
+from aigc_ray.engine.batch import left_pad
+from aigc_ray.engine.core import _pad_token_id
+from aigc_ray.engine.params import resolve_device, resolve_dtype
+from aigc_ray.engine.sampling import RowState, filter_logits, stable_prefix
 
 WORDS = [
     "the",
@@ -180,7 +173,7 @@ def test_row_state_tokenizer_eos_is_skipped_in_text(tokenizer):
     row = RowState(3, SamplingParams(max_tokens=5), tokenizer, {tokenizer.eos_token_id})
     word = tokenizer("fox")["input_ids"]
     for token in [*word, tokenizer.eos_token_id, *word]:
-        row.push(token)
+        row.push([token])
     assert row.finish_reason == "stop"
     assert row.token_ids == [*word, tokenizer.eos_token_id]
     assert row.result().text == "fox"
@@ -330,7 +323,7 @@ def test_resolve_device_and_dtype():
 def test_left_pad_positions_start_at_first_real_token(engine):
     """RoPE is shift-invariant, so greedy parity cannot catch wrong positions; check directly
     (models with absolute position embeddings, e.g. GPT-2, depend on them)."""
-    ids, mask, positions = engine._left_pad([[5, 6, 7], [8]])
+    ids, mask, positions = left_pad([[5, 6, 7], [8]], engine.pad_id, engine.device)
     assert ids.tolist() == [[5, 6, 7], [engine.pad_id] * 2 + [8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert positions.tolist() == [[0, 1, 2], [0, 0, 0]]
@@ -342,7 +335,7 @@ def test_row_state_finds_stop_completed_by_multibyte_char(tokenizer):
     assert len(ids) >= 5  # the euro sign arrives as several byte-level tokens
     row = RowState(1, SamplingParams(max_tokens=20, stop=["b\u20ac"]), tokenizer, set())
     for token in ids:
-        row.push(token)
+        row.push([token])
     assert row.finish_reason == "stop"
     assert row.result().text == "a"
     assert row.token_ids == ids[: len(row.token_ids)] and len(row.token_ids) < len(ids)

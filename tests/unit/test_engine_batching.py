@@ -7,13 +7,8 @@ import pytest
 import torch
 from test_engine import GREEDY, PROMPTS, engine, hf_greedy, model, tokenizer  # noqa: F401
 
-from aigc_ray.engine import (
-    EngineError,
-    GenerationEngine,
-    RunningBatch,
-    SamplingParams,
-    check_cache_supported,
-)
+from aigc_ray.engine import EngineError, GenerationEngine, SamplingParams
+from aigc_ray.engine.batch import RunningBatch, check_cache_supported
 
 
 def wait_for(predicate, timeout=10.0):

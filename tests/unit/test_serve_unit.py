@@ -134,17 +134,47 @@ def test_to_job_maps_fields():
 
 @pytest.mark.parametrize(
     ("kwargs", "param"),
-    [({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"logprobs": 2}, "logprobs"),
-     ({"echo": True}, "echo"), ({"prompt": []}, "prompt"), ({"prompt": ["a", "b"]}, "prompt")],
-)  # fmt: skip
+    [
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [[1, 2], []]}, "prompt"),
+        ({"prompt": ["x"] * 300}, "prompt"),
+        ({"prompt": ["x"] * 100, "n": 8}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+    ],
+)
 def test_to_job_rejects_what_it_cannot_honour(kwargs, param):
     with pytest.raises(ApiError) as ei:
         to_job(req(**kwargs), 16)
     assert (ei.value.status, ei.value.param) == (400, param)
 
 
-def test_to_job_prompt_list_of_one():
-    assert to_job(req(prompt=["hi"]), 16).prompt == "hi"
+@pytest.mark.parametrize("bad", [{"logprobs": 21}, {"logprobs": -1}, {"prompt": 5}])
+def test_request_model_rejects_bad_logprobs_and_prompt(bad):
+    with pytest.raises(ApiError) as ei:
+        parse_json(json.dumps({"model": "m", "prompt": "p", **bad}).encode(), CompletionRequest)
+    assert ei.value.param == next(iter(bad))
+
+
+def test_to_job_prompts_lists_and_token_ids():
+    assert to_job(req(prompt=["hi"]), 16).prompts == ["hi"]
+    assert to_job(req(prompt=["a", "b"]), 16).prompts == ["a", "b"]
+    assert to_job(req(prompt=[1, 2, 3]), 16).prompts == [[1, 2, 3]]
+    assert to_job(req(prompt=[[1, 2], [3]]), 16).prompts == [[1, 2], [3]]
+
+
+def test_to_job_logprobs_echo_and_scoring():
+    job = to_job(req(logprobs=3), 16)
+    assert (job.params.logprobs, job.params.prompt_logprobs, job.echo) == (3, None, False)
+    job = to_job(req(logprobs=1, echo=True, max_tokens=1), 16)
+    assert (job.params.logprobs, job.params.prompt_logprobs, job.echo) == (1, 1, True)
+    job = to_job(req(logprobs=0, echo=True, max_tokens=0), 16)  # score the prompt only
+    assert job.score_only and job.params.max_tokens == 1 and job.params.prompt_logprobs == 0
+    job = to_job(chat(logprobs=True, top_logprobs=2), 16)
+    assert job.params.logprobs == 2 and job.params.prompt_logprobs is None
+    with pytest.raises(ApiError) as ei:
+        to_job(chat(top_logprobs=2), 16)
+    assert ei.value.param == "top_logprobs"
 
 
 def test_chat_job_defaults_and_max_completion_tokens():

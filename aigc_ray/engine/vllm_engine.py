@@ -1,0 +1,379 @@
+"""VllmEngine: vLLM's async engine (``AsyncLLM``) behind the same interface as the built-in engine.
+
+``submit`` / ``asubmit`` return the same EngineRequest handle, so the Serve model server, batch
+generation, metrics and errors do not care which engine runs. vLLM's AsyncLLM lives on an event
+loop in a thread of its own (a Serve replica's loop and a Ray Data actor's threads both call in);
+its engine core runs in a child process, as in vLLM's own server. Requests are validated here
+with the same rules as the built-in engine (so a bad request is the same 400 on both), then
+handed to vLLM as token ids; a cancelled request is aborted in vLLM (no more tokens generated).
+
+Never imports Ray: the Serve layer passes Ray's Prometheus stat logger in ``stat_loggers``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from typing import Any
+
+from aigc_ray.engine.params import (
+    ContextLengthError,
+    EngineDeadError,
+    EngineError,
+    EngineUnavailableError,
+    GenerationResult,
+    InvalidParamError,
+    SamplingParams,
+    TokenLogprob,
+    validate_params,
+)
+from aigc_ray.engine.request import EngineRequest
+
+logger = logging.getLogger(__name__)
+
+
+class VllmRow:
+    """Output of one request as vLLM reports it: token deltas, text (vLLM's detokenizer already
+    cuts stop strings and holds back partial ones), logprobs, finish reason."""
+
+    def __init__(self, prompt_tokens: int, params: SamplingParams):
+        self.prompt_tokens = prompt_tokens
+        self.params = params
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def stream_text(self) -> str:
+        return self.text
+
+    def push(self, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
+        self.token_ids.extend(tokens)
+        if self.logprobs is not None and logprobs:
+            self.logprobs.extend(logprobs)
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            text=self.text,
+            token_ids=list(self.token_ids),
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=len(self.token_ids),
+            finish_reason=self.finish_reason or "length",
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            prompt_logprobs=self.prompt_logprobs,
+        )
+
+
+def _entries(position_logprobs, chosen: list[int], top_n: int) -> list[TokenLogprob]:
+    """vLLM's per-position {token_id: Logprob} dicts -> TokenLogprob (top by rank)."""
+    out = []
+    for token, position in zip(chosen, position_logprobs, strict=False):
+        ranked = sorted(position.items(), key=lambda kv: -kv[1].logprob)
+        top = [(tid, lp.logprob) for tid, lp in ranked[:top_n]]
+        out.append(TokenLogprob(token, position[token].logprob, top))
+    return out
+
+
+def stats_logger_factory(counters: dict):
+    """A vLLM stat logger class that keeps the engine's own counts in ``counters``: running and
+    waiting requests, KV-cache usage, prompt and generated tokens, steps."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _Logger(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            self.counters = counters
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+            c = self.counters
+            if scheduler_stats is not None:
+                c["running"] = scheduler_stats.num_running_reqs
+                c["waiting"] = scheduler_stats.num_waiting_reqs
+                c["kv_cache_usage"] = scheduler_stats.kv_cache_usage
+            if iteration_stats is not None:
+                c["generated_tokens"] += iteration_stats.num_generation_tokens
+                c["prompt_tokens"] += iteration_stats.num_prompt_tokens
+                c["steps"] += 1
+
+        def log_engine_initialized(self):
+            pass
+
+    return _Logger
+
+
+class VllmEngine:
+    """Continuous batching by vLLM (paged attention, its own scheduler and kernels)."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        dtype: str = "float32",
+        max_model_len: int | None = None,
+        max_batch_size: int | None = None,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        quantization: str | None = None,
+        enable_prefix_caching: bool = True,
+        engine_kwargs: dict[str, Any] | None = None,
+        stat_loggers: list | None = None,
+    ):
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.model_dir = model_dir
+        args = engine_args(model_dir, dtype=dtype, max_model_len=max_model_len,
+                           max_batch_size=max_batch_size, tensor_parallel_size=tensor_parallel_size,
+                           gpu_memory_utilization=gpu_memory_utilization,
+                           quantization=quantization, enable_prefix_caching=enable_prefix_caching,
+                           engine_kwargs=engine_kwargs)  # fmt: skip
+        self.counters = {"finished": 0, "cancelled": 0, "failed": 0, "prompt_tokens": 0,
+                         "generated_tokens": 0, "steps": 0, "running": 0, "waiting": 0,
+                         "kv_cache_usage": 0.0}  # fmt: skip
+        loggers = [stats_logger_factory(self.counters), *(stat_loggers or [])]
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="aigc-vllm",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+
+        async def start():
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=loggers)
+
+        try:
+            self.llm = asyncio.run_coroutine_threadsafe(start(), self._loop).result()
+        except Exception as e:
+            self._stop_loop()
+            raise EngineUnavailableError(
+                f"vLLM could not load {model_dir}: {type(e).__name__}: {e}"
+            ) from e
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.context_window = int(self.llm.model_config.max_model_len)
+        self.max_logprobs = int(getattr(self.llm.model_config, "max_logprobs", 20))
+        self._ids = itertools.count()
+        self._live: dict[str, EngineRequest] = {}
+        self._closed = False
+        self.args = args
+        self._warm_up()
+        logger.info("vLLM engine ready for %s (%s)", model_dir, args)
+
+    def _warm_up(self) -> None:
+        """One request through the logprobs paths: their first use costs vLLM ~3.5 s here
+        (measured on CPU), which would otherwise land on a user's first evaluation request."""
+        ids = [self.encode("a")[-1]] * 2
+        params = SamplingParams(max_tokens=1, temperature=0, logprobs=1, prompt_logprobs=1)
+        self.submit(ids, params).result(timeout=600)
+
+    # ------------------------------------------------------------ requests
+
+    def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(self.encode(prompt))
+
+    def check_request(self, prompt: str, params: SamplingParams) -> int:
+        return self._check(self.encode(prompt), params)
+
+    def _check(self, ids: list[int], params: SamplingParams) -> int:
+        validate_params(params)
+        if not ids:
+            raise InvalidParamError("prompt must contain at least one token", "prompt")
+        if len(ids) + params.max_tokens > self.context_window:
+            raise ContextLengthError(len(ids), params.max_tokens, self.context_window)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.max_logprobs:
+                raise InvalidParamError(
+                    f"{name} must be at most {self.max_logprobs} on this server, got {value}", name
+                )
+        return len(ids)
+
+    def _sampling_params(self, params: SamplingParams):
+        from vllm import SamplingParams as VllmParams
+        from vllm.sampling_params import RequestOutputKind
+
+        try:
+            return VllmParams(
+                max_tokens=params.max_tokens, temperature=params.temperature,
+                top_p=params.top_p, top_k=params.top_k, stop=list(params.stop) or None,
+                seed=params.seed, ignore_eos=params.ignore_eos, logprobs=params.logprobs,
+                prompt_logprobs=params.prompt_logprobs, output_kind=RequestOutputKind.DELTA,
+                skip_special_tokens=True,
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - vLLM's validation, as a named 400
+            raise InvalidParamError(str(e), getattr(e, "parameter", None) or "body") from None
+
+    def submit(
+        self, prompt: str | list[int], params: SamplingParams, stream: bool = False
+    ) -> EngineRequest:
+        """Validate and hand one request to vLLM; return its handle (any thread)."""
+        req, sp = self._prepare(prompt, params, stream)
+        future = asyncio.run_coroutine_threadsafe(self._start(req, sp), self._loop)
+        future.result()
+        return req
+
+    async def asubmit(
+        self, prompt: str | list[int], params: SamplingParams, stream: bool = False
+    ) -> EngineRequest:
+        """``submit`` for asyncio callers: vLLM's admission runs without blocking their loop."""
+        req, sp = self._prepare(prompt, params, stream)
+        future = asyncio.run_coroutine_threadsafe(self._start(req, sp), self._loop)
+        await asyncio.wrap_future(future)
+        return req
+
+    def _prepare(self, prompt, params: SamplingParams, stream: bool):
+        if self._closed:
+            raise EngineError("engine is closed")
+        if self.llm.errored:
+            raise EngineDeadError("vLLM's engine process died; this replica is being replaced")
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check(ids, params)
+        sp = self._sampling_params(params)
+        req = EngineRequest(next(self._ids), ids, VllmRow(len(ids), params), None, stream)
+        return req, sp
+
+    async def _start(self, req: EngineRequest, sp) -> None:
+        from vllm.inputs import TokensPrompt
+
+        rid = f"aigc-{req.id}"
+        try:
+            collector = await self.llm.add_request(rid, TokensPrompt(prompt_token_ids=req.prompt_ids),
+                                                   sp)  # fmt: skip
+        except Exception as e:
+            raise _translate(e) from None
+        task = asyncio.get_running_loop().create_task(self._pump(req, rid, collector))
+        self._live[rid] = req
+        req._on_cancel.append(lambda: self._loop.call_soon_threadsafe(task.cancel))
+
+    async def _pump(self, req: EngineRequest, rid: str, collector) -> None:
+        """Move vLLM's outputs into the request until it finishes, is cancelled, or fails."""
+        row: VllmRow = req.row
+        error: BaseException | None = None
+        try:
+            finished = False
+            while not finished:
+                out = collector.get_nowait() or await collector.get()
+                finished = out.finished
+                if out.prompt_logprobs is not None and row.prompt_logprobs is None:
+                    first = [None] + _entries(out.prompt_logprobs[1:], req.prompt_ids[1:],
+                                              row.params.prompt_logprobs or 0)  # fmt: skip
+                    row.prompt_logprobs = first
+                if not out.outputs:
+                    continue
+                c = out.outputs[0]
+                tokens = list(c.token_ids)
+                lps = _entries(c.logprobs, tokens, row.params.logprobs or 0) if c.logprobs else None
+                row.text += c.text
+                if finished:
+                    row.finish_reason = "cancelled" if c.finish_reason == "abort" else (
+                        c.finish_reason or "length")  # fmt: skip
+                req._push(tokens, time.perf_counter(), lps)
+                if not finished:
+                    req._wake_stream()
+        except asyncio.CancelledError:
+            await self.llm.abort(rid)
+        except Exception as e:  # noqa: BLE001 - the request fails, the caller gets a clean error
+            error = _translate(e)
+            if not isinstance(error, EngineDeadError):
+                await self.llm.abort(rid)
+        finally:
+            collector.close()
+            self._live.pop(rid, None)
+            key = "failed" if error else "cancelled" if req.cancelled and not row.finished else (
+                "finished")  # fmt: skip
+            self.counters[key] += 1
+            req._finish(error)
+
+    # ------------------------------------------------------------ engine state
+
+    @property
+    def num_running(self) -> int:
+        return int(self.counters["running"])
+
+    @property
+    def dead(self) -> bool:
+        return bool(self.llm.errored)
+
+    def stats(self) -> dict:
+        """vLLM's own counts (from its stat logger) plus our per-request outcomes."""
+        return dict(self.counters)
+
+    def engine_pids(self) -> list[int]:
+        """Process ids of vLLM's engine processes under this one (tests kill one)."""
+        import psutil
+
+        children = psutil.Process().children(recursive=True)
+        return [p.pid for p in children if "EngineCore" in " ".join(_names(p))]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.llm.shutdown()
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+
+def engine_args(model_dir: str, *, dtype: str, max_model_len: int | None,
+                max_batch_size: int | None, tensor_parallel_size: int,
+                gpu_memory_utilization: float, quantization: str | None,
+                enable_prefix_caching: bool, engine_kwargs: dict | None) -> dict:  # fmt: skip
+    """AsyncEngineArgs keywords (pure: unit-tested without vLLM). A replica spanning several
+    GPUs (tensor_parallel_size > 1) runs vLLM's workers on Ray, inside the replica's placement
+    group, as Ray Serve LLM does."""
+    args: dict[str, Any] = {
+        "model": model_dir,
+        "dtype": dtype,
+        "tensor_parallel_size": tensor_parallel_size,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "enable_prefix_caching": enable_prefix_caching,
+        "seed": 0,
+        "disable_log_stats": True,  # our stat logger still records; no periodic log lines
+    }
+    if max_model_len:
+        args["max_model_len"] = max_model_len
+    if max_batch_size:
+        args["max_num_seqs"] = max_batch_size
+    if quantization:
+        args["quantization"] = quantization
+    if tensor_parallel_size > 1:
+        args["distributed_executor_backend"] = "ray"
+    args.update(engine_kwargs or {})
+    return args
+
+
+def _translate(e: BaseException) -> BaseException:
+    """vLLM's exceptions as the engine interface's: validation -> InvalidParamError (a 400
+    naming the parameter), a dead engine -> EngineDeadError (503), anything else EngineError."""
+    from vllm.exceptions import VLLMClientError
+    from vllm.v1.engine.exceptions import EngineDeadError as VllmDead
+
+    if isinstance(e, InvalidParamError | EngineError):
+        return e
+    if isinstance(e, VllmDead):
+        return EngineDeadError(f"vLLM's engine process died: {e}")
+    if isinstance(e, VLLMClientError | ValueError):
+        return InvalidParamError(str(e), getattr(e, "parameter", None) or "body")
+    return EngineError(f"generation failed: {type(e).__name__}: {e}")
+
+
+def _names(proc) -> list[str]:
+    try:
+        return [proc.name(), *proc.cmdline()]
+    except Exception:  # noqa: BLE001 - a process that just exited has no name
+        return []
