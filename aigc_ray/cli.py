@@ -114,9 +114,12 @@ def cmd_train(cfg: PipelineConfig):
 
 
 def cmd_serve(cfg: PipelineConfig, model_dir: str) -> tuple[str, list[tuple[str, str]]]:
-    from aigc_ray.serve import run_serve
+    from aigc_ray.serve import engine_report, run_serve
 
     url = run_serve(cfg.serve, model_dir)
+    for name, info in engine_report().items():
+        version = f" {info['engine_version']}" if info["engine_version"] else ""
+        print(f"serve: {name} on {info['engine']}{version} ({info['engine_reason']})", flush=True)
     samples = []
     for prompt in cfg.serve.sample_prompts:
         body = http_complete(url, cfg.serve.model_name, prompt, cfg.serve.sample_max_tokens)

@@ -257,7 +257,9 @@ class VllmSettings(_Section):
     """vLLM engine settings (engine: vllm, or auto when vLLM is chosen); passed to AsyncEngineArgs."""
 
     tensor_parallel_size: int = Field(
-        1, ge=1, description="GPUs one replica spans (vLLM's workers in the replica's placement group)."
+        1,
+        ge=1,
+        description="GPUs one replica spans (vLLM's workers in the replica's placement group).",
     )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Fraction of each GPU's memory vLLM may use."
@@ -382,6 +384,11 @@ class GenerateConfig(EngineSettings):
         default_factory=list, description="Prompt files (jsonl or parquet), local or s3://."
     )
     output_dir: str = Field("runs/tiny/generate", description="Parquet output directory.")
+    quarantine_dir: str | None = Field(
+        None,
+        description="Where unreadable prompt rows go (with file, line, reason); empty = "
+        "<output_dir>_quarantine.",
+    )
     model_dir: str | None = Field(
         None,
         description="Model directory (local or s3://); empty = train.export_dir, else "

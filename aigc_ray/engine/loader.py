@@ -48,19 +48,38 @@ def vllm_distribution() -> tuple[str, str] | None:
 
 
 def _architectures(model_dir: str) -> list[str]:
+    return list(_config(model_dir).get("architectures") or [])
+
+
+def _config(model_dir: str) -> dict:
     try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
+        return json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
-        return []
-    return list(config.get("architectures") or [])
+        return {}
 
 
 def _saved_dtype(model_dir: str) -> str | None:
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
+    config = _config(model_dir)
     return config.get("dtype") or config.get("torch_dtype")
+
+
+def _head_dim(config: dict) -> int | None:
+    if config.get("head_dim"):
+        return int(config["head_dim"])
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    return hidden // heads if hidden and heads else None
+
+
+def _cpu_attention_problem(model_dir: str) -> str | None:
+    """vLLM's CPU attention kernels take only some head sizes; it loads a model with another
+    one and fails at its first request, so check first."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    head_dim = _head_dim(_config(model_dir))
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim is not None and head_dim not in sizes:
+        return f"vLLM's CPU attention supports head sizes {sizes}, this model has {head_dim}"
+    return None
 
 
 def vllm_unsupported(model_dir: str, device_type: str) -> str | None:
@@ -81,7 +100,7 @@ def vllm_unsupported(model_dir: str, device_type: str) -> str | None:
     supported = ModelRegistry.get_supported_archs()
     if not any(a in supported for a in archs):
         return f"vLLM {found[1]} does not support the architecture {archs}"
-    return None
+    return _cpu_attention_problem(model_dir) if device_type == "cpu" else None
 
 
 def choose_engine(requested: str, model_dir: str, device_type: str) -> EngineChoice:

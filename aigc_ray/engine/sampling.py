@@ -159,7 +159,7 @@ def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, top_n: int) -> li
     temperature or filtering), each with its ``top_n`` most likely alternatives."""
     logp = logits.float().log_softmax(dim=-1)
     picked = logp.gather(-1, chosen[:, None].long())[:, 0].tolist()
-    tops_v, tops_i = (logp.topk(top_n, dim=-1) if top_n else (None, None))
+    tops_v, tops_i = logp.topk(top_n, dim=-1) if top_n else (None, None)
     out = []
     for r, token in enumerate(chosen.tolist()):
         top = list(zip(tops_i[r].tolist(), tops_v[r].tolist(), strict=True)) if top_n else []

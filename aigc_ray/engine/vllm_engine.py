@@ -163,7 +163,14 @@ class VllmEngine:
         self._live: dict[str, EngineRequest] = {}
         self._closed = False
         self.args = args
-        self._warm_up()
+        try:
+            self._warm_up()
+        except EngineError as e:
+            self.close()
+            raise EngineUnavailableError(
+                f"vLLM loaded {model_dir} but failed its first request ({e}); vLLM's own error "
+                "is in this process's log"
+            ) from e
         logger.info("vLLM engine ready for %s (%s)", model_dir, args)
 
     def _warm_up(self) -> None:

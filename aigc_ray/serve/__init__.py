@@ -4,7 +4,7 @@
 `run_serve` is what `aigc-ray serve` calls. See deployments.py for the Router / ModelServer split.
 """
 
-from aigc_ray.serve.app import build_app, deployment_options, run_serve
+from aigc_ray.serve.app import build_app, deployment_options, engine_report, run_serve
 from aigc_ray.serve.deployments import ModelServer, Router
 from aigc_ray.serve.protocol import (
     DEFAULT_CHAT_TEMPLATE,
@@ -42,6 +42,7 @@ __all__ = [
     "build_app",
     "check_bind",
     "deployment_options",
+    "engine_report",
     "key_allowed",
     "load_api_keys",
     "parse_json",

@@ -45,6 +45,23 @@ def deployment_options(m: ServedModel) -> dict:
     return options
 
 
+def check_engine(m: ServedModel) -> None:
+    """``engine: vllm`` on a model vLLM cannot serve is an error now, naming the model and the
+    reason, not a replica that fails to start again and again. Checked where vLLM is installed
+    (on a cluster, the GPU replicas check it themselves when they start)."""
+    from aigc_ray.engine import choose_engine, vllm_distribution
+    from aigc_ray.engine.params import EngineUnavailableError
+    from aigc_ray.model import is_uri
+
+    if m.engine != "vllm" or vllm_distribution() is None or is_uri(m.model_dir):
+        return
+    device = m.device if m.device != "auto" else ("cuda" if m.num_gpus > 0 else "cpu")
+    try:
+        choose_engine("vllm", m.model_dir, device)
+    except EngineUnavailableError as e:
+        raise ServeError(f"serve model {m.name}: {e}") from None
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Typed app builder: `args` are ServeConfig fields (model_dir or models required)."""
     from aigc_ray.model import check_model_dir, portable_location
@@ -57,6 +74,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     handles = {}
     for m in models:
         check_model_dir(m.model_dir)
+        check_engine(m)
         fields = {**m.model_dump(), "model_dir": portable_location(m.model_dir)}
         handles[m.name] = ModelServer.options(**deployment_options(m)).bind(fields)
     return Router.bind(handles, cfg.max_tokens_limit, cfg.request_timeout_s)
@@ -74,3 +92,15 @@ def run_serve(cfg: ServeConfig, model_dir: str | None = None, app_name: str = "a
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(app, name=app_name, route_prefix="/", blocking=False)
     return f"http://{cfg.host}:{cfg.port}"
+
+
+def engine_report(app_name: str = "aigc") -> dict[str, dict]:
+    """{model: info} from each model deployment that has a running replica (engine, reason)."""
+    status = serve.status().applications[app_name].deployments
+    out = {}
+    for name, dep in status.items():
+        if name.startswith("model-") and dep.replica_states.get("RUNNING", 0):
+            handle = serve.get_deployment_handle(name, app_name)
+            info = handle.info.remote().result(timeout_s=60)
+            out[info["model"]] = info
+    return out

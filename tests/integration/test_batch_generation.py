@@ -17,13 +17,16 @@ def tiny_gen_model_dir(tmp_path_factory) -> str:
     texts = [Path(p).read_text(encoding="utf-8", errors="replace")[:5000]
              for p in sorted(stdlib_files())[:30]]  # fmt: skip
     tok = train_tokenizer(texts, 400, root)
-    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=128)
+    cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, max_position_embeddings=128)
     build_model(cfg, tok, seed=0).save_pretrained(str(root))
     return str(root)
 
 
-def test_batch_generation_writes_every_row(ray_session, tmp_path, tiny_gen_model_dir):
-    """Ray Data + the engine in an actor pool: per-row params, bad rows recorded, not fatal."""
+@pytest.mark.parametrize("engine", ["builtin", "vllm"])
+def test_batch_generation_survives_bad_rows_and_loses_none(ray_session, tmp_path, engine,
+                                                           tiny_gen_model_dir):  # fmt: skip
+    """Ray Data + an engine in an actor pool: per-row params; unreadable rows quarantined with
+    file and line, rows with bad parameters recorded in the output; never fatal."""
     import json
 
     import pyarrow.parquet as pq
@@ -33,18 +36,42 @@ def test_batch_generation_writes_every_row(ray_session, tmp_path, tiny_gen_model
 
     src = tmp_path / "prompts.jsonl"
     rows = [{"prompt": f"def f{i}(x):", "max_tokens": 3 + i % 4} for i in range(20)]
-    rows += [{"prompt": None}, {"prompt": "x", "max_tokens": 0}]
-    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = GenerateConfig(inputs=[str(src)], output_dir=str(tmp_path / "out"), batch_size=8,
-                         max_tokens=5, num_cpus=0.5)  # fmt: skip
+    lines = [json.dumps(r).encode() for r in rows]
+    lines[3:3] = [b'{"prompt": "broken', json.dumps({"prompt": 5}).encode(), b"\xff\xfe"]
+    lines += [json.dumps({"prompt": "x", "max_tokens": 0}).encode(), b"[1, 2]"]
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    second = tmp_path / "more.parquet"
+    pq.write_table(pa_table([{"prompt": "import os", "seed": 1}, {"prompt": None, "seed": 2}]),
+                   second)  # fmt: skip
+    settings = {"engine": engine}
+    if engine == "vllm":
+        settings["vllm"] = {"kv_cache_memory_gb": 0.25, "engine_kwargs": {"enforce_eager": True}}
+    cfg = GenerateConfig(inputs=[str(src), str(second)], output_dir=str(tmp_path / "out"),
+                         batch_size=8, max_tokens=5, num_cpus=0.5, **settings)  # fmt: skip
     summary = run_generate(cfg, tiny_gen_model_dir)
-    table = pq.read_table(tmp_path / "out")
-    assert summary["rows"] == table.num_rows == 22 and summary["errors"] == 2
+    table = pq.read_table(tmp_path / "out", columns=[
+        "prompt", "completion_tokens", "error", "source", "line"])  # fmt: skip
+    quarantine = pq.read_table(tmp_path / "out_quarantine").to_pylist()
+    assert summary["quarantine_dir"] == str(tmp_path / "out_quarantine")
+    # 20 good + 1 bad max_tokens + "import os": generated or recorded; 5 unreadable: quarantined
+    assert summary["rows"] == table.num_rows == 22 and summary["errors"] == 1
+    assert summary["quarantined"] == len(quarantine) == 5
     got = {r["prompt"]: r for r in table.to_pylist()}
-    for r in rows[:20]:
-        assert got[r["prompt"]]["completion_tokens"] <= r["max_tokens"]
+    for r in rows:
         assert got[r["prompt"]]["error"] is None
-    assert sum(1 for r in table.to_pylist() if r["error"]) == 2
+        assert 1 <= got[r["prompt"]]["completion_tokens"] <= r["max_tokens"]
+    assert "max_tokens" in got["x"]["error"]
+    assert got["import os"]["source"] == str(second)
+    where = sorted((q["source"].rsplit("/", 1)[1], q["line"]) for q in quarantine)
+    assert where == [("more.parquet", 1), ("prompts.jsonl", 4), ("prompts.jsonl", 5),
+                     ("prompts.jsonl", 6), ("prompts.jsonl", 25)]  # fmt: skip
+    assert all(q["reason"] for q in quarantine)
+
+
+def pa_table(rows):
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(rows)
 
 
 def test_batch_generation_from_a_model_in_object_storage(ray_session, s3_server, tmp_path,

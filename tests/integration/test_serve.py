@@ -279,8 +279,10 @@ def test_logprobs_and_echo_match_transformers(client, model_dirs):
     glp = gen.choices[0].logprobs
     assert len(glp.tokens) == len(glp.token_logprobs) == 5
     assert all(3 <= len(top) <= 4 for top in glp.top_logprobs)  # 3 (+ the chosen one)
-    assert all(abs(t - max(top.values())) < 1e-4 for t, top in
-               zip(glp.token_logprobs, glp.top_logprobs, strict=True))  # greedy: the best
+    assert all(
+        abs(t - max(top.values())) < 1e-4
+        for t, top in zip(glp.token_logprobs, glp.top_logprobs, strict=True)
+    )  # greedy: the best
     chat = client.chat.completions.create(model="tiny-b", max_tokens=3, temperature=0,
                                           logprobs=True, top_logprobs=2, extra_body={
                                               "ignore_eos": True},

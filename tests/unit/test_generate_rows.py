@@ -86,7 +86,9 @@ def test_prompt_file_reader_quarantines_every_bad_row(tmp_path):
 def test_prompt_file_reader_parquet_and_unreadable(tmp_path):
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"prompt": ["a", None, "b"], "seed": [1, 2, None]}), tmp_path / "p.parquet")
+    pq.write_table(
+        pa.table({"prompt": ["a", None, "b"], "seed": [1, 2, None]}), tmp_path / "p.parquet"
+    )
     rows = read_prompt_file(str(tmp_path / "p.parquet"), "prompt").to_pylist()
     assert [r["prompt"] for r in rows if r["reason"] is None] == ["a", "b"]
     assert [r["line"] for r in rows if r["reason"]] == [1]

@@ -369,3 +369,36 @@ def test_dumped_config_keeps_inheritance():
     again = ServeConfig(**cfg.model_dump(exclude_unset=True))
     (m,) = again.served_models()
     assert (m.num_cpus, m.max_batch_size) == (0.25, 2)
+
+
+def test_tensor_parallel_replica_reserves_its_gpus_in_a_placement_group():
+    """As Ray Serve LLM does: the replica actor holds CPUs, vLLM's Ray workers one GPU each, all
+    on one node."""
+    (m,) = ServeConfig(num_gpus=4, num_cpus=2, vllm={"tensor_parallel_size": 4}).served_models("/m")
+    opts = deployment_options(m)
+    assert opts["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0}
+    assert opts["placement_group_bundles"] == [{"CPU": 2, "GPU": 1}] + [{"GPU": 1}] * 3
+    assert opts["placement_group_strategy"] == "STRICT_PACK"
+    from ray import serve
+
+    serve.deployment(lambda: None).options(**opts)  # Serve accepts every option
+    (bad,) = ServeConfig(num_gpus=1, vllm={"tensor_parallel_size": 2}).served_models("/m")
+    with pytest.raises(ServeError, match=r"num_gpus \(1\) must equal vllm.tensor_parallel_size"):
+        deployment_options(bad)
+    (builtin,) = ServeConfig(engine="builtin", num_gpus=2,
+                             vllm={"tensor_parallel_size": 2}).served_models("/m")  # fmt: skip
+    with pytest.raises(ServeError, match="engine vllm or auto"):
+        deployment_options(builtin)
+    (single,) = ServeConfig(num_gpus=1).served_models("/m")
+    assert "placement_group_bundles" not in deployment_options(single)
+
+
+def test_build_app_refuses_engine_vllm_for_a_model_it_cannot_serve(tiny_model_dir):
+    """Before any replica starts (no crash loop): the error names the model and the reason (the
+    tiny test model's head size, 16, has no vLLM CPU attention kernel)."""
+    from aigc_ray.serve import build_app
+
+    with pytest.raises(ServeError) as e:
+        build_app({"model_dir": str(tiny_model_dir), "model_name": "tiny", "engine": "vllm"})
+    assert "serve model tiny" in str(e.value) and str(tiny_model_dir) in str(e.value)
+    assert "head sizes" in str(e.value)
