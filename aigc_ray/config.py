@@ -316,13 +316,13 @@ class ReplicaSettings(EngineSettings):
         128, ge=-1, description="Requests queued for the replicas before 503s; -1 = no limit."
     )
     stream_chunks_per_s: float = Field(
-        400,
+        330,
         ge=0,
         description="Streamed chunks/s per replica before chunks carry several tokens (each "
         "chunk costs CPU in the router and proxy); 0 = one chunk per token always.",
     )
     stream_max_interval_s: float = Field(
-        0.08,
+        0.09,
         gt=0,
         description="Under load, a stream still gets a chunk at least this often (smoothness "
         "bound on the coalescing above).",

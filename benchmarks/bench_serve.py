@@ -1,29 +1,28 @@
-"""Serving throughput and latency: aigc_ray's Ray Serve endpoint vs a naive server and the
-offline static-batch ceiling, same model, same prompts, this machine, one run.
+"""Serving throughput, latency and stream smoothness: aigc_ray's Ray Serve endpoint (engine
+builtin, engine vllm) against vLLM's own OpenAI server, same model, same load generator, one run.
 
 Model: the guide's tiny Llama (8 layers x 512, vocab 8192, random init, fp32; benchmarks/
 tiny_model.py). Every request: a distinct stdlib prompt of --prompt-tokens tokens, exactly
 --output-tokens new tokens (greedy, `ignore_eos`), streamed.
 
-1. Offline, in this process, before anything else runs: (b) `model.generate` on a static batch
-   of 32 (left-padded, min_new_tokens = max_new_tokens); for the engine choice, transformers'
-   own continuous-batching manager (`generate_batch`) and our GenerationEngine on the same 32.
-2. (a) the naive server (benchmarks/naive_server.py: one request at a time through
-   `model.generate`, streamed) under the load generator.
-3. Ours: a local Ray instance, `aigc_ray.serve.run_serve` (Router + one ModelServer replica with
-   --replica-cpus CPUs, continuous batching up to 32 rows) under the same load generator.
+Servers, one after the other on the same 2 cores (each alone while measured):
+  (c) reference: `python -m vllm.entrypoints.openai.api_server --model DIR --dtype float32`
+      (vLLM's CPU build, its defaults otherwise);
+  ours/builtin: `aigc_ray.serve.run_serve` on a local Ray, one replica with --replica-cpus CPUs,
+      engine: builtin;
+  ours/vllm: the same with engine: vllm (vLLM's AsyncLLM inside our ModelServer, its defaults).
 
-Load generator: asyncio + httpx, N requests at concurrency 1, 8 and 32 (a semaphore), each a
-streamed POST /v1/completions. Reports requests/s, output tokens/s (usage counts / wall time),
-TTFT p50/p99 (send -> first non-empty chunk), inter-token latency p50/p99 (gaps between chunks
-divided by the tokens they carried; a server that coalesces tokens under load is not flattered)
-and error rate (non-200, missing [DONE], or fewer tokens than asked). The server and the load
-generator share the 2 cores, as they would for a user measuring on one box.
+Load generator: asyncio + httpx, N streamed POST /v1/completions at concurrency 1, 8 and 32,
+repeated --rounds times per server (medians reported, spread = (max - min) / median). Reports
+output tokens/s (usage counts / wall time), TTFT p50 (send -> first chunk with text), the gap
+between streamed chunks p50 (what a user sees), inter-token latency p50 (chunk gaps divided by
+the tokens they carried) and errors (non-200, missing [DONE], fewer tokens than asked).
 
-Targets at concurrency 32: output tokens/s >= 8x (a) and >= 0.9x (b), with 0 errors. Last line:
-one JSON object with both ratios.
+Targets (issue: generation at vLLM speed): at concurrency 32 ours/vllm >= 0.85x (c) in output
+tok/s with 0 errors; chunk gap p50 <= 100 ms at concurrency 32 for both engines; at concurrency 1
+ours/vllm TTFT p50 <= 1.25x (c). Last line: one JSON object with the ratios and raw numbers.
 
-    python benchmarks/bench_serve.py [--requests 96] [--replica-cpus 2]
+    python benchmarks/bench_serve.py [--rounds 3] [--replica-cpus 2]
 """
 
 from __future__ import annotations
@@ -47,6 +46,7 @@ from tiny_model import bench_prompts, make_model_dir  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
 KEY = "bench-key"
+MODEL = "tiny"
 
 
 # ---------------------------------------------------------------- load generator
@@ -54,7 +54,7 @@ KEY = "bench-key"
 
 async def one_request(client, url, body, expected_tokens) -> dict:
     start = time.perf_counter()
-    first, last, gaps, tokens, done = None, None, [], 0, False
+    first, done, tokens = None, False, 0
     chunk_times: list[float] = []
     try:
         async with client.stream("POST", url, json=body) as resp:
@@ -73,19 +73,15 @@ async def one_request(client, url, body, expected_tokens) -> dict:
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
                 if any(c.get("text") for c in chunk.get("choices", [])):
-                    if first is None:
-                        first = now
+                    first = first or now
                     chunk_times.append(now)
-                last = now
     except httpx.HTTPError as e:
         return {"ok": False, "status": type(e).__name__}
     ok = done and tokens >= expected_tokens and first is not None
-    if len(chunk_times) > 1:
-        # spread each chunk's gap over the tokens it carried (~tokens / chunks per chunk)
-        per_chunk = max(1.0, (tokens - 1) / (len(chunk_times) - 1))
-        gaps = [(b - a) / per_chunk for a, b in zip(chunk_times, chunk_times[1:], strict=False)]
-    return {"ok": ok, "status": 200, "ttft": (first or last or start) - start, "itl": gaps,
-            "tokens": tokens, "latency": time.perf_counter() - start}  # fmt: skip
+    gaps = [b - a for a, b in zip(chunk_times, chunk_times[1:], strict=False)]
+    per_chunk = max(1.0, (tokens - 1) / max(1, len(chunk_times) - 1))
+    return {"ok": ok, "status": 200, "ttft": (first or start) - start, "gaps": gaps,
+            "itl": [g / per_chunk for g in gaps], "tokens": tokens}  # fmt: skip
 
 
 async def run_load(url: str, prompts: list[str], n: int, concurrency: int, out_tokens: int,
@@ -97,7 +93,8 @@ async def run_load(url: str, prompts: list[str], n: int, concurrency: int, out_t
 
         async def go(i):
             body = {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": out_tokens,
-                    "temperature": 0, "stream": True, "ignore_eos": True}  # fmt: skip
+                    "temperature": 0, "stream": True, "ignore_eos": True,
+                    "stream_options": {"include_usage": True}}  # fmt: skip
             async with sem:
                 return await one_request(client, url, body, out_tokens)
 
@@ -116,91 +113,73 @@ def pct(values: list[float], q: float) -> float:
 
 def summarize(results: list[dict], wall: float, concurrency: int) -> dict:
     ok = [r for r in results if r["ok"]]
-    itl = [g for r in ok for g in r["itl"]]
-    ttft = [r["ttft"] for r in ok]
-    return {"concurrency": concurrency, "requests": len(results), "wall_s": wall,
-            "req_per_s": len(ok) / wall, "tok_per_s": sum(r["tokens"] for r in ok) / wall,
-            "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(itl, 50),
-            "itl_p99": pct(itl, 99), "error_rate": 1 - len(ok) / len(results),
-            "errors": sorted({str(r["status"]) for r in results if not r["ok"]})}  # fmt: skip
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "tok_per_s": sum(r["tokens"] for r in ok) / wall,
+        "ttft_p50": pct([r["ttft"] for r in ok], 50),
+        "gap_p50": pct([g for r in ok for g in r["gaps"]], 50),
+        "itl_p50": pct([g for r in ok for g in r["itl"]], 50),
+        "errors": len(results) - len(ok),
+        "error_kinds": sorted({str(r["status"]) for r in results if not r["ok"]}),
+    }
 
 
-# ---------------------------------------------------------------- offline references
-
-
-def offline(model_dir: str, prompts: list[str], out_tokens: int, repeats: int) -> dict:
-    """Static batch generate (the ceiling), transformers' generate_batch, our engine offline."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    from aigc_ray.engine import GenerationEngine, SamplingParams
-
-    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    n = len(prompts)
-    enc = tok(prompts, return_tensors="pt", padding=True)
-
-    def static():
-        with torch.inference_mode():
-            model.generate(**enc, max_new_tokens=out_tokens, min_new_tokens=out_tokens,
-                           do_sample=False, pad_token_id=tok.pad_token_id)  # fmt: skip
-
-    def hf_cb():
-        cfg = GenerationConfig(max_new_tokens=out_tokens, min_new_tokens=out_tokens,
-                               do_sample=False, eos_token_id=-1, pad_token_id=tok.pad_token_id)  # fmt: skip
-        ids = [tok(p)["input_ids"] for p in prompts]
-        with torch.inference_mode():
-            model.generate_batch(ids, generation_config=cfg, progress_bar=False)
-
-    engine = GenerationEngine(model, tok, max_batch_size=32)
-    params = [SamplingParams(max_tokens=out_tokens, temperature=0, ignore_eos=True)] * n
-
-    def ours():
-        engine.generate(prompts, params)
-
-    # static and engine alternate (this machine's speed drifts); transformers' manager last,
-    # so no thread it may leave behind can slow the others.
-    runs = (("static", static), ("engine", ours), ("hf_generate_batch", hf_cb))
-    times: dict[str, list[float]] = {name: [] for name, _ in runs}
-    for _name, fn in runs:
-        fn()  # warmup
-    for _ in range(repeats):
-        for name, fn in runs[:2]:
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    engine.close()
-    for _ in range(repeats):
-        t = time.perf_counter()
-        hf_cb()
-        times["hf_generate_batch"].append(time.perf_counter() - t)
-    out = {name: n * out_tokens / statistics.median(ts) for name, ts in times.items()}
-    for name, value in out.items():
-        print(f"offline {name}: {value:.0f} tok/s", flush=True)
-    return out
+def measure(url: str, prompts, args, model: str, label: str) -> dict[int, list[dict]]:
+    """--rounds rounds of the three concurrencies; {concurrency: [round results]}."""
+    asyncio.run(run_load(url, prompts, 4, 4, args.output_tokens, model))  # warm-up
+    rows: dict[int, list[dict]] = {c: [] for c in CONCURRENCY}
+    for r in range(args.rounds):
+        for c, n in zip(CONCURRENCY, args.requests, strict=True):
+            row = asyncio.run(run_load(url, prompts, n, c, args.output_tokens, model))
+            rows[c].append(row)
+            print(f"{label} round {r + 1} c={c}: {row['tok_per_s']:.0f} tok/s, TTFT "
+                  f"{row['ttft_p50'] * 1e3:.0f} ms, gap {row['gap_p50'] * 1e3:.0f} ms, "
+                  f"errors {row['errors']}", flush=True)  # fmt: skip
+    return rows
 
 
 # ---------------------------------------------------------------- servers
 
 
-def run_naive(model_dir, prompts, args) -> list[dict]:
+def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+def run_vllm_server(model_dir: str, prompts, args) -> tuple[dict, float]:
     port = args.port + 1
-    proc = subprocess.Popen([sys.executable, str(HERE / "naive_server.py"), model_dir, str(port)],
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4"}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+           "--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "1024",
+           "--host", "127.0.0.1", "--port", str(port), "--disable-log-stats"]  # fmt: skip
+    log = open(Path(tempfile.gettempdir()) / "bench_serve_vllm.log", "w")  # noqa: SIM115
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        assert proc.stdout.readline().strip() == "ready"
+        wait_ready(f"http://127.0.0.1:{port}/health", proc)
+        startup = time.perf_counter() - t
         url = f"http://127.0.0.1:{port}/v1/completions"
-        rows = []
-        for c, n in zip(CONCURRENCY, args.naive_requests, strict=True):
-            rows.append(asyncio.run(run_load(url, prompts, n, c, args.output_tokens, "naive")))
-            print(f"naive c={c}: {rows[-1]['tok_per_s']:.0f} tok/s", flush=True)
-        return rows
+        return measure(url, prompts, args, MODEL, "vllm-server"), startup
     finally:
-        proc.kill()
-        proc.wait()
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
-def run_ours(model_dir, prompts, args) -> tuple[list[dict], float]:
+def run_ours(model_dir: str, prompts, args, engine: str) -> tuple[dict, float]:
     import ray
     from ray import serve
 
@@ -212,18 +191,14 @@ def run_ours(model_dir, prompts, args) -> tuple[list[dict], float]:
              runtime_env={"env_vars": {"AIGC_RAY_API_KEYS": KEY}})  # fmt: skip
     try:
         t = time.perf_counter()
-        cfg = ServeConfig(model_dir=model_dir, model_name="tiny", port=args.port,
-                          num_cpus=args.replica_cpus, max_batch_size=32, max_ongoing_requests=64,
-                          max_tokens_limit=args.output_tokens)  # fmt: skip
+        cfg = ServeConfig(model_dir=model_dir, model_name=MODEL, port=args.port, engine=engine,
+                          num_cpus=args.replica_cpus, dtype="float32", max_ongoing_requests=64,
+                          max_tokens_limit=args.output_tokens,
+                          vllm={"kv_cache_memory_gb": 4})  # fmt: skip
         base = run_serve(cfg)
+        wait_ready(f"{base}/health", None)
         startup = time.perf_counter() - t
-        url = f"{base}/v1/completions"
-        asyncio.run(run_load(url, prompts, 4, 4, args.output_tokens, "tiny"))  # warmup
-        rows = []
-        for c, n in zip(CONCURRENCY, args.requests, strict=True):
-            rows.append(asyncio.run(run_load(url, prompts, n, c, args.output_tokens, "tiny")))
-            print(f"ours c={c}: {rows[-1]['tok_per_s']:.0f} tok/s", flush=True)
-        return rows, startup
+        return measure(f"{base}/v1/completions", prompts, args, MODEL, f"ours/{engine}"), startup
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -232,56 +207,79 @@ def run_ours(model_dir, prompts, args) -> tuple[list[dict], float]:
 # ---------------------------------------------------------------- report
 
 
-def print_table(naive: list[dict], ours: list[dict], off: dict) -> None:
-    head = (f"{'server':<8}{'conc':>5}{'reqs':>6}{'req/s':>8}{'tok/s':>9}{'TTFT p50':>10}"
-            f"{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}{'errors':>8}")  # fmt: skip
+def median_row(rounds: list[dict]) -> dict:
+    out = {"concurrency": rounds[0]["concurrency"]}
+    for key in ("tok_per_s", "ttft_p50", "gap_p50", "itl_p50"):
+        values = [r[key] for r in rounds]
+        med = statistics.median(values)
+        out[key] = med
+        out[f"{key}_spread"] = (max(values) - min(values)) / med if med else 0.0
+    out["errors"] = sum(r["errors"] for r in rounds)
+    return out
+
+
+def print_table(results: dict[str, dict[int, dict]], rounds: int) -> None:
+    print(f"\nmedians of {rounds} rounds (spread = (max - min) / median)")
+    head = (f"{'server':<14}{'conc':>5}{'out tok/s':>11}{'spread':>8}{'TTFT p50':>10}"
+            f"{'chunk gap p50':>15}{'ITL p50':>9}{'errors':>8}")  # fmt: skip
     print(head)
     print("-" * len(head))
-    for name, rows in (("naive", naive), ("ours", ours)):
-        for r in rows:
-            print(f"{name:<8}{r['concurrency']:>5}{r['requests']:>6}{r['req_per_s']:>8.2f}"
-                  f"{r['tok_per_s']:>9.0f}{r['ttft_p50']:>9.3f}s{r['ttft_p99']:>9.3f}s"
-                  f"{r['itl_p50'] * 1e3:>7.1f}ms{r['itl_p99'] * 1e3:>7.1f}ms"
-                  f"{r['error_rate']:>8.1%}")  # fmt: skip
-    print(f"offline static batch of 32 `model.generate` (b): {off['static']:.0f} tok/s")
-    print(f"offline transformers generate_batch (continuous): {off['hf_generate_batch']:.0f} tok/s")
-    print(f"offline aigc_ray GenerationEngine (continuous):  {off['engine']:.0f} tok/s")
+    for name, rows in results.items():
+        for c in CONCURRENCY:
+            r = rows[c]
+            print(f"{name:<14}{c:>5}{r['tok_per_s']:>11.0f}{r['tok_per_s_spread']:>8.0%}"
+                  f"{r['ttft_p50'] * 1e3:>8.0f}ms{r['gap_p50'] * 1e3:>13.0f}ms"
+                  f"{r['itl_p50'] * 1e3:>7.1f}ms{r['errors']:>8}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, nargs=3, default=[8, 32, 96],
-                   help="requests at concurrency 1, 8, 32 (ours)")  # fmt: skip
-    p.add_argument("--naive-requests", type=int, nargs=3, default=[6, 12, 32])
+                   help="requests at concurrency 1, 8, 32")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--replica-cpus", type=float, default=2)
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--port", type=int, default=8061)
     p.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "aigc_bench_tiny"))
+    p.add_argument("--only", nargs="*", default=["vllm-server", "ours/builtin", "ours/vllm"])
     args = p.parse_args(argv)
 
     from transformers import AutoTokenizer
 
     model_dir = make_model_dir(args.model_dir)
     prompts = bench_prompts(AutoTokenizer.from_pretrained(model_dir), 32, args.prompt_tokens)
-    off = offline(model_dir, prompts, args.output_tokens, args.repeats)
-    naive = run_naive(model_dir, prompts, args)
-    ours, startup = run_ours(model_dir, prompts, args)
-    print_table(naive, ours, off)
-    c32_ours, c32_naive = ours[-1]["tok_per_s"], naive[-1]["tok_per_s"]
-    vs_naive, vs_static = c32_ours / c32_naive, c32_ours / off["static"]
-    met = vs_naive >= 8 and vs_static >= 0.9 and ours[-1]["error_rate"] == 0
-    print(f"at concurrency 32: {vs_naive:.2f}x naive (target 8x), {vs_static:.2f}x static batch "
-          f"(target 0.9x), errors {ours[-1]['error_rate']:.1%}; serve startup {startup:.1f}s")  # fmt: skip
-    print(json.dumps({"bench": "serve", "ratio": round(vs_static, 3),
-                      "ratio_vs_naive": round(vs_naive, 2), "ratio_vs_static": round(vs_static, 3),
-                      "targets_met": met, "ours_c32_tok_per_s": round(c32_ours),
-                      "naive_c32_tok_per_s": round(c32_naive), "static_tok_per_s": round(off["static"]),
-                      "hf_generate_batch_tok_per_s": round(off["hf_generate_batch"]),
-                      "engine_offline_tok_per_s": round(off["engine"]),
-                      "serve_startup_s": round(startup, 1),
-                      "rows": {"naive": naive, "ours": ours}}))  # fmt: skip
+    raw, startup = {}, {}
+    runners = {"vllm-server": lambda: run_vllm_server(model_dir, prompts, args),
+               "ours/builtin": lambda: run_ours(model_dir, prompts, args, "builtin"),
+               "ours/vllm": lambda: run_ours(model_dir, prompts, args, "vllm")}  # fmt: skip
+    for name in args.only:
+        raw[name], startup[name] = runners[name]()
+    results = {name: {c: median_row(rows[c]) for c in CONCURRENCY} for name, rows in raw.items()}
+    print_table(results, args.rounds)
+    print("startup s: " + ", ".join(f"{k} {v:.0f}" for k, v in startup.items()))
+    summary = {"bench": "serve", "rounds": args.rounds, "startup_s": startup, "medians": results}
+    if "vllm-server" in results:
+        ref = results["vllm-server"]
+        ratios = {name: round(r[32]["tok_per_s"] / ref[32]["tok_per_s"], 3)
+                  for name, r in results.items() if name != "vllm-server"}  # fmt: skip
+        ttft = {name: round(r[1]["ttft_p50"] / ref[1]["ttft_p50"], 2)
+                for name, r in results.items() if name != "vllm-server"}  # fmt: skip
+        gaps = {name: round(r[32]["gap_p50"] * 1e3, 1) for name, r in results.items()}
+        ours_vllm = "ours/vllm" in results
+        met = {
+            "c32_vllm_ge_0.85x": ours_vllm
+            and ratios["ours/vllm"] >= 0.85
+            and results["ours/vllm"][32]["errors"] == 0,
+            "gap_p50_le_100ms": all(gaps[n] <= 100 for n in results if n != "vllm-server"),
+            "c1_ttft_vllm_le_1.25x": ours_vllm and ttft["ours/vllm"] <= 1.25,
+        }
+        for name in ratios:
+            print(f"{name}: {ratios[name]:.2f}x vLLM's server at c=32, TTFT at c=1 "
+                  f"{ttft[name]:.2f}x, chunk gap p50 at c=32 {gaps[name]:.0f} ms")  # fmt: skip
+        summary.update(ratio=ratios.get("ours/vllm"), ratio_vs_vllm=ratios, ttft_c1_vs_vllm=ttft,
+                       gap_p50_c32_ms=gaps, targets=met, targets_met=all(met.values()))  # fmt: skip
+    print(json.dumps(summary))
     return 0
 
 

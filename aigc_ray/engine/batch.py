@@ -1,4 +1,5 @@
-"""The running batch of the continuous-batching scheduler: rows, KV cache, attention mask.
+"""The built-in engine's general path (any transformers causal LM): the running batch over
+transformers' own DynamicCache. Models the slot decoder (slots.py) does not cover run here.
 
 Rows are left-padded: every row's real tokens end at the last cache column, so one decode step
 appends one column for all rows. Joining rows (prefilled separately) are padded on the left to the
@@ -10,8 +11,12 @@ This cache surgery works on transformers' DynamicCache with full-attention layer
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
+
+from aigc_ray.engine.sampling import prompt_token_logprobs
 
 
 def left_pad(encoded: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
@@ -96,8 +101,89 @@ class RunningBatch:
                 _map_layers(self.cache, lambda t: t[:, :, first:])
                 self.mask = self.mask[:, first:]
 
-    def advance(self, tokens: torch.Tensor) -> None:
-        """After a decode step: the fed tokens are now cached; ``tokens`` are fed next."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
-        self.next_positions = self.next_positions + 1
-        self.next_tokens = tokens
+
+class HFRunner:
+    """The running batch on transformers' forward + DynamicCache surgery (any causal LM whose
+    cache is full-attention DynamicLayers): same interface as the slot path's SlotRunner."""
+
+    def __init__(self, model, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        self.device = next(model.parameters()).device
+        forward_params = inspect.signature(model.forward).parameters
+        self._keep_last_logits = "logits_to_keep" in forward_params
+        # transformers >= 5.2x renamed past_key_values -> cache (old name warns); support both.
+        self._cache_name = "cache" if "cache" in forward_params else "past_key_values"
+        self.batch: RunningBatch | None = None
+
+    @property
+    def rows(self) -> list:
+        return self.batch.rows if self.batch else []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def kv_usage(self) -> float | None:
+        return None
+
+    def forward(self, input_ids, mask, positions, cache):
+        """One model call; returns (last-position logits [rows, vocab], updated KV cache)."""
+        extra = {self._cache_name: cache}
+        if self._keep_last_logits:
+            extra["logits_to_keep"] = 1
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+            **extra,
+        )  # fmt: skip
+        return out.logits[:, -1, :], getattr(out, self._cache_name)
+
+    def probe(self) -> None:
+        """Fail at start, not at the first request, if the model's cache cannot be batched."""
+        ids = torch.tensor([[self.pad_id]], device=self.device)
+        _, cache = self.forward(ids, torch.ones_like(ids), torch.zeros_like(ids), None)
+        check_cache_supported(cache)
+
+    def prefill(self, joiners: list) -> torch.Tensor:
+        ids, mask, positions = left_pad([r.prompt_ids for r in joiners], self.pad_id, self.device)
+        logits, cache = self.forward(ids, mask, positions, None)
+        for req in joiners:
+            if req.row.params.prompt_logprobs is not None:
+                req.row.prompt_logprobs = self._score_prompt(req)
+        placeholder = torch.zeros(len(joiners), dtype=torch.long, device=self.device)
+        part = RunningBatch(joiners, cache, mask, placeholder, positions[:, -1] + 1)
+        if self.batch is None or not self.batch.rows:
+            self.batch = part
+        else:
+            self.batch.merge(part)
+        return logits
+
+    def _score_prompt(self, req) -> list:
+        """Prompt logprobs: one forward over the whole prompt (rare: evaluation requests)."""
+        ids = torch.tensor([req.prompt_ids], device=self.device)
+        logits = self.model(input_ids=ids, use_cache=False).logits[0]
+        return prompt_token_logprobs(logits, req.prompt_ids, req.row.params.prompt_logprobs)
+
+    def decode(self) -> torch.Tensor:
+        batch = self.batch
+        feed_mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
+        logits, batch.cache = self.forward(
+            batch.next_tokens[:, None], feed_mask, batch.next_positions[:, None], batch.cache
+        )
+        batch.mask = feed_mask
+        batch.next_positions = batch.next_positions + 1
+        return logits
+
+    def advance(self, reqs: list, tokens: torch.Tensor) -> None:
+        """``tokens`` [len(reqs)] are fed for ``reqs`` at the next step."""
+        rows = self.batch.rows
+        if len(reqs) == len(rows):
+            self.batch.next_tokens = tokens
+            return
+        where = {id(r): i for i, r in enumerate(rows)}
+        index = torch.tensor([where[id(r)] for r in reqs], device=tokens.device)
+        self.batch.next_tokens[index] = tokens
+
+    def keep(self, indices: list[int]) -> None:
+        self.batch.keep(indices)
+
+    def reset(self) -> None:
+        self.batch = None

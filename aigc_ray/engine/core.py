@@ -14,7 +14,6 @@ step. Pure torch + transformers: this module never imports Ray.
 from __future__ import annotations
 
 import atexit
-import inspect
 import itertools
 import logging
 import threading
@@ -25,7 +24,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from aigc_ray.engine.batch import RunningBatch, check_cache_supported, left_pad
+from aigc_ray.engine.batch import HFRunner
 from aigc_ray.engine.params import (
     ContextLengthError,
     EngineError,
@@ -41,11 +40,13 @@ from aigc_ray.engine.sampling import (
     RowState,
     Sampler,
     make_generator,
-    prompt_token_logprobs,
     token_logprobs,
 )
+from aigc_ray.engine.slots import SlotRunner, fast_path_problem
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_SLOT_LEN = 4096  # KV-cache columns per request when max_model_len is not given
 
 _ENGINES: weakref.WeakSet = weakref.WeakSet()
 
@@ -62,12 +63,24 @@ class GenerationEngine:
     """Continuous-batching text generation over a causal LM and its tokenizer.
 
     Up to ``max_batch_size`` requests decode together; more wait in FIFO order. ``stats()``
-    reports running/waiting counts and token totals for metrics.
+    reports running/waiting counts and token totals for metrics. Llama-family models run on the
+    slot decoder (slots.py: pre-allocated KV cache, fused projections, optional int8/int4
+    linears); any other causal LM on transformers' own forward (batch.py). ``fast=False``
+    forces the latter; ``max_len`` bounds the slot cache (prompt + completion per request).
     """
 
     name = "builtin"
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 32, own_cores: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch_size: int = 32,
+        own_cores: bool = False,
+        fast: bool | None = None,
+        max_len: int | None = None,
+        linear=None,
+    ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model
@@ -77,14 +90,23 @@ class GenerationEngine:
         self.eos_ids = _eos_token_ids(model, tokenizer)
         self.pad_id = _pad_token_id(tokenizer, self.eos_ids)
         self.context_window = _context_window(model, tokenizer)
-        forward_params = inspect.signature(model.forward).parameters
-        self._keep_last_logits = "logits_to_keep" in forward_params
-        # transformers >= 5.2x renamed past_key_values -> cache (old name warns); support both.
-        self._cache_name = "cache" if "cache" in forward_params else "past_key_values"
+        if max_len:
+            self.context_window = min(self.context_window, max_len)
+        problem = fast_path_problem(model) if fast is not False else "fast=False"
+        if problem is None:
+            # A pre-allocated cache: bound it (a 128k-token context would not fit in memory).
+            self.context_window = min(self.context_window, max_len or DEFAULT_SLOT_LEN)
+            self.path = "slots"
+        elif fast:
+            raise ValueError(f"the slot decoder cannot run this model: {problem}")
+        else:
+            self.path = "transformers"
+        self.path_reason = problem or "Llama-family model"
+        self._linear = linear
+        self.runner = None  # built by _start_runner, on the thread that will decode
         self._ids = itertools.count()
         self._cv = threading.Condition()
         self._waiting: deque[EngineRequest] = deque()
-        self._batch: RunningBatch | None = None
         self._sampler: Sampler | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -93,12 +115,13 @@ class GenerationEngine:
                          "generated_tokens": 0, "steps": 0, "busy_s": 0.0}  # fmt: skip
         # Measured on 2 cores (torch 2.13 CPU, libgomp): the thread that runs torch's parallel
         # ops first gets OpenMP workers that spin between ops; threads after it get throttled
-        # ones. Loading the weights does not count (it runs no parallel regions here); this
-        # probe's forward does. own_cores=True (batch generation: nothing else needs these
-        # cores): the scheduler thread starts now and runs the probe, so decode steps are fast
-        # (~790 vs ~600 tok/s offline). own_cores=False (serving): the probe runs on the
-        # caller's thread, the decode thread's workers are throttled, and the HTTP proxy and
-        # router get the CPU between steps (bench_serve c=32: 470 vs 378 tok/s).
+        # ones (a [64x512]x[512x512] matmul: 190 us on the first thread, 280 us on a later
+        # one; a tiny model's batch-1 decode step: 3.8 vs 6.7 ms). Loading the weights does not
+        # count (it runs no parallel regions here); packing them and the probe's forward do.
+        # own_cores=True (batch generation: nothing else needs these cores): the scheduler
+        # thread starts now, builds the runner and runs the probe, so decode steps are fast.
+        # own_cores=False (serving): both run on the caller's thread, the decode thread's
+        # workers are throttled, and the HTTP proxy and router get the CPU between steps.
         self._ready = threading.Event()
         self._probe_error: BaseException | None = None
         if own_cores:
@@ -108,7 +131,7 @@ class GenerationEngine:
             if self._probe_error is not None:
                 raise self._probe_error
         else:
-            self._probe_cache()
+            self._start_runner()
             self._ready.set()
         _ENGINES.add(self)
 
@@ -224,14 +247,17 @@ class GenerationEngine:
     @property
     def num_running(self) -> int:
         """Rows in the running batch right now (a lock-free read, for pacing decisions)."""
-        batch = self._batch
-        return len(batch.rows) if batch else 0
+        return len(self.runner.rows)
 
     def stats(self) -> dict:
-        """Running and waiting request counts plus cumulative counters."""
+        """Running and waiting request counts, KV-cache use (slot path), cumulative counters."""
         with self._cv:
-            running = len(self._batch) if self._batch else 0
-            return {"running": running, "waiting": len(self._waiting), **self.counters}
+            out = {"running": len(self.runner.rows), "waiting": len(self._waiting),
+                   **self.counters}  # fmt: skip
+        usage = self.runner.kv_usage()
+        if usage is not None:
+            out["kv_cache_usage"] = usage
+        return out
 
     def close(self) -> None:
         """Stop the scheduler thread; pending requests fail with EngineError."""
@@ -252,7 +278,7 @@ class GenerationEngine:
         with torch.inference_mode():
             if not self._ready.is_set():
                 try:
-                    self._probe_cache()
+                    self._start_runner()
                 except BaseException as e:  # noqa: BLE001 - re-raised by __init__
                     self._probe_error = e
                     return
@@ -266,7 +292,7 @@ class GenerationEngine:
                 try:
                     if joiners:
                         self._prefill(joiners)
-                    if self._batch:
+                    if self.runner.rows:
                         self._decode_step()
                 except Exception as e:  # noqa: BLE001 - fail the requests, keep the engine up
                     logger.exception("engine step failed; failing %d requests", self._in_flight())
@@ -277,13 +303,13 @@ class GenerationEngine:
         """Waiting requests that fit in the batch (cancelled ones are finished on the way).
         Blocks while there is nothing to do; None once the engine is closed."""
         with self._cv:
-            while not self._closed and not self._waiting and not self._batch:
+            while not self._closed and not self._waiting and not self.runner.rows:
                 self._cv.wait()
             if self._closed:
                 self._fail_all(list(self._waiting), EngineError("engine is closed"))
                 self._waiting.clear()
                 return None
-            room = self.max_batch_size - (len(self._batch) if self._batch else 0)
+            room = self.max_batch_size - len(self.runner.rows)
             joiners = []
             while self._waiting and len(joiners) < room:
                 req = self._waiting.popleft()
@@ -294,36 +320,25 @@ class GenerationEngine:
             return joiners
 
     def _prefill(self, joiners: list[EngineRequest]) -> None:
-        """One forward over the joiners' prompts; sample their first tokens; merge them in."""
-        ids, mask, positions = left_pad([r.prompt_ids for r in joiners], self.pad_id, self.device)
-        logits, cache = self._forward(ids, mask, positions, None)
-        sampler = Sampler([r.row.params for r in joiners], [r.generator for r in joiners],
-                          self.device)  # fmt: skip
-        tokens = sampler(logits)
-        part = RunningBatch(joiners, cache, mask, tokens, positions[:, -1] + 1)
-        if self._batch is None or not self._batch.rows:
-            self._batch = part
-        else:
-            self._batch.merge(part)
+        """The joiners' prompts into the running batch; sample their first tokens."""
+        logits = self.runner.prefill(joiners)
+        params, generators = [r.row.params for r in joiners], [r.generator for r in joiners]
+        tokens = Sampler(params, generators, self.device)(logits)
+        self.runner.advance(joiners, tokens)
         self._sampler = None
         self.counters["prompt_tokens"] += sum(len(r.prompt_ids) for r in joiners)
-        for req in joiners:
-            if req.row.params.prompt_logprobs is not None:
-                req.row.prompt_logprobs = self._score_prompt(req)
         self._accept(joiners, tokens, logits)
 
     def _decode_step(self) -> None:
-        batch = self._batch
+        rows = list(self.runner.rows)
         if self._sampler is None:
-            self._sampler = Sampler([r.row.params for r in batch.rows],
-                                    [r.generator for r in batch.rows], self.device)  # fmt: skip
-        feed_mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
-        logits, batch.cache = self._forward(batch.next_tokens[:, None], feed_mask,
-                                            batch.next_positions[:, None], batch.cache)  # fmt: skip
+            params, generators = [r.row.params for r in rows], [r.generator for r in rows]
+            self._sampler = Sampler(params, generators, self.device)
+        logits = self.runner.decode()
         tokens = self._sampler(logits)
-        batch.advance(tokens)
+        self.runner.advance(rows, tokens)
         self.counters["steps"] += 1
-        self._accept(batch.rows, tokens, logits)
+        self._accept(rows, tokens, logits)
 
     def _accept(self, rows: list[EngineRequest], tokens: torch.Tensor, logits) -> None:
         """Push each row's new token, wake its consumers, retire finished/cancelled rows."""
@@ -334,16 +349,16 @@ class GenerationEngine:
             if not req.row.finished:
                 req._wake_stream()
         self.counters["generated_tokens"] += len(rows)
-        batch = self._batch
-        keep = [i for i, r in enumerate(batch.rows) if not (r.row.finished or r.cancelled)]
-        if len(keep) == len(batch):
+        running = self.runner.rows
+        keep = [i for i, r in enumerate(running) if not (r.row.finished or r.cancelled)]
+        if len(keep) == len(running):
             return
         kept = set(keep)  # the snapshot, not the flags again: cancel() may land meanwhile
-        for i, req in enumerate(batch.rows):
+        for i, req in enumerate(running):
             if i not in kept:
                 self._retire(req)
         with self._cv:
-            batch.keep(keep)
+            self.runner.keep(keep)
         self._sampler = None
 
     @staticmethod
@@ -362,47 +377,41 @@ class GenerationEngine:
         return out
 
     def _retire(self, req: EngineRequest, error: BaseException | None = None) -> None:
-        key = (
-            "failed"
-            if error
-            else "cancelled"
-            if req.cancelled and not req.row.finished
-            else "finished"
-        )
+        if error:
+            key = "failed"
+        else:
+            key = "cancelled" if req.cancelled and not req.row.finished else "finished"
         self.counters[key] += 1
         req._finish(error)
 
     def _fail_all(self, joiners: list[EngineRequest], error: EngineError) -> None:
-        rows = list(self._batch.rows) if self._batch else []
+        rows = list(self.runner.rows)
         for req in {id(r): r for r in [*rows, *joiners]}.values():
             if not req.done:
                 self._retire(req, error)
-        self._batch, self._sampler = None, None
+        self.runner.reset()
+        self._sampler = None
 
     def _in_flight(self) -> int:
-        return len(self._batch) if self._batch else 0
-
-    def _forward(self, input_ids, mask, positions, cache):
-        """One model call; returns (last-position logits [rows, vocab], updated KV cache)."""
-        extra = {self._cache_name: cache}
-        if self._keep_last_logits:
-            extra["logits_to_keep"] = 1
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         use_cache=True, **extra)  # fmt: skip
-        return out.logits[:, -1, :], getattr(out, self._cache_name)
-
-    def _score_prompt(self, req: EngineRequest) -> list:
-        """Prompt logprobs: one forward over the whole prompt (rare: evaluation requests)."""
-        ids = torch.tensor([req.prompt_ids], device=self.device)
-        logits = self.model(input_ids=ids, use_cache=False).logits[0]
-        return prompt_token_logprobs(logits, req.prompt_ids, req.row.params.prompt_logprobs)
+        return len(self.runner.rows)
 
     @torch.inference_mode()
-    def _probe_cache(self) -> None:
-        """Fail at start, not at the first request, if the model's cache cannot be batched."""
-        ids = torch.tensor([[self.pad_id]], device=self.device)
-        _, cache = self._forward(ids, torch.ones_like(ids), torch.zeros_like(ids), None)
-        check_cache_supported(cache)
+    def _start_runner(self) -> None:
+        """Build the running batch (the slot cache and packed weights, or transformers' path)
+        and probe it: fail at start, not at the first request, if the model cannot be batched.
+        Runs on the thread that will decode when the engine owns the cores."""
+        if self.path == "slots":
+            self.runner = SlotRunner(self.model, self.max_batch_size, self.context_window,
+                                     self.pad_id, linear=self._linear)  # fmt: skip
+        else:
+            self.runner = HFRunner(self.model, self.pad_id)
+        if isinstance(self.runner, HFRunner):
+            self.runner.probe()
+            return
+        probe = EngineRequest(-1, [self.pad_id], RowState(1, SamplingParams(), self.tokenizer,
+                                                          set()))  # fmt: skip
+        self.runner.prefill([probe])
+        self.runner.keep([])
 
 
 def _eos_token_ids(model, tokenizer) -> set[int]:

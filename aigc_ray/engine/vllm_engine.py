@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -141,6 +142,12 @@ class VllmEngine:
                          "generated_tokens": 0, "steps": 0, "running": 0, "waiting": 0,
                          "kv_cache_usage": 0.0}  # fmt: skip
         loggers = [stats_logger_factory(self.counters), *(stat_loggers or [])]
+        if _on_cpu(args):
+            # Ray sets OMP_NUM_THREADS to an actor's CPUs; vLLM then keeps that many torch
+            # threads in its engine processes, whose OpenMP workers spin between ops and take
+            # CPU from the forward pass. Unset, vLLM binds its worker to its own cores and runs
+            # the engine loop single-threaded, as in its own server.
+            os.environ.pop("OMP_NUM_THREADS", None)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="aigc-vllm",
                                         daemon=True)  # fmt: skip
@@ -384,3 +391,9 @@ def _names(proc) -> list[str]:
         return [proc.name(), *proc.cmdline()]
     except Exception:  # noqa: BLE001 - a process that just exited has no name
         return []
+
+
+def _on_cpu(args: dict) -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.device_type == "cpu"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from ray import serve
@@ -97,10 +98,11 @@ def run_serve(cfg: ServeConfig, model_dir: str | None = None, app_name: str = "a
 def engine_report(app_name: str = "aigc") -> dict[str, dict]:
     """{model: info} from each model deployment that has a running replica (engine, reason)."""
     status = serve.status().applications[app_name].deployments
-    out = {}
-    for name, dep in status.items():
-        if name.startswith("model-") and dep.replica_states.get("RUNNING", 0):
-            handle = serve.get_deployment_handle(name, app_name)
-            info = handle.info.remote().result(timeout_s=60)
-            out[info["model"]] = info
-    return out
+    names = [n for n, d in status.items() if n.startswith("model-") and d.replica_states.get(
+        "RUNNING", 0)]  # fmt: skip
+
+    async def ask() -> list[dict]:  # handles are used from a loop (any Serve mode)
+        calls = [serve.get_deployment_handle(n, app_name).info.remote() for n in names]
+        return [await asyncio.wait_for(c, 60) for c in calls]
+
+    return {info["model"]: info for info in asyncio.run(ask())}

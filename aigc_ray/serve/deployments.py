@@ -311,6 +311,11 @@ def _failure(e: BaseException) -> ApiError:
     return ApiError(500, f"internal error: {type(e).__name__}", "server_error")
 
 
+def _loop_deadline(deadline: float) -> float:
+    """A time.monotonic() deadline on the running loop's clock."""
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
+
+
 def _auth_error() -> ApiError:
     return ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)",
                     "authentication_error", code="invalid_api_key")  # fmt: skip
@@ -415,13 +420,12 @@ class Router:
         try:
             yield writer.role(n)
             while True:
-                # wait_for per event, not asyncio.timeout around the loop: a timeout must not
-                # cancel Starlette's send of a chunk we already yielded.
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError
+                # A timeout around each wait, not around the loop: it must not cancel
+                # Starlette's send of a chunk we already yielded. (asyncio.timeout_at, not
+                # wait_for: no task per chunk.)
                 try:
-                    event = await asyncio.wait_for(events.__anext__(), remaining)
+                    async with asyncio.timeout_at(_loop_deadline(deadline)):
+                        event = await events.__anext__()
                 except StopAsyncIteration:
                     break
                 if event[0] == "delta":

@@ -88,9 +88,14 @@ def model(tokenizer):
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.fixture(scope="module")
-def engine(model, tokenizer):
-    return GenerationEngine(model, tokenizer)
+@pytest.fixture(scope="module", params=["slots", "transformers"])
+def engine(model, tokenizer, request):
+    """Every engine test runs on both paths: the slot decoder (Llama family) and transformers'
+    own forward (any causal LM)."""
+    eng = GenerationEngine(model, tokenizer, fast=request.param == "slots")
+    assert eng.path == request.param
+    yield eng
+    eng.close()
 
 
 def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
