@@ -161,9 +161,12 @@ def load_engine(
         from aigc_ray.engine.vllm_engine import VllmEngine
 
         try:
+            # Serving warms vLLM's logprobs paths up (3.5 s, else paid by a user's first
+            # evaluation request); batch generation (own_cores) starts generating at once.
             eng = VllmEngine(model_dir, dtype=str(torch_dtype).removeprefix("torch."),
                              max_model_len=max_model_len, max_batch_size=max_batch_size,
-                             stat_loggers=stat_loggers, **vllm_engine_options(vllm))  # fmt: skip
+                             stat_loggers=stat_loggers, warm_up=not own_cores,
+                             **vllm_engine_options(vllm))  # fmt: skip
             logger.info("engine for %s: vllm %s (%s)", model_dir, choice.version, choice.reason)
             return eng, choice
         except EngineUnavailableError as e:

@@ -127,6 +127,7 @@ class VllmEngine:
         enable_prefix_caching: bool = True,
         engine_kwargs: dict[str, Any] | None = None,
         stat_loggers: list | None = None,
+        warm_up: bool = True,
     ):
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -171,7 +172,8 @@ class VllmEngine:
         self._closed = False
         self.args = args
         try:
-            self._warm_up()
+            if warm_up:
+                self._warm_up()
         except EngineError as e:
             self.close()
             raise EngineUnavailableError(
