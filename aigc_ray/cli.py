@@ -67,6 +67,13 @@ def preflight(cfg: PipelineConfig, stages: set[str]) -> None:
         from aigc_ray.generate import preflight as generate_preflight
 
         generate_preflight(cfg.generate, cfg.resolved_generate_model_dir())
+    if "optimize" in stages:
+        from aigc_ray.model import is_uri
+
+        if is_uri(cfg.optimize.output_dir):
+            raise ValueError("optimize.output_dir must be a local directory (copy it to object "
+                             "storage afterwards, or serve it from the node)")  # fmt: skip
+        check_model_dir(cfg.optimize_source_dir())
     if "serve" in stages and "train" not in stages:
         for served in cfg.serve.served_models(cfg.resolved_model_dir()):
             check_model_dir(served.model_dir)
@@ -128,6 +135,35 @@ def cmd_serve(cfg: PipelineConfig, model_dir: str) -> tuple[str, list[tuple[str,
     return url, samples
 
 
+def cmd_optimize(cfg: PipelineConfig, model_dir: str | None = None) -> dict:
+    """Optimize the trained model (or optimize.model_dir); print the report."""
+    from aigc_ray.optimize import format_report, run_optimize
+
+    data_dir = cfg.resolved_data_dir()
+    has_data = (Path(data_dir) / "manifest.json").exists() if "://" not in data_dir else True
+    report = run_optimize(cfg.optimize, model_dir or cfg.optimize_source_dir(),
+                          data_dir if has_data else None, _recovery(cfg))  # fmt: skip
+    print(f"optimize -> {cfg.optimize.output_dir}\n{format_report(report)}", flush=True)
+    return report
+
+
+def _recovery(cfg: PipelineConfig):
+    """The recovery fine-tune after pruning: the trainer, starting from the pruned model."""
+
+    def run(pruned_dir: str, steps: int) -> str:
+        from aigc_ray.train import fit
+
+        run_dir = str(Path(cfg.optimize.output_dir).parent / "recovery")
+        tcfg = cfg.train.model_copy(update={
+            "max_steps": steps, "run_dir": run_dir, "name": "recovery", "export_dir": None,
+            "storage_path": None, "warmup_steps": min(cfg.train.warmup_steps, steps // 10),
+            "eval_every": steps, "checkpoint_every": steps})  # fmt: skip
+        mcfg = cfg.model.model_copy(update={"pretrained": pruned_dir, "lora_r": None})
+        return fit(tcfg, mcfg, cfg.resolved_data_dir()).model_dir
+
+    return run
+
+
 def check_learned(
     val_initial: float | None, val_final: float | None, min_gain: float = 0.1
 ) -> None:
@@ -179,13 +215,19 @@ def cmd_pipeline(cfg: PipelineConfig) -> tuple[str, str]:
     """Run every stage; print the summary; return (endpoint URL, summary). Leaves it serving."""
     t0 = time.time()
     write_resolved(cfg, Path(cfg.train.run_dir).parent, "pipeline_config.resolved.json")
-    print("[1/3] preprocess (Ray Data) ...", flush=True)
+    n = 4 if cfg.optimize.enabled else 3
+    print(f"[1/{n}] preprocess (Ray Data) ...", flush=True)
     m = cmd_preprocess(cfg)
-    print("[2/3] train (Ray Train TorchTrainer) ...", flush=True)
+    print(f"[2/{n}] train (Ray Train TorchTrainer) ...", flush=True)
     r = cmd_train(cfg)
     check_learned(r.val_loss_initial, r.val_loss_final)
-    print("[3/3] serve (Ray Serve) ...", flush=True)
-    url, samples = cmd_serve(cfg, r.serving_dir)
+    serving_dir = r.serving_dir
+    if cfg.optimize.enabled:
+        print(f"[3/{n}] optimize ...", flush=True)
+        cmd_optimize(cfg, r.serving_dir)  # a rejected model raises: it is never served
+        serving_dir = cfg.optimize.output_dir
+    print(f"[{n}/{n}] serve (Ray Serve) ...", flush=True)
+    url, samples = cmd_serve(cfg, cfg.serve.model_dir or serving_dir)
     summary = format_summary(m, r, url, samples, time.time() - t0)
     print(summary, flush=True)
     return url, summary
@@ -199,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in [("preprocess", "Ray Data: corpus -> parquet shards"),
                         ("train", "Ray Train: shards -> model directory"),
+                        ("optimize", "prune / bf16 / int8 / int4 a model directory + report"),
                         ("serve", "Ray Serve: model directory -> OpenAI API"),
                         ("pipeline", "preprocess -> train -> serve -> sample requests"),
                         ("generate", "Ray Data + engine: prompts -> parquet of completions")]:  # fmt: skip
@@ -223,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 STAGES = {"preprocess": {"preprocess"}, "train": {"train"}, "serve": {"serve"},
+          "optimize": {"optimize"},
           "pipeline": {"preprocess", "train", "serve"}, "generate": {"generate"}}  # fmt: skip
 
 
@@ -251,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"aigc-ray: error: {e}", file=sys.stderr)
         return 2
-    init_ray(args.verbose)
+    if args.command != "optimize" or cfg.optimize.recovery_steps:  # optimize alone needs no Ray
+        init_ray(args.verbose)
     try:
         return _dispatch(args, cfg)
     except (
@@ -267,6 +312,8 @@ def _dispatch(args, cfg: PipelineConfig) -> int:
         cmd_preprocess(cfg)
     elif args.command == "train":
         cmd_train(cfg)
+    elif args.command == "optimize":
+        cmd_optimize(cfg)
     elif args.command == "generate":
         from aigc_ray.generate import run_generate
 

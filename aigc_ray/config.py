@@ -409,6 +409,58 @@ class GenerateConfig(EngineSettings):
     )
 
 
+class OptimizeConfig(_Section):
+    """Model optimization between training and serving: prune, convert, quantize, compile."""
+
+    enabled: bool = Field(
+        False, description="Run this stage in `aigc-ray pipeline` (between train and serve)."
+    )
+    model_dir: str | None = Field(
+        None, description="Model directory to optimize; empty = the trained model."
+    )
+    output_dir: str = Field(
+        "runs/tiny/optimized", description="The optimized model directory (plus report.json)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Precision of what is not quantized: auto = bfloat16 with a quantization "
+        "method (vLLM's CPU int4 kernel needs it), else the source's dtype.",
+    )
+    quantization: Literal["none", "int8_weight_only", "w8a8", "int4_weight_only"] = Field(
+        "none",
+        description="Linear weights to int8 (optionally with dynamic int8 activations) or int4 "
+        "(groups), written in the compressed-tensors format vLLM and transformers read.",
+    )
+    int4_group_size: int | None = Field(
+        None, ge=16, description="int4 group size; empty = the largest of 128/64/32 that fits."
+    )
+    pruning: Literal["none", "magnitude", "2of4", "mlp_channels"] = Field(
+        "none",
+        description="magnitude: zero the smallest weights; 2of4: two of every four (sparse "
+        "tensor cores on GPUs); mlp_channels: drop MLP channels (a smaller dense model).",
+    )
+    sparsity: float = Field(0.5, gt=0, lt=1, description="Fraction pruned (magnitude, mlp).")
+    recovery_steps: int = Field(
+        0, ge=0, description="Fine-tune steps after pruning, through the trainer (0 = none)."
+    )
+    compile: bool = Field(
+        False,
+        description="Record that engines should torch.compile the decode step (the report "
+        "measures it; only worth it where it is faster).",
+    )
+    max_perplexity_increase: float = Field(
+        0.05,
+        ge=0,
+        description="Fail the stage (no serving of it) when validation perplexity rises more.",
+    )
+    eval_blocks: int = Field(64, ge=1, description="Validation blocks for perplexity.")
+    benchmark: bool = Field(
+        True, description="Measure engine tok/s at batch 1 and 32 for the report."
+    )
+    held_prompts: int = Field(16, ge=1, description="Prompts for greedy token agreement.")
+    agreement_tokens: int = Field(32, ge=1, description="Greedy tokens compared per prompt.")
+
+
 class PipelineConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Preprocess stage.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model architecture.")
@@ -416,6 +468,9 @@ class PipelineConfig(_Section):
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving stage.")
     generate: GenerateConfig = Field(
         default_factory=GenerateConfig, description="Offline batch generation."
+    )
+    optimize: OptimizeConfig = Field(
+        default_factory=OptimizeConfig, description="Quantize / prune / compile a model."
     )
 
     @model_validator(mode="after")
@@ -438,11 +493,19 @@ class PipelineConfig(_Section):
         """Where `train` exports its model: the default for serving and batch generation."""
         return self.train.export_dir or str(Path(self.train.run_dir) / "model")
 
+    def optimize_source_dir(self) -> str:
+        return self.optimize.model_dir or self.trained_model_dir()
+
+    def served_model_dir(self) -> str:
+        """What serve and generate use by default: the optimized model when the optimize stage
+        is enabled, else the trained one."""
+        return self.optimize.output_dir if self.optimize.enabled else self.trained_model_dir()
+
     def resolved_model_dir(self) -> str:
-        return self.serve.model_dir or self.trained_model_dir()
+        return self.serve.model_dir or self.served_model_dir()
 
     def resolved_generate_model_dir(self) -> str:
-        return self.generate.model_dir or self.trained_model_dir()
+        return self.generate.model_dir or self.served_model_dir()
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

@@ -156,6 +156,10 @@ class HFRunner:
             self.batch.merge(part)
         return logits
 
+    def all_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits at every position of full blocks ``ids`` [B, T] (scoring)."""
+        return self.model(input_ids=ids, use_cache=False).logits
+
     def _score_prompt(self, req) -> list:
         """Prompt logprobs: one forward over the whole prompt (rare: evaluation requests)."""
         ids = torch.tensor([req.prompt_ids], device=self.device)

@@ -178,6 +178,6 @@ def load_engine(
 
     eng = GenerationEngine.from_pretrained(model_dir, device=str(torch_device), dtype=torch_dtype,
                                            max_batch_size=max_batch_size or 32,
-                                           own_cores=own_cores)  # fmt: skip
+                                           own_cores=own_cores, max_len=max_model_len)  # fmt: skip
     logger.info("engine for %s: builtin (%s)", model_dir, choice.reason)
     return eng, choice

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from aigc_ray.engine.quant import dense
+from aigc_ray.engine.quant import DenseLinear, dense
 from aigc_ray.engine.sampling import prompt_token_logprobs
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -57,6 +57,13 @@ def _fuse(*mods):
     bias = torch.cat([m.bias.detach() if m.bias is not None else
                       torch.zeros(m.weight.shape[0], dtype=m.weight.dtype) for m in mods])  # fmt: skip
     return dense(weight, bias)
+
+
+def _fuse_unpacked(*mods):
+    weight = torch.cat([m.weight.detach() for m in mods])
+    biases = [m.bias for m in mods]
+    bias = None if all(b is None for b in biases) else torch.cat([b.detach() for b in biases])
+    return DenseLinear(weight, bias)
 
 
 @dataclass
@@ -200,8 +207,13 @@ class SlotRunner:
     transformers path (``HFRunner``): ``rows``, ``prefill``, ``decode``, ``advance``, ``keep``."""
 
     def __init__(self, model, max_rows: int, max_len: int, pad_id: int, linear=None,
-                 prefill_tokens: int = 4096):  # fmt: skip
+                 prefill_tokens: int = 4096, compile: bool = False):  # fmt: skip
+        if compile and linear is None:
+            linear = _fuse_unpacked  # inductor cannot lower oneDNN's packed linear
         self.decoder = SlotDecoder(model, max_rows, max_len, linear)
+        if compile:
+            # Shapes vary (rows, columns): one dynamic graph instead of a compile per shape.
+            self.decoder.decode = torch.compile(self.decoder.decode, dynamic=True)
         self.max_len, self.pad_id, self.prefill_tokens = max_len, pad_id, prefill_tokens
         device = self.decoder.device
         self.rows: list = []  # requests in decode order (ascending slot)
@@ -258,6 +270,13 @@ class SlotRunner:
         self.lengths[slot_index] = lens
         self.rows.extend(group)
         return self.decoder.logits(last)
+
+    def all_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits at every position of full blocks ``ids`` [B, T] (scoring; B <= free slots).
+        Uses free slots' cache space and leaves them free."""
+        slots = torch.tensor(sorted(self.free)[: ids.shape[0]], device=ids.device)
+        lengths = torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
+        return self.decoder.logits(self.decoder.prefill(ids, lengths, slots))
 
     def decode(self) -> torch.Tensor:
         """One decode step for every row; logits [rows, vocab] in ``rows`` order."""
