@@ -76,9 +76,9 @@ def preflight(cfg: OptimizeConfig, model) -> None:
     if dtype == torch.bfloat16 and not _bf16_supported():
         raise OptimizeError("dtype bfloat16: this CPU has no bf16 support in oneDNN "
                             "(AVX512-BF16 or AMX); use float32 or run on a GPU")  # fmt: skip
-    if cfg.quantization == "none" and cfg.pruning == "none" and cfg.dtype == "auto":
-        if not cfg.compile:
-            raise OptimizeError("optimize: nothing to do (set dtype, quantization or pruning)")
+    nothing = cfg.quantization == "none" and cfg.pruning == "none" and cfg.dtype == "auto"
+    if nothing and not cfg.compile:
+        raise OptimizeError("optimize: nothing to do (set dtype, quantization or pruning)")
     if cfg.quantization != "none" and not _linears(model):
         kind = type(model).__name__
         raise OptimizeError(f"quantization {cfg.quantization}: {kind} has no nn.Linear layers in "
