@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import urllib.error
@@ -153,7 +154,9 @@ def _recovery(cfg: PipelineConfig):
     def run(pruned_dir: str, steps: int) -> str:
         from aigc_ray.train import fit
 
-        run_dir = str(Path(cfg.optimize.output_dir).parent / "recovery")
+        out = Path(cfg.optimize.output_dir)
+        run_dir = str(out.with_name(out.name + ".recovery"))
+        shutil.rmtree(run_dir, ignore_errors=True)  # same name would resume an older run
         tcfg = cfg.train.model_copy(update={
             "max_steps": steps, "run_dir": run_dir, "name": "recovery", "export_dir": None,
             "storage_path": None, "warmup_steps": min(cfg.train.warmup_steps, steps // 10),
@@ -175,7 +178,8 @@ def check_learned(
                             f"{val_final:.3f} (trained); expected at least {min_gain:.0%} lower")  # fmt: skip
 
 
-def format_summary(m: dict, r, url: str, samples: list[tuple[str, str]], seconds: float) -> str:
+def format_summary(m: dict, r, url: str, samples: list[tuple[str, str]], seconds: float,
+                   served: str | None = None) -> str:  # fmt: skip
     tr, va = m["splits"]["train"], m["splits"]["val"]
     lines = [
         "", "=" * 72, "aigc_ray pipeline summary", "=" * 72,
@@ -188,6 +192,7 @@ def format_summary(m: dict, r, url: str, samples: list[tuple[str, str]], seconds
         f"val loss       {r.val_loss_initial:.3f} untrained -> {r.val_loss_final:.3f} trained "
         f"(perplexity {_ppl(r.val_loss_initial):,.0f} -> {_ppl(r.val_loss_final):,.1f})",
         f"model dir      {r.model_dir}",
+        f"served model   {served or r.serving_dir}",
         f"endpoint       {url}/v1 (OpenAI-compatible)",
         "samples (greedy, over HTTP):",
     ]  # fmt: skip
@@ -195,10 +200,6 @@ def format_summary(m: dict, r, url: str, samples: list[tuple[str, str]], seconds
         lines.append(f"  --- {prompt!r}\n{_indent(prompt + text)}")
     lines += [f"wall time      {seconds:.0f} s", "=" * 72]
     return "\n".join(lines)
-
-
-def _num(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _ppl(loss: float) -> float:
@@ -227,8 +228,9 @@ def cmd_pipeline(cfg: PipelineConfig) -> tuple[str, str]:
         cmd_optimize(cfg, r.serving_dir)  # a rejected model raises: it is never served
         serving_dir = cfg.optimize.output_dir
     print(f"[{n}/{n}] serve (Ray Serve) ...", flush=True)
-    url, samples = cmd_serve(cfg, cfg.serve.model_dir or serving_dir)
-    summary = format_summary(m, r, url, samples, time.time() - t0)
+    served = cfg.serve.model_dir or serving_dir
+    url, samples = cmd_serve(cfg, served)
+    summary = format_summary(m, r, url, samples, time.time() - t0, served)
     print(summary, flush=True)
     return url, summary
 

@@ -158,11 +158,12 @@ class GenerationEngine:
 
         model_dir = local_model_dir(model_dir)
         torch_device = resolve_device(device)
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        saved = config.get("dtype") or config.get("torch_dtype")
         torch_dtype = (
-            dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, torch_device)
+            dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, torch_device, saved)
         )
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        config = json.loads((Path(model_dir) / "config.json").read_text())
         scheme = quantization_scheme(config)
         extra = {}
         if scheme is not None:  # compressed-tensors: load dequantized, run on int kernels

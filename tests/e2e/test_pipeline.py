@@ -4,6 +4,7 @@ Runs in its own process with its own local Ray (the integration tier's shared in
 not started yet: pytest runs tests/e2e first)."""
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -25,6 +26,11 @@ def test_pipeline_command_end_to_end(tmp_path):
         "train.checkpoint_every=30",
         "serve.port=8011",
         "serve.sample_max_tokens=16",
+        # the optimize step between train and serve: W8A8 int8, served on the int kernels
+        "optimize.enabled=true",
+        "optimize.quantization=w8a8",
+        "optimize.benchmark=false",
+        f"optimize.output_dir={tmp_path / 'optimized'}",
     ]
     exe = Path(sys.executable).with_name("aigc-ray")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -48,6 +54,10 @@ def test_pipeline_command_end_to_end(tmp_path):
     assert float(m.group(2)) < 0.9 * float(m.group(1))
     assert out.count("  --- ") == 3, "three sample completions expected"
     assert (tmp_path / "train" / "model" / "config.json").is_file()
+    assert "[3/4] optimize" in out and "quantization w8a8" in out
+    report = json.loads((tmp_path / "optimized" / "report.json").read_text())
+    assert report["passed"] and report["size_ratio"] < 0.6
+    assert re.search(rf"^served model\s+{tmp_path / 'optimized'}$", out, re.M)
     assert (tmp_path / "data" / "manifest.json").is_file()
 
 
@@ -62,7 +72,9 @@ def test_pipeline_bad_input_fails_before_ray(tmp_path):
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("name", ["preprocess", "train", "serve", "pipeline", "generate"])
+@pytest.mark.parametrize(
+    "name", ["preprocess", "train", "optimize", "serve", "pipeline", "generate"]
+)
 def test_job_wrappers_are_importable_and_documented(name):
     path = ROOT / "jobs" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"job_{name}", path)
