@@ -76,7 +76,24 @@ def _load_optimizer(model, opt, saved: dict) -> None:
 
 
 def latest_complete_checkpoint(run_storage: Path) -> str | None:
-    """The newest checkpoint directory with every file a resume needs (for error messages)."""
-    done = [d for d in run_storage.glob("checkpoint_*")
-            if (d / STATE_FILE).is_file() and (d / "config.json").is_file()]  # fmt: skip
+    """The newest checkpoint directory whose files are all there and readable (for error
+    messages): a worker killed while a checkpoint was being persisted leaves a directory with
+    truncated files, which must not be named as the one to resume from."""
+    done = [d for d in run_storage.glob("checkpoint_*") if _readable_checkpoint(d)]
     return str(max(done, key=lambda d: d.name)) if done else None
+
+
+def _readable_checkpoint(d: Path) -> bool:
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        json.loads((d / "config.json").read_text())
+        weights = sorted(d.glob("*.safetensors"))
+        for path in weights:
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+        return bool(weights) and (d / STATE_FILE).stat().st_size > 0
+    except (OSError, ValueError, RuntimeError):
+        return False

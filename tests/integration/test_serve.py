@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 KEY = "test-key-1"  # set for the replicas by the ray_session fixture (runtime_env)
 PORT = 8047
 TIMEOUT_S = 4.0
-SLOW_LIMIT = 1800
+SLOW_LIMIT = 8000  # the slow model cannot make this many tokens within TIMEOUT_S
 
 
 def _model_dir(root, tokenizer, seed: int, **arch) -> str:
@@ -41,9 +41,21 @@ def model_dirs(tmp_path_factory):
              sorted(stdlib_files())[:40]]  # fmt: skip
     tok = train_tokenizer(texts, 512, root / "tok")
     small = dict(hidden_size=64, num_layers=2, num_heads=2, max_position_embeddings=256)
-    slow = dict(hidden_size=256, num_layers=4, num_heads=4, max_position_embeddings=2048)
-    return {"a": _model_dir(root, tok, 1, **small), "b": _model_dir(root, tok, 2, **small),
+    slow = dict(hidden_size=256, num_layers=4, num_heads=4, max_position_embeddings=8192)
+    return {"a": _model_dir(root, tok, 1, **small), "b": _w8a8(_model_dir(root, tok, 2, **small)),
             "slow": _model_dir(root, tok, 3, **slow)}  # fmt: skip
+
+
+def _w8a8(model_dir: str) -> str:
+    """tiny-b is served from what `aigc-ray optimize` writes: an int8 W8A8 compressed-tensors
+    directory (the built-in engine runs it on int8 kernels, vLLM on its own)."""
+    from aigc_ray.config import OptimizeConfig
+    from aigc_ray.optimize import run_optimize
+
+    out = f"{model_dir}-w8a8"
+    run_optimize(OptimizeConfig(output_dir=out, quantization="w8a8", dtype="float32",
+                                benchmark=False), model_dir, None)  # fmt: skip
+    return out
 
 
 # Every API test runs once per engine. vLLM runs its CPU build here, in eager mode (no
@@ -72,7 +84,7 @@ def base_url(ray_session, model_dirs, engine):
             {"name": "tiny-b", "model_dir": model_dirs["b"], **chosen},
             # one request at a time, one more in the queue: the third gets a 503
             {"name": "slow", "model_dir": model_dirs["slow"], "max_ongoing_requests": 1,
-             "max_queued_requests": 1, "max_batch_size": 1, **chosen},
+             "max_queued_requests": 1, "max_batch_size": 1, "max_model_len": 8192, **chosen},
             # no replica until the first request arrives (Serve's scale from zero does not
             # depend on the engine: the builtin one in both runs keeps the vLLM run shorter)
             {"name": "lazy", "model_dir": model_dirs["a"], "engine": "builtin", "autoscaling": {
@@ -145,11 +157,12 @@ def test_completion_params_n_seed_usage(client):
     assert first.usage.completion_tokens == 30  # usage counts all n choices
 
 
-def test_models_show_the_engine_that_answered(client, engine):
+def test_models_show_the_engine_that_answered(client, engine, model_dirs):
     client.completions.create(model="tiny-b", prompt="x", max_tokens=2)
     cards = {m.id: m for m in client.models.list().data}
     assert cards["tiny-b"].engine == engine  # learnt from its responses
     assert stats("tiny-b")["engine"] == engine
+    assert "quantization_config" in Path(model_dirs["b"], "config.json").read_text()
 
 
 def _stop_candidate(text: str) -> int | None:
