@@ -4,6 +4,7 @@ own --temp-dir, the worker declaring a custom resource), the pipeline submitted 
 `ray job submit --working-dir .` CLI, the endpoint it leaves running called over HTTP, a client
 without the token refused, then both nodes stopped."""
 
+import contextlib
 import json
 import os
 import secrets
@@ -59,9 +60,37 @@ def two_node_cluster():
         assert worker.returncode == 0, worker.stderr[-2000:]
         yield f"http://127.0.0.1:{DASHBOARD_PORT}"
     finally:
-        ray("stop", "--force")
+        _stop_nodes_under(tmp)  # these two nodes only: `ray stop` would stop every Ray here
         TOKEN_ENV.clear()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stop_nodes_under(temp_dir: Path) -> None:
+    """Terminate the Ray processes started with ``--temp-dir`` under ``temp_dir`` (GCS, raylets,
+    dashboard, log monitors) and every process they started (workers, drivers)."""
+    import psutil
+
+    roots = []
+    for p in psutil.process_iter(["cmdline"]):
+        if str(temp_dir) in " ".join(p.info["cmdline"] or []):
+            roots.append(p)
+    procs = {p.pid: p for r in roots for p in [r, *_children(r)]}
+    for p in procs.values():
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+def _children(proc) -> list:
+    import psutil
+
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 @pytest.fixture

@@ -403,6 +403,7 @@ def test_client_disconnect_cancels_generation(base_url):
     before = quiet_stats("slow")
     body = {"model": "slow", "prompt": "x", "max_tokens": SLOW_LIMIT, "ignore_eos": True,
             "stream": True}  # fmt: skip
+    started = time.monotonic()
     with httpx.stream("POST", f"{base_url}/completions", json=body, timeout=30,
                       headers={"Authorization": f"Bearer {KEY}"}) as resp:  # fmt: skip
         assert resp.status_code == 200
@@ -411,10 +412,13 @@ def test_client_disconnect_cancels_generation(base_url):
             got += line.startswith("data: ")
             if got >= 3:
                 break
-    # connection closed after 3 chunks: generation for it must stop
-    deadline = time.monotonic() + 10
-    while stats("slow")["running"] and time.monotonic() < deadline:
-        time.sleep(0.1)
+    # connection closed after 3 chunks: generation for it must stop, well before the app's
+    # request timeout could have cancelled it instead
+    closed = time.monotonic()
+    while stats("slow")["running"] and time.monotonic() < closed + 10:
+        time.sleep(0.05)
+    assert time.monotonic() - closed < 1.5, "the row outlived the disconnect"
+    assert time.monotonic() - started < TIMEOUT_S, "too slow to tell a disconnect from a 408"
     first = stats("slow")
     time.sleep(1.0)
     second = stats("slow")
@@ -509,7 +513,9 @@ def test_dead_vllm_engine_gets_503_and_the_replica_is_replaced(engine, client, b
 def test_prometheus_metrics_are_exported(client, ray_session, engine):
     node = ray_session._private.worker.global_worker.node
     url = f"http://127.0.0.1:{node.metrics_export_port}/metrics"
+    before = _counter(urllib.request.urlopen(url, timeout=10).read().decode(), "tiny-a")
     client.completions.create(model="tiny-a", prompt="x", max_tokens=4)
+    client.completions.create(model="tiny-a", prompt="y", max_tokens=4)
     wanted = ["ray_aigc_ray_requests_total", "ray_aigc_ray_request_errors_total",
               "ray_aigc_ray_time_to_first_token_seconds_bucket",
               "ray_aigc_ray_inter_token_latency_seconds_bucket",
@@ -521,9 +527,20 @@ def test_prometheus_metrics_are_exported(client, ray_session, engine):
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:
         text = urllib.request.urlopen(url, timeout=10).read().decode()
-        if all(w in text for w in wanted):
+        if all(w in text for w in wanted) and _counter(text, "tiny-a") >= before + 2:
             break
         time.sleep(2)
     missing = [w for w in wanted if w not in text]
     assert not missing, missing
+    assert _counter(text, "tiny-a") >= before + 2  # the counter moved with our two requests
     assert 'status="200"' in text and 'status="404"' in text
+
+
+def _counter(text: str, model: str) -> float:
+    """Sum of ray_aigc_ray_requests_total over the 200 series of ``model``."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("ray_aigc_ray_requests_total{") and f'model="{model}"' in line \
+                and 'status="200"' in line:  # fmt: skip
+            total += float(line.rsplit(" ", 1)[1])
+    return total

@@ -53,10 +53,13 @@ def _workers() -> list[psutil.Process]:
 
 
 def _fit_killing_a_worker(cfg, root, train_cfg):
-    """Run fit in a thread; SIGKILL one worker right after the first checkpoint lands."""
+    """Run fit in a thread; SIGKILL one of *this run's* workers right after its first
+    checkpoint lands, and record every worker process the run starts (a restart starts new
+    ones). Returns (box, killed pid, pids of workers started after the kill)."""
     from aigc_ray.train import fit
 
     box: dict = {}
+    earlier = {p.pid for p in _workers()}  # other runs' workers are never touched
 
     def run():
         try:
@@ -70,11 +73,16 @@ def _fit_killing_a_worker(cfg, root, train_cfg):
     deadline = time.time() + 240
     while time.time() < deadline and not list(storage.glob("checkpoint_*/train_state.pt")):
         time.sleep(0.05)
-    victims = _workers()
-    assert victims and t.is_alive(), "no training worker to kill before the run finished"
-    os.kill(victims[-1].pid, signal.SIGKILL)
-    t.join(timeout=600)
-    return box, victims[-1].pid
+    victims = [w for w in _workers() if w.pid not in earlier]
+    assert victims and t.is_alive(), "no worker of this run to kill before the run finished"
+    killed = victims[-1].pid
+    os.kill(killed, signal.SIGKILL)
+    before_kill = earlier | {w.pid for w in victims}
+    restarted: set[int] = set()
+    while t.is_alive():
+        restarted |= {w.pid for w in _workers()} - before_kill
+        t.join(timeout=0.2)
+    return box, killed, restarted
 
 
 def _ledger(run_dir) -> list:
@@ -86,8 +94,9 @@ def test_sigkill_worker_resumes_exactly_once_with_same_loss(data_cfg):
 
     cfg, root = data_cfg
     clean = fit(_train_cfg(cfg, root, "clean"), cfg.model, cfg.data.output_dir)
-    box, killed = _fit_killing_a_worker(cfg, root, _train_cfg(cfg, root, "fault"))
+    box, killed, restarted = _fit_killing_a_worker(cfg, root, _train_cfg(cfg, root, "fault"))
     assert "error" not in box, box.get("error")
+    assert restarted, "no new worker group started after the kill: nothing was recovered"
     faulty = box["result"]
     assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
     assert faulty.steps == clean.steps == 60
@@ -104,7 +113,7 @@ def test_exceeding_max_failures_is_a_clear_error_with_a_loadable_checkpoint(data
     from aigc_ray.train import TrainError
 
     cfg, root = data_cfg
-    box, _ = _fit_killing_a_worker(cfg, root, _train_cfg(cfg, root, "fatal", max_failures=0))
+    box, _, _ = _fit_killing_a_worker(cfg, root, _train_cfg(cfg, root, "fatal", max_failures=0))
     err = box.get("error")
     assert isinstance(err, TrainError), err
     assert "max_failures" in str(err) and "last checkpoint" in str(err)

@@ -1,7 +1,9 @@
 """Unit tests for aigc_ray.engine on a tiny random-init Llama (no Ray, no downloads)."""
 
+import contextlib
 import random
 import re
+import time
 
 import pytest
 import torch
@@ -268,11 +270,32 @@ def test_stream_deltas_join_to_generate_text(engine):
 
 
 def test_stream_close_cancels(engine):
-    stream = engine.stream(PROMPTS[0], SamplingParams(max_tokens=100, temperature=0))
-    next(stream)
-    stream.close()  # must not raise; decoding stops
-    with pytest.raises(StopIteration):
-        next(stream)
+    params = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+    with slowed(engine):
+        req = engine.submit(PROMPTS[0], params, stream=True)
+        deltas = req.deltas()
+        next(deltas)
+        deltas.close()  # must not raise; decoding stops
+        result = req.result(10)
+    assert result.finish_reason == "cancelled" and result.completion_tokens < 100
+    assert engine.stats()["running"] == 0
+
+
+@contextlib.contextmanager
+def slowed(eng, seconds: float = 0.005):
+    """Each decode step takes at least ``seconds``: a tiny model on the slot path finishes 100
+    tokens in milliseconds, before a test could cancel it."""
+    real = eng.runner.decode
+
+    def slow():
+        time.sleep(seconds)
+        return real()
+
+    eng.runner.decode = slow
+    try:
+        yield eng
+    finally:
+        eng.runner.decode = real
 
 
 def test_from_pretrained_round_trip(engine, model, tokenizer, tmp_path):

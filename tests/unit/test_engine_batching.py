@@ -1,12 +1,19 @@
 """Continuous batching in aigc_ray.engine: joins mid-flight, cancellation, failures, pacing."""
 
 import asyncio
-import contextlib
 import time
 
 import pytest
 import torch
-from test_engine import GREEDY, PROMPTS, engine, hf_greedy, model, tokenizer  # noqa: F401
+from test_engine import (  # noqa: F401
+    GREEDY,
+    PROMPTS,
+    engine,
+    hf_greedy,
+    model,
+    slowed,
+    tokenizer,
+)
 
 from aigc_ray.engine import EngineError, GenerationEngine, SamplingParams
 from aigc_ray.engine.batch import RunningBatch, check_cache_supported
@@ -108,23 +115,6 @@ def test_ignore_eos_generates_exactly_max_tokens(model, tokenizer):  # noqa: F81
         model.generation_config.eos_token_id = original
     assert stopped[0].completion_tokens == 3 and stopped[0].finish_reason == "stop"
     assert forced[0].token_ids == ref and forced[0].finish_reason == "length"
-
-
-@contextlib.contextmanager
-def slowed(eng, seconds: float = 0.005):
-    """Each decode step takes at least ``seconds``: a tiny model on the slot path finishes 100
-    tokens in milliseconds, before a test could cancel it."""
-    real = eng.runner.decode
-
-    def slow():
-        time.sleep(seconds)
-        return real()
-
-    eng.runner.decode = slow
-    try:
-        yield eng
-    finally:
-        eng.runner.decode = real
 
 
 def test_adeltas_stream_pacing_and_cancel_on_close(engine):  # noqa: F811
