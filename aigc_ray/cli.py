@@ -18,11 +18,14 @@ import urllib.request
 from pathlib import Path
 
 from aigc_ray.config import ConfigError, PipelineConfig, load_config, write_resolved
+from aigc_ray.errors import AigcRayError
+from aigc_ray.model import perplexity
+from aigc_ray.storage import is_uri
 
 log = logging.getLogger("aigc_ray")
 
 
-class PipelineError(RuntimeError):
+class PipelineError(AigcRayError, RuntimeError):
     """The pipeline ran but its result is not acceptable (e.g. the model did not learn)."""
 
 
@@ -41,9 +44,22 @@ def init_ray(verbose: bool = False) -> None:
     }
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
-        return
-    cpus = os.cpu_count() or 2
-    ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=2 * 1024**3, **quiet)
+    else:
+        cpus = os.cpu_count() or 2
+        ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=2 * 1024**3, **quiet)
+    if not verbose:
+        quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's progress: bars on a terminal, nothing in a log file (it would print ~90 INFO
+    lines per command there); its full log stays in the session's ray-data.log."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ == "PlainRayHandler":  # its console handler
+            handler.setLevel(logging.WARNING)
 
 
 def preflight(cfg: PipelineConfig, stages: set[str]) -> None:
@@ -58,8 +74,6 @@ def preflight(cfg: PipelineConfig, stages: set[str]) -> None:
 
         read_manifest(cfg.resolved_data_dir())
         train_preflight(cfg.train, cfg.model, cfg.resolved_data_dir())
-    if "train" in stages and cfg.model.pretrained:
-        check_model_dir(cfg.model.pretrained)
     if "serve" in stages:
         from aigc_ray.serve import check_bind, load_api_keys
 
@@ -67,25 +81,30 @@ def preflight(cfg: PipelineConfig, stages: set[str]) -> None:
     if "generate" in stages:
         from aigc_ray.generate import preflight as generate_preflight
 
-        generate_preflight(cfg.generate, cfg.resolved_generate_model_dir())
+        generate_preflight(cfg.generate, cfg.generate_model_dir())
     if "optimize" in stages:
-        from aigc_ray.model import is_uri
-
         if is_uri(cfg.optimize.output_dir):
-            raise ValueError("optimize.output_dir must be a local directory (copy it to object "
-                             "storage afterwards, or serve it from the node)")  # fmt: skip
+            raise ConfigError(
+                "optimize.output_dir must be a local directory (copy it to object "
+                "storage afterwards, or serve it from the node)"
+            )
         check_model_dir(cfg.optimize_source_dir())
     if "serve" in stages and "train" not in stages:
-        for served in cfg.serve.served_models(cfg.resolved_model_dir()):
-            check_model_dir(served.model_dir)
+        try:
+            served = cfg.serve.served_models(cfg.serve_model_dir())
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for model in served:
+            check_model_dir(model.model_dir)
 
 
 def http_complete(
     base_url: str, model: str, prompt: str, max_tokens: int, timeout: float = 120
 ) -> dict:
     """POST /v1/completions with the standard library (greedy), returning the JSON body."""
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                       "temperature": 0}).encode()  # fmt: skip
+    body = json.dumps(
+        {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    ).encode()
     headers = {"Content-Type": "application/json"}
     from aigc_ray.serve import load_api_keys
 
@@ -141,9 +160,13 @@ def cmd_optimize(cfg: PipelineConfig, model_dir: str | None = None) -> dict:
     from aigc_ray.optimize import format_report, run_optimize
 
     data_dir = cfg.resolved_data_dir()
-    has_data = (Path(data_dir) / "manifest.json").exists() if "://" not in data_dir else True
-    report = run_optimize(cfg.optimize, model_dir or cfg.optimize_source_dir(),
-                          data_dir if has_data else None, _recovery(cfg))  # fmt: skip
+    has_data = is_uri(data_dir) or (Path(data_dir) / "manifest.json").exists()
+    report = run_optimize(
+        cfg.optimize,
+        model_dir or cfg.optimize_source_dir(),
+        data_dir if has_data else None,
+        _recovery(cfg),
+    )
     print(f"optimize -> {cfg.optimize.output_dir}\n{format_report(report)}", flush=True)
     return report
 
@@ -157,10 +180,18 @@ def _recovery(cfg: PipelineConfig):
         out = Path(cfg.optimize.output_dir)
         run_dir = str(out.with_name(out.name + ".recovery"))
         shutil.rmtree(run_dir, ignore_errors=True)  # same name would resume an older run
-        tcfg = cfg.train.model_copy(update={
-            "max_steps": steps, "run_dir": run_dir, "name": "recovery", "export_dir": None,
-            "storage_path": None, "warmup_steps": min(cfg.train.warmup_steps, steps // 10),
-            "eval_every": steps, "checkpoint_every": steps})  # fmt: skip
+        tcfg = cfg.train.model_copy(
+            update={
+                "max_steps": steps,
+                "run_dir": run_dir,
+                "name": "recovery",
+                "export_dir": None,
+                "storage_path": None,
+                "warmup_steps": min(cfg.train.warmup_steps, steps // 10),
+                "eval_every": steps,
+                "checkpoint_every": steps,
+            }
+        )
         mcfg = cfg.model.model_copy(update={"pretrained": pruned_dir, "lora_r": None})
         return fit(tcfg, mcfg, cfg.resolved_data_dir()).model_dir
 
@@ -174,38 +205,40 @@ def check_learned(
     if val_initial is None or val_final is None:
         raise PipelineError("no validation loss was measured: set data.val_fraction > 0")
     if val_final > val_initial * (1 - min_gain):
-        raise PipelineError(f"the model did not learn: validation loss {val_initial:.3f} (untrained) -> "
-                            f"{val_final:.3f} (trained); expected at least {min_gain:.0%} lower")  # fmt: skip
+        raise PipelineError(
+            f"the model did not learn: validation loss {val_initial:.3f} (untrained) -> "
+            f"{val_final:.3f} (trained); expected at least {min_gain:.0%} lower"
+        )
 
 
-def format_summary(m: dict, r, url: str, samples: list[tuple[str, str]], seconds: float,
-                   served: str | None = None) -> str:  # fmt: skip
+def format_summary(
+    m: dict, r, url: str, samples: list[tuple[str, str]], seconds: float, served: str | None = None
+) -> str:
     tr, va = m["splits"]["train"], m["splits"]["val"]
     lines = [
-        "", "=" * 72, "aigc_ray pipeline summary", "=" * 72,
+        "",
+        "=" * 72,
+        "aigc_ray pipeline summary",
+        "=" * 72,
         f"documents      {m['docs_read']} read, {m['docs_kept']} kept",
         f"tokens         {m['tokens']:,} ({m['vocab_size']}-token BPE), "
         f"{tr['blocks']} train / {va['blocks']} val blocks of {m['seq_len']}",
         f"shards         {len(tr['shards']) + len(va['shards'])} parquet files",
-        f"training       {r.steps} steps, {r.tokens:,} tokens, {r.params / 1e6:.1f}M params, {r.seconds} s",
+        f"training       {r.steps} steps, {r.tokens:,} tokens, {r.params / 1e6:.1f}M params, "
+        f"{r.seconds} s",
         f"train loss     {r.first_loss:.3f} -> {r.last_loss:.3f}",
         f"val loss       {r.val_loss_initial:.3f} untrained -> {r.val_loss_final:.3f} trained "
-        f"(perplexity {_ppl(r.val_loss_initial):,.0f} -> {_ppl(r.val_loss_final):,.1f})",
+        f"(perplexity {perplexity(r.val_loss_initial):,.0f} -> "
+        f"{perplexity(r.val_loss_final):,.1f})",
         f"model dir      {r.model_dir}",
         f"served model   {served or r.serving_dir}",
         f"endpoint       {url}/v1 (OpenAI-compatible)",
         "samples (greedy, over HTTP):",
-    ]  # fmt: skip
+    ]
     for prompt, text in samples:
         lines.append(f"  --- {prompt!r}\n{_indent(prompt + text)}")
     lines += [f"wall time      {seconds:.0f} s", "=" * 72]
     return "\n".join(lines)
-
-
-def _ppl(loss: float) -> float:
-    import math
-
-    return math.exp(min(loss, 50))
 
 
 def _indent(text: str) -> str:
@@ -241,12 +274,14 @@ def cmd_pipeline(cfg: PipelineConfig) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aigc-ray", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for name, help_ in [("preprocess", "Ray Data: corpus -> parquet shards"),
-                        ("train", "Ray Train: shards -> model directory"),
-                        ("optimize", "prune / bf16 / int8 / int4 a model directory + report"),
-                        ("serve", "Ray Serve: model directory -> OpenAI API"),
-                        ("pipeline", "preprocess -> train -> serve -> sample requests"),
-                        ("generate", "Ray Data + engine: prompts -> parquet of completions")]:  # fmt: skip
+    for name, help_ in [
+        ("preprocess", "Ray Data: corpus -> parquet shards"),
+        ("train", "Ray Train: shards -> model directory"),
+        ("optimize", "prune / bf16 / int8 / int4 a model directory + report"),
+        ("serve", "Ray Serve: model directory -> OpenAI API"),
+        ("pipeline", "preprocess -> train -> serve -> sample requests"),
+        ("generate", "Ray Data + engine: prompts -> parquet of completions"),
+    ]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", default="configs/tiny.yaml", help="YAML config file")
         s.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -258,18 +293,27 @@ def build_parser() -> argparse.ArgumentParser:
                 help="leave the endpoint up: on a cluster (RAY_ADDRESS) exit and keep it "
                 "deployed; on a local Ray started here, block until Ctrl-C",
             )
-    doc = sub.add_parser("doctor", help="versions, GPUs, token auth, cluster resources; warns "
-                         "on mismatches (exit 1)")  # fmt: skip
+    doc = sub.add_parser(
+        "doctor", help="versions, GPUs, token auth, cluster resources; warns on mismatches (exit 1)"
+    )
     doc.add_argument("--verbose", action="store_true", help="show Ray's logs")
-    sub.add_parser("submit", add_help=False,
-                   help="`ray job submit --working-dir .` after refusing an upload over Ray's "
-                        "limit: aigc-ray submit [ray job submit options] -- python jobs/<x>.py ...")  # fmt: skip
+    sub.add_parser(
+        "submit",
+        add_help=False,
+        help="`ray job submit --working-dir .` after refusing an upload over Ray's "
+        "limit: aigc-ray submit [ray job submit options] -- python jobs/<x>.py ...",
+    )
     return p
 
 
-STAGES = {"preprocess": {"preprocess"}, "train": {"train"}, "serve": {"serve"},
-          "optimize": {"optimize"},
-          "pipeline": {"preprocess", "train", "serve"}, "generate": {"generate"}}  # fmt: skip
+STAGES = {
+    "preprocess": {"preprocess"},
+    "train": {"train"},
+    "serve": {"serve"},
+    "optimize": {"optimize"},
+    "pipeline": {"preprocess", "train", "serve"},
+    "generate": {"generate"},
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,8 +327,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"aigc-ray: error: {e}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if args.command == "doctor":
         from aigc_ray.doctor import report
 
@@ -294,17 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         preflight(cfg, STAGES[args.command])
-    except (ConfigError, ValueError) as e:
+    except AigcRayError as e:  # found before Ray started; anything else is a bug: traceback
         print(f"aigc-ray: error: {e}", file=sys.stderr)
         return 2
     if args.command != "optimize" or cfg.optimize.recovery_steps:  # optimize alone needs no Ray
         init_ray(args.verbose)
     try:
         return _dispatch(args, cfg)
-    except (
-        PipelineError,
-        ValueError,
-    ) as e:  # stage errors (DataError, TrainError...) are ValueErrors
+    except AigcRayError as e:  # a stage failed for a reason it names (DataError, TrainError...)
         print(f"aigc-ray: FAILED: {e}", file=sys.stderr)
         return 1
 
@@ -319,13 +362,16 @@ def _dispatch(args, cfg: PipelineConfig) -> int:
     elif args.command == "generate":
         from aigc_ray.generate import run_generate
 
-        summary = run_generate(cfg.generate, cfg.resolved_generate_model_dir())
-        print(f"generate: {summary['rows']} rows ({summary['errors']} with errors, "
-              f"{summary['quarantined']} unreadable rows quarantined), "
-              f"{summary['completion_tokens']:,} tokens in {summary['seconds']} s "
-              f"({summary['tokens_per_s']} tok/s) -> {summary['output_dir']}", flush=True)  # fmt: skip
+        summary = run_generate(cfg.generate, cfg.generate_model_dir())
+        print(
+            f"generate: {summary['rows']} rows ({summary['errors']} with errors, "
+            f"{summary['quarantined']} unreadable rows quarantined), "
+            f"{summary['completion_tokens']:,} tokens in {summary['seconds']} s "
+            f"({summary['tokens_per_s']} tok/s) -> {summary['output_dir']}",
+            flush=True,
+        )
     elif args.command == "serve":
-        url, samples = cmd_serve(cfg, cfg.resolved_model_dir())
+        url, samples = cmd_serve(cfg, cfg.serve_model_dir())
         for prompt, text in samples:
             print(f"--- {prompt!r}\n{_indent(prompt + text)}")
         _after_serving(url, args.keep_serving)

@@ -13,10 +13,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from aigc_ray.errors import AigcRayError
+
 STDLIB_SOURCE = "stdlib"
 
 
-class ConfigError(ValueError):
+class ConfigError(AigcRayError, ValueError):
     """A configuration problem, with a message naming the file and key."""
 
 
@@ -65,7 +67,8 @@ class DataConfig(_Section):
     )
     tokenizer: str | None = Field(
         None,
-        description="Hugging Face tokenizer directory or hub id; empty trains a byte-level BPE on the corpus.",
+        description="Hugging Face tokenizer directory or hub id; empty trains a byte-level BPE "
+        "on the corpus.",
     )
     vocab_size: int = Field(
         8192, ge=256, description="Vocabulary size of the trained BPE tokenizer."
@@ -188,7 +191,9 @@ class TrainConfig(_Section):
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL) instead of CPU (gloo).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
     batch_size: int = Field(16, ge=1, description="Blocks per worker per step.")
-    seq_len: int = Field(256, ge=8, description="Must equal data.seq_len.")
+    seq_len: int | None = Field(
+        None, ge=8, description="Tokens per block; empty = the shards' (data.seq_len)."
+    )
     max_steps: int = Field(200, ge=1, description="Optimizer steps.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of peak.")
@@ -223,11 +228,13 @@ class TrainConfig(_Section):
     def _strategy_needs_gpu(self) -> TrainConfig:
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise ValueError(
-                f"train.min_workers ({self.min_workers}) must be <= train.num_workers ({self.num_workers})"
+                f"train.min_workers ({self.min_workers}) must be <= train.num_workers "
+                f"({self.num_workers})"
             )
         if self.strategy == "fsdp" and not self.use_gpu:
             raise ValueError(
-                "train.strategy=fsdp needs train.use_gpu=true (Ray Train's FSDP wrapper is GPU-only)"
+                "train.strategy=fsdp needs train.use_gpu=true "
+                "(Ray Train's FSDP wrapper is GPU-only)"
             )
         return self
 
@@ -254,7 +261,7 @@ class AutoscalingSettings(_Section):
 
 
 class VllmSettings(_Section):
-    """vLLM engine settings (engine: vllm, or auto when vLLM is chosen); passed to AsyncEngineArgs."""
+    """vLLM engine settings (engine: vllm, or auto when vLLM is chosen), for AsyncEngineArgs."""
 
     tensor_parallel_size: int = Field(
         1,
@@ -284,7 +291,7 @@ class EngineSettings(_Section):
         description="auto: vLLM when installed and it supports the model, else builtin "
         "(torch + transformers).",
     )
-    dtype: str = Field(
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="auto (the model dir's half dtype, else bf16/fp16 on cuda, fp32 on cpu) or "
         "float32 / bfloat16 / float16.",
@@ -475,14 +482,15 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:
-        if self.train.seq_len != self.data.seq_len:
+        if self.train.seq_len is not None and self.train.seq_len != self.data.seq_len:
             raise ValueError(
-                f"train.seq_len ({self.train.seq_len}) must equal data.seq_len ({self.data.seq_len})"
+                f"train.seq_len ({self.train.seq_len}) must equal "
+                f"data.seq_len ({self.data.seq_len})"
             )
-        if self.model.max_position_embeddings < self.train.seq_len:
+        if self.model.max_position_embeddings < self.data.seq_len:
             raise ValueError(
                 f"model.max_position_embeddings ({self.model.max_position_embeddings}) must be "
-                f">= train.seq_len ({self.train.seq_len})"
+                f">= data.seq_len ({self.data.seq_len})"
             )
         return self
 
@@ -490,22 +498,23 @@ class PipelineConfig(_Section):
         return self.train.data_dir or self.data.output_dir
 
     def trained_model_dir(self) -> str:
-        """Where `train` exports its model: the default for serving and batch generation."""
+        """Where `train` exports its model (the optimize stage's source; what serve and generate
+        use unless the optimize stage is enabled)."""
         return self.train.export_dir or str(Path(self.train.run_dir) / "model")
 
     def optimize_source_dir(self) -> str:
         return self.optimize.model_dir or self.trained_model_dir()
 
-    def served_model_dir(self) -> str:
+    def default_model_dir(self) -> str:
         """What serve and generate use by default: the optimized model when the optimize stage
         is enabled, else the trained one."""
         return self.optimize.output_dir if self.optimize.enabled else self.trained_model_dir()
 
-    def resolved_model_dir(self) -> str:
-        return self.serve.model_dir or self.served_model_dir()
+    def serve_model_dir(self) -> str:
+        return self.serve.model_dir or self.default_model_dir()
 
-    def resolved_generate_model_dir(self) -> str:
-        return self.generate.model_dir or self.served_model_dir()
+    def generate_model_dir(self) -> str:
+        return self.generate.model_dir or self.default_model_dir()
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

@@ -72,8 +72,13 @@ def node_versions() -> list[dict]:
     def probe():
         return versions()
 
-    refs = {n["NodeManagerAddress"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        n["NodeID"], soft=False)).remote() for n in ray.nodes() if n["Alive"]}  # fmt: skip
+    refs = {
+        n["NodeManagerAddress"]: probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote()
+        for n in ray.nodes()
+        if n["Alive"]
+    }
     return [{"node": addr, **ray.get(ref, timeout=60)} for addr, ref in refs.items()]
 
 
@@ -83,13 +88,18 @@ def check(local: dict, pinned: dict, nodes: list[dict]) -> list[str]:
     def base(v: str | None) -> str | None:  # 2.13.0+cpu is the CPU wheel of 2.13.0
         return v.split("+")[0] if v else v
 
-    warnings = [f"{name} {local[name]} installed, constraints.txt pins {pinned[name]}"
-                for name in PACKAGES if name in pinned and base(local.get(name)) != pinned[name]]  # fmt: skip
+    warnings = [
+        f"{name} {local[name]} installed, constraints.txt pins {pinned[name]}"
+        for name in PACKAGES
+        if name in pinned and base(local.get(name)) != pinned[name]
+    ]
     for node in nodes:
         for key in ("python", *PACKAGES):
             if node.get(key) != local.get(key):
-                warnings.append(f"node {node['node']}: {key} {node.get(key)} but the driver has "
-                                f"{local.get(key)}")  # fmt: skip
+                warnings.append(
+                    f"node {node['node']}: {key} {node.get(key)} but the driver has "
+                    f"{local.get(key)}"
+                )
     return warnings
 
 
@@ -108,16 +118,24 @@ def report(connect: bool | None = None) -> tuple[str, list[str]]:
     if connect and jobs_api:
         # the dashboard / Jobs API (e.g. through `ray dashboard cluster.yaml`): ray.init cannot
         # connect there, but a job runs the doctor inside the cluster
-        lines.append(f"{'cluster':<13}not checked: RAY_ADDRESS={address} is the Jobs API; run "
-                     "`ray job submit -- python -m aigc_ray.cli doctor` to check the cluster")  # fmt: skip
+        lines.append(
+            f"{'cluster':<13}not checked: RAY_ADDRESS={address} is the Jobs API; run "
+            "`ray job submit -- python -m aigc_ray.cli doctor` to check the cluster"
+        )
     elif connect:
         import ray
 
         if not ray.is_initialized():
             ray.init(logging_level="WARNING", log_to_driver=False)
         resources = ray.cluster_resources()
-        lines.append(f"{'cluster':<13}" + ", ".join(f"{k}={v:g}" for k, v in sorted(
-            resources.items()) if not k.startswith("node:") and "memory" not in k))  # fmt: skip
+        lines.append(
+            f"{'cluster':<13}"
+            + ", ".join(
+                f"{k}={v:g}"
+                for k, v in sorted(resources.items())
+                if not k.startswith("node:") and "memory" not in k
+            )
+        )
         nodes = node_versions()
         lines.append(f"{'nodes':<13}{len(nodes)} alive")
     else:

@@ -26,8 +26,9 @@ import pyarrow.compute as pc
 
 from aigc_ray.config import GenerateConfig
 from aigc_ray.engine import InvalidParamError, SamplingParams, load_engine
-from aigc_ray.engine.loader import cpu_threads
-from aigc_ray.model import is_uri, portable_location
+from aigc_ray.engine.loader import cpu_threads, placed_device
+from aigc_ray.errors import AigcRayError, StorageError
+from aigc_ray.storage import is_uri, list_files, portable_location, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ OUTPUT_SCHEMA = pa.schema(
 PROMPT_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet")
 
 
-class GenerateError(ValueError):
+class GenerateError(AigcRayError, ValueError):
     """Batch generation cannot start (missing inputs or model)."""
 
 
@@ -97,19 +98,20 @@ def _as_int(key: str, value) -> int:
 
 def prompt_files(inputs: list[str]) -> list[dict]:
     """The prompt files of ``generate.inputs`` (files, directories or globs; local or s3://)."""
-    from aigc_ray.data.readers import DataError, _expand_uri
-
     files = []
     for spec in inputs:
         try:
-            found = _expand_uri(spec)
-        except DataError as e:
-            raise GenerateError(str(e).replace("data.inputs", "generate.inputs")) from None
+            found = list_files(spec)
+        except StorageError as e:
+            raise GenerateError(f"generate.inputs: {e}") from None
         for path, size in found:
             if not path.endswith(PROMPT_SUFFIXES):
-                raise GenerateError(f"generate.inputs: {path} is not a prompts file "
-                                    f"({', '.join(PROMPT_SUFFIXES)})")  # fmt: skip
+                raise GenerateError(
+                    f"generate.inputs: {path} is not a prompts file ({', '.join(PROMPT_SUFFIXES)})"
+                )
             files.append({"path": path, "size": size})
+        if not found:
+            raise GenerateError(f"generate.inputs: no prompts file under {spec}")
     return files
 
 
@@ -121,8 +123,16 @@ class _PromptRows:
     def bad(self, line: int, reason: str, raw="") -> None:
         if isinstance(raw, bytes):
             raw = raw[:2000].decode("utf-8", "backslashreplace")
-        self.rows.append({"prompt": None, "params": None, "source": self.path, "line": line,
-                          "reason": reason, "raw": str(raw)[:2000]})  # fmt: skip
+        self.rows.append(
+            {
+                "prompt": None,
+                "params": None,
+                "source": self.path,
+                "line": line,
+                "reason": reason,
+                "raw": str(raw)[:2000],
+            }
+        )
 
     def record(self, line: int, obj, raw: str) -> None:
         if not isinstance(obj, dict):
@@ -134,8 +144,16 @@ class _PromptRows:
             self.bad(line, f"column {self.column!r} is {kind}, not a string", raw)
         else:
             params = {k: obj[k] for k in ROW_PARAMS if obj.get(k) is not None}
-            self.rows.append({"prompt": obj[self.column], "params": json.dumps(params),
-                              "source": self.path, "line": line, "reason": None, "raw": None})  # fmt: skip
+            self.rows.append(
+                {
+                    "prompt": obj[self.column],
+                    "params": json.dumps(params),
+                    "source": self.path,
+                    "line": line,
+                    "reason": None,
+                    "raw": None,
+                }
+            )
 
     def table(self) -> pa.Table:
         return pa.Table.from_pylist(self.rows, schema=PROMPT_SCHEMA)
@@ -143,11 +161,9 @@ class _PromptRows:
 
 def read_prompt_file(path: str, column: str) -> pa.Table:
     """Every row of one prompts file, good (prompt + params) or quarantined (reason + raw)."""
-    from aigc_ray.data.readers import _read_bytes
-
     rows = _PromptRows(path, column)
     try:
-        data = _read_bytes(path)
+        data = read_bytes(path)
     except OSError as e:
         rows.bad(-1, f"cannot read file: {e}")
         return rows.table()
@@ -226,7 +242,7 @@ class GenerateUDF:
         self.engine, self.choice = load_engine(
             model_dir,
             engine=self.cfg.engine,
-            device="cuda" if self.cfg.num_gpus > 0 else "cpu",
+            device=placed_device("auto", self.cfg.num_gpus),
             dtype=self.cfg.dtype,
             max_batch_size=self.cfg.max_batch_size,
             max_model_len=self.cfg.max_model_len,
@@ -239,9 +255,17 @@ class GenerateUDF:
         started = time.perf_counter()
         pending, out = [], []
         for row in batch.to_pylist():
-            record = {"prompt": row["prompt"], "completion": "", "prompt_tokens": 0,
-                      "completion_tokens": 0, "finish_reason": None, "latency_s": 0.0,
-                      "error": None, "source": row.get("source"), "line": row.get("line")}  # fmt: skip
+            record = {
+                "prompt": row["prompt"],
+                "completion": "",
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "finish_reason": None,
+                "latency_s": 0.0,
+                "error": None,
+                "source": row.get("source"),
+                "line": row.get("line"),
+            }
             out.append(record)
             try:
                 if not isinstance(row["prompt"], str):
@@ -302,7 +326,7 @@ def run_generate(cfg: GenerateConfig, model_dir: str) -> dict:
             batch_size=1,
             batch_format="pyarrow",
             num_cpus=0.25,
-        )  # fmt: skip
+        )
         .materialize()
     )
     bad = read.map_batches(_reason_is(null=False), batch_format="pyarrow").materialize()
@@ -325,7 +349,7 @@ def run_generate(cfg: GenerateConfig, model_dir: str) -> dict:
         # join its continuous batch as rows of the current one finish.
         compute=ActorPoolStrategy(
             size=cfg.num_actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True
-        ),  # fmt: skip
+        ),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         **resources,

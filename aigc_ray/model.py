@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,6 +18,16 @@ from transformers import (
 )
 
 from aigc_ray.config import ModelConfig
+from aigc_ray.errors import ModelDirError
+from aigc_ray.storage import (  # noqa: F401 - re-exported: model dirs are used through here
+    cache_root,
+    check_export_dir,
+    copy_model_dir,
+    is_uri,
+    local_model_dir,
+    portable_location,
+    remote_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +35,11 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
 
-class ModelDirError(ValueError):
-    """A path given as a model directory does not hold a Hugging Face model."""
+def perplexity(loss: float | None) -> float | None:
+    """exp(mean token loss), capped at exp(50) so an untrained model's loss stays printable."""
+    import math
+
+    return None if loss is None else math.exp(min(loss, 50))
 
 
 def train_tokenizer(
@@ -67,38 +77,14 @@ def load_tokenizer(name_or_dir: str | Path):
     """Load any Hugging Face tokenizer (directory or hub id); ensure it has EOS and PAD."""
     tok = AutoTokenizer.from_pretrained(str(name_or_dir))
     if tok.eos_token is None:
-        raise ValueError(f"tokenizer {name_or_dir} has no eos_token; packing needs one")
+        raise ModelDirError(f"tokenizer {name_or_dir} has no eos_token; packing needs one")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def is_uri(path: str | Path) -> bool:
-    """True for s3:// / gs:// (any scheme://) locations, False for local paths."""
-    return "://" in str(path)
-
-
-def portable_location(path: str | Path) -> str:
-    """`path` as any process can use it: a URI as given, a local path made absolute."""
-    return str(path) if is_uri(path) else str(Path(path).resolve())
-
-
-def _remote_files(uri: str) -> tuple[object, str, list]:
-    """(filesystem, base path, FileInfo of every file under it) for a remote directory."""
-    from pyarrow import fs
-
-    try:
-        filesystem, base = fs.FileSystem.from_uri(uri.rstrip("/"))
-        infos = filesystem.get_file_info(fs.FileSelector(base, recursive=True))
-    except FileNotFoundError:
-        raise ModelDirError(f"model directory not found: {uri}") from None
-    except (OSError, ValueError) as e:  # ArrowInvalid (a ValueError): unsupported URI
-        raise ModelDirError(f"cannot list model directory {uri}: {e}") from None
-    return filesystem, base, [i for i in infos if i.type == fs.FileType.File]
-
-
 def _check_remote_model_dir(uri: str) -> None:
-    filesystem, base, files = _remote_files(uri)
+    filesystem, base, files = remote_files(uri)
     names = {f.path[len(base) :].lstrip("/") for f in files}
     if not names:
         raise ModelDirError(f"model directory not found (or empty): {uri}")
@@ -130,83 +116,6 @@ def check_model_dir(path: str | Path) -> None:
     weights = list(p.glob("*.safetensors")) + list(p.glob("*.bin"))
     if not weights:
         raise ModelDirError(f"{path} has a config.json but no weights (*.safetensors or *.bin)")
-
-
-def cache_root() -> Path:
-    """Where remote model directories are copied on each node ($AIGC_RAY_CACHE)."""
-    return Path(os.environ.get("AIGC_RAY_CACHE", "~/.cache/aigc_ray")).expanduser() / "models"
-
-
-def local_model_dir(path: str | Path) -> str:
-    """A local directory holding the model (or tokenizer) directory at `path`.
-
-    Local paths are returned resolved. An s3:// / gs:// directory is copied once per node into
-    cache_root(), under a key made of the URI and the listing (names, sizes, mtimes), so a model
-    re-exported to the same URI is fetched again. Processes on one node take a file lock, so
-    replicas starting together fetch once; the copy lands in a temporary directory renamed into
-    place, so a killed fetch never leaves a half copy that looks complete.
-    """
-    if not is_uri(path):
-        return portable_location(path)
-    import fcntl
-
-    from pyarrow import fs
-
-    uri = str(path).rstrip("/")
-    filesystem, base, files = _remote_files(uri)
-    listing = sorted((f.path, f.size, str(f.mtime)) for f in files)
-    key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:20]
-    dest = cache_root() / key
-    if dest.is_dir():  # only ever complete: it appears by rename
-        return str(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest.parent / f".{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we die
-        if dest.is_dir():  # another process fetched it while we waited
-            return str(dest)
-        tmp = dest.parent / f".{key}.partial"  # leftovers of a killed fetch are replaced
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            tmp.mkdir()
-            fs.copy_files(base, str(tmp), source_filesystem=filesystem,
-                          destination_filesystem=fs.LocalFileSystem())  # fmt: skip
-            tmp.rename(dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    log.info("fetched %s -> %s", uri, dest)
-    return str(dest)
-
-
-def check_export_dir(model_dir: str | Path, dest: str) -> None:
-    """Refuse a local export dir that is, contains or lies inside the model dir it copies
-    (exporting replaces the destination, which would delete the model)."""
-    if is_uri(dest):
-        return
-    src, target = Path(model_dir).resolve(), Path(dest).resolve()
-    if target == src or target in src.parents or src in target.parents:
-        raise ModelDirError(f"train.export_dir {dest} overlaps the model directory {src}; "
-                            "choose a directory outside it (or an s3:// URI)")  # fmt: skip
-
-
-def copy_model_dir(local: str | Path, dest: str) -> str:
-    """Copy a local model directory to `dest` (a local path or s3:// / gs://), replacing what
-    was there, so no file of an earlier export (e.g. other weight shards) survives; return
-    `dest`."""
-    from pyarrow import fs
-
-    src = Path(local).resolve()
-    if is_uri(dest):
-        filesystem, path = fs.FileSystem.from_uri(dest.rstrip("/"))
-        filesystem.delete_dir_contents(path, missing_dir_ok=True)
-    else:
-        target = Path(dest).resolve()
-        check_export_dir(src, dest)
-        filesystem, path = fs.LocalFileSystem(), str(target)
-        shutil.rmtree(path, ignore_errors=True)
-    filesystem.create_dir(path, recursive=True)
-    fs.copy_files(str(src), path, source_filesystem=fs.LocalFileSystem(),
-                  destination_filesystem=filesystem)  # fmt: skip
-    return dest
 
 
 def llama_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int) -> LlamaConfig:
@@ -248,7 +157,7 @@ def count_params(model: torch.nn.Module) -> int:
 LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside DataParallel / DistributedDataParallel wrappers (as made by Ray Train)."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
@@ -265,7 +174,7 @@ def is_lora(model: torch.nn.Module) -> bool:
         return False
     from peft.tuners.lora import LoraLayer
 
-    return any(isinstance(m, LoraLayer) for m in _unwrap(model).modules())
+    return any(isinstance(m, LoraLayer) for m in unwrap_ddp(model).modules())
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:
@@ -332,7 +241,7 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
     modules, all parameters trainable again, and save_pretrained writes a normal model that
     AutoModelForCausalLM loads without peft. A model without LoRA is returned unwrapped as is.
     """
-    model = _unwrap(model)
+    model = unwrap_ddp(model)
     if not is_lora(model):
         return model
     from peft import PeftModel

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
@@ -27,13 +26,14 @@ from pathlib import Path
 import torch
 
 from aigc_ray.config import OptimizeConfig
+from aigc_ray.errors import AigcRayError
 
 log = logging.getLogger(__name__)
 
 REPORT = "report.json"
 
 
-class OptimizeError(ValueError):
+class OptimizeError(AigcRayError, ValueError):
     """The optimization cannot run (bad method for this model/hardware) or its result is not
     acceptable (``report`` holds the figures)."""
 
@@ -54,8 +54,11 @@ def target_dtype(cfg: OptimizeConfig, source_dtype: torch.dtype) -> torch.dtype:
 def _linears(model) -> list[tuple[str, torch.nn.Linear]]:
     """The Linear layers a method applies to: every one in the decoder blocks (not the
     embeddings or lm_head, which stay dense)."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}"]  # fmt: skip
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}"
+    ]
 
 
 def int4_group_size(model, requested: int | None) -> int:
@@ -63,9 +66,11 @@ def int4_group_size(model, requested: int | None) -> int:
     for g in [requested] if requested else (128, 64, 32):
         if all(w % g == 0 for w in widths):
             return g
-    raise OptimizeError(f"quantization int4_weight_only: no group size in "
-                        f"{[requested] if requested else [128, 64, 32]} divides every Linear "
-                        f"input width {sorted(widths)}; set optimize.int4_group_size")  # fmt: skip
+    raise OptimizeError(
+        f"quantization int4_weight_only: no group size in "
+        f"{[requested] if requested else [128, 64, 32]} divides every Linear "
+        f"input width {sorted(widths)}; set optimize.int4_group_size"
+    )
 
 
 def preflight(cfg: OptimizeConfig, model) -> None:
@@ -74,28 +79,38 @@ def preflight(cfg: OptimizeConfig, model) -> None:
 
     dtype = target_dtype(cfg, next(model.parameters()).dtype)
     if dtype == torch.bfloat16 and not _bf16_supported():
-        raise OptimizeError("dtype bfloat16: this CPU has no bf16 support in oneDNN "
-                            "(AVX512-BF16 or AMX); use float32 or run on a GPU")  # fmt: skip
+        raise OptimizeError(
+            "dtype bfloat16: this CPU has no bf16 support in oneDNN "
+            "(AVX512-BF16 or AMX); use float32 or run on a GPU"
+        )
     nothing = cfg.quantization == "none" and cfg.pruning == "none" and cfg.dtype == "auto"
     if nothing and not cfg.compile:
         raise OptimizeError("optimize: nothing to do (set dtype, quantization or pruning)")
     if cfg.quantization != "none" and not _linears(model):
         kind = type(model).__name__
-        raise OptimizeError(f"quantization {cfg.quantization}: {kind} has no nn.Linear layers in "
-                            "its blocks (compressed-tensors quantizes Linear modules)")  # fmt: skip
+        raise OptimizeError(
+            f"quantization {cfg.quantization}: {kind} has no nn.Linear layers in "
+            "its blocks (compressed-tensors quantizes Linear modules)"
+        )
     if cfg.quantization == "int4_weight_only":
         if not int4_kernel_available():
-            raise OptimizeError("quantization int4_weight_only: this torch build has no CPU int4 "
-                                "matmul kernel (_weight_int4pack_mm_for_cpu)")  # fmt: skip
+            raise OptimizeError(
+                "quantization int4_weight_only: this torch build has no CPU int4 "
+                "matmul kernel (_weight_int4pack_mm_for_cpu)"
+            )
         if dtype != torch.bfloat16:
-            raise OptimizeError("quantization int4_weight_only needs dtype bfloat16 (the int4 "
-                                "kernels, ours and vLLM's, take bf16 activations)")  # fmt: skip
+            raise OptimizeError(
+                "quantization int4_weight_only needs dtype bfloat16 (the int4 "
+                "kernels, ours and vLLM's, take bf16 activations)"
+            )
         int4_group_size(model, cfg.int4_group_size)
     if cfg.pruning == "mlp_channels" and not all(
         hasattr(layer, "mlp") and hasattr(layer.mlp, "gate_proj") for layer in _blocks(model)
     ):
-        raise OptimizeError("pruning mlp_channels: needs gated MLPs (gate/up/down projections, "
-                            "Llama-family); use magnitude pruning for this model")  # fmt: skip
+        raise OptimizeError(
+            "pruning mlp_channels: needs gated MLPs (gate/up/down projections, "
+            "Llama-family); use magnitude pruning for this model"
+        )
 
 
 def _bf16_supported() -> bool:
@@ -153,8 +168,11 @@ def prune_mlp_channels(model, sparsity: float) -> None:
     width = None
     for layer in _blocks(model):
         mlp = layer.mlp
-        score = (mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1)
-                 * mlp.down_proj.weight.norm(dim=0))  # fmt: skip
+        score = (
+            mlp.gate_proj.weight.norm(dim=1)
+            * mlp.up_proj.weight.norm(dim=1)
+            * mlp.down_proj.weight.norm(dim=0)
+        )
         keep_n = max(1, int(round(score.numel() * (1 - sparsity))))
         keep = score.topk(keep_n).indices.sort().values
         for proj in (mlp.gate_proj, mlp.up_proj):
@@ -177,8 +195,11 @@ def apply_masks(model, masks: dict[str, torch.Tensor]) -> None:
 
 
 QUANT_SCHEMES = {"int8_weight_only": "W8A16", "w8a8": "W8A8", "int4_weight_only": "W4A16"}
-QUANT_FORMATS = {"int8_weight_only": "pack-quantized", "w8a8": "int-quantized",
-                 "int4_weight_only": "pack-quantized"}  # fmt: skip
+QUANT_FORMATS = {
+    "int8_weight_only": "pack-quantized",
+    "w8a8": "int-quantized",
+    "int4_weight_only": "pack-quantized",
+}
 
 
 @torch.no_grad()
@@ -198,10 +219,14 @@ def quantize_and_save(model, method: str, group_size: int | None, out_dir: Path)
         scheme.weights.group_size = group_size
     else:  # int8: one scale per output channel
         scheme.weights.strategy, scheme.weights.group_size = "channel", None
-    skip = [n for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and ".layers." not in f".{n}"]  # fmt: skip
-    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme},
-                                                        ignore=skip))  # fmt: skip
+    skip = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".layers." not in f".{n}"
+    ]
+    apply_quantization_config(
+        model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=skip)
+    )
     for _, m in _linears(model):
         args, w = m.quantization_scheme.weights, m.weight.float()
         if args.strategy == "group":
@@ -213,8 +238,9 @@ def quantize_and_save(model, method: str, group_size: int | None, out_dir: Path)
         m.weight_scale.data.copy_(scale.reshape(m.weight_scale.shape))
         if hasattr(m, "weight_zero_point"):
             m.weight_zero_point.data.copy_(zero.reshape(m.weight_zero_point.shape))
-    compressor = ModelCompressor.from_pretrained_model(model,
-                                                       quantization_format=QUANT_FORMATS[method])  # fmt: skip
+    compressor = ModelCompressor.from_pretrained_model(
+        model, quantization_format=QUANT_FORMATS[method]
+    )
     compressor.compress_model(model)
     model.save_pretrained(str(out_dir))
     compressor.update_config(str(out_dir))
@@ -223,15 +249,15 @@ def quantize_and_save(model, method: str, group_size: int | None, out_dir: Path)
 # ---------------------------------------------------------------- the stage
 
 
-def run_optimize(cfg: OptimizeConfig, model_dir: str, data_dir: str | None,
-                 recovery=None) -> dict:  # fmt: skip
+def run_optimize(cfg: OptimizeConfig, model_dir: str, data_dir: str | None, recovery=None) -> dict:
     """Optimize ``model_dir`` into ``cfg.output_dir``; return the report (also written there).
 
     ``recovery(pruned_dir, steps) -> fine-tuned dir`` runs the recovery fine-tune (the CLI
     passes one built on the trainer); it is needed only when ``cfg.recovery_steps > 0``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from aigc_ray.model import check_model_dir, local_model_dir
+    from aigc_ray.model import check_model_dir
+    from aigc_ray.storage import local_model_dir
 
     check_model_dir(model_dir)
     source = local_model_dir(model_dir)
@@ -251,9 +277,13 @@ def run_optimize(cfg: OptimizeConfig, model_dir: str, data_dir: str | None,
     try:
         steps = _transform(cfg, model, tokenizer, staging, recovery)
         report = evaluate(cfg, source, str(staging), data_dir)
-        report.update(steps=steps, seconds=round(time.perf_counter() - started, 1),
-                      config=cfg.model_dump(mode="json"), source=str(model_dir),
-                      output_dir=str(out))  # fmt: skip
+        report.update(
+            steps=steps,
+            seconds=round(time.perf_counter() - started, 1),
+            config=cfg.model_dump(mode="json"),
+            source=str(model_dir),
+            output_dir=str(out),
+        )
         (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -282,8 +312,10 @@ def _transform(cfg: OptimizeConfig, model, tokenizer, staging: Path, recovery) -
         steps.append("2:4 pruning")
     elif cfg.pruning == "mlp_channels":
         prune_mlp_channels(model, cfg.sparsity)
-        steps.append(f"MLP channel pruning {cfg.sparsity:.0%} -> intermediate_size "
-                     f"{model.config.intermediate_size}")  # fmt: skip
+        steps.append(
+            f"MLP channel pruning {cfg.sparsity:.0%} -> intermediate_size "
+            f"{model.config.intermediate_size}"
+        )
     if cfg.recovery_steps:
         from transformers import AutoModelForCausalLM
 
@@ -323,8 +355,9 @@ def evaluate(cfg: OptimizeConfig, original: str, optimized: str, data_dir: str |
     prompts = held_prompts(blocks, cfg.held_prompts) if blocks is not None else None
     rows, outputs = {}, {}
     for name, path in (("original", original), ("optimized", optimized)):
-        rows[name], outputs[name] = measure_dir(path, blocks, prompts, cfg.agreement_tokens,
-                                                cfg.benchmark)  # fmt: skip
+        rows[name], outputs[name] = measure_dir(
+            path, blocks, prompts, cfg.agreement_tokens, cfg.benchmark
+        )
     report = {"original": rows["original"], "optimized": rows["optimized"]}
     o, n = rows["original"], rows["optimized"]
     report["size_ratio"] = round(n["size_mb"] / o["size_mb"], 3)
@@ -351,7 +384,7 @@ def val_blocks(data_dir: str, limit: int) -> torch.Tensor | None:
     import pyarrow.parquet as pq
 
     from aigc_ray.data import read_manifest
-    from aigc_ray.data.readers import filesystem_for
+    from aigc_ray.storage import filesystem_for
 
     manifest = read_manifest(data_dir)
     rows = []
@@ -369,8 +402,9 @@ def held_prompts(blocks: torch.Tensor, n: int, length: int = 24) -> list[list[in
     return [b[:length].tolist() for b in blocks[-n:]]
 
 
-def measure_dir(path: str, blocks, prompts, agreement_tokens: int,
-                benchmark: bool = True) -> tuple[dict, list]:  # fmt: skip
+def measure_dir(
+    path: str, blocks, prompts, agreement_tokens: int, benchmark: bool = True
+) -> tuple[dict, list]:
     """One directory through the built-in engine, in a fresh process (an engine started after
     another in the same process runs on throttled OpenMP workers: its speed would depend on the
     order): its figures and its greedy outputs."""
@@ -381,9 +415,11 @@ def measure_dir(path: str, blocks, prompts, agreement_tokens: int,
         return pool.apply(_measure_dir, (path, blocks, prompts, agreement_tokens, benchmark))
 
 
-def _measure_dir(path: str, blocks, prompts, agreement_tokens: int,
-                 benchmark: bool) -> tuple[dict, list]:  # fmt: skip
+def _measure_dir(
+    path: str, blocks, prompts, agreement_tokens: int, benchmark: bool
+) -> tuple[dict, list]:
     from aigc_ray.engine import GenerationEngine, SamplingParams
+    from aigc_ray.model import perplexity
 
     size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
     engine = GenerationEngine.from_pretrained(path, device="cpu", own_cores=True)
@@ -392,20 +428,29 @@ def _measure_dir(path: str, blocks, prompts, agreement_tokens: int,
         # user before the engine thread is done measuring.
         row = {"tok_per_s_b1": None, "tok_per_s_b32": None}
         if benchmark:
-            row = {"tok_per_s_b1": round(_throughput(engine, 1), 1),
-                   "tok_per_s_b32": round(_throughput(engine, 32), 1)}  # fmt: skip
+            row = {
+                "tok_per_s_b1": round(_throughput(engine, 1), 1),
+                "tok_per_s_b32": round(_throughput(engine, 32), 1),
+            }
         outputs = []
         if prompts:
             greedy = SamplingParams(max_tokens=agreement_tokens, temperature=0, ignore_eos=True)
             outputs = [r.token_ids for r in engine.generate_ids(prompts, greedy)]
-        weights = [p for n, p in engine.model.named_parameters()
-                   if not n.endswith(("weight_scale", "weight_zero_point"))]  # fmt: skip
-        row.update(size_mb=round(size / 1e6, 2), params=sum(p.numel() for p in weights),
-                   nonzero_params=sum(int((p != 0).sum()) for p in weights),
-                   engine_path=engine.path, perplexity=None,
-                   dtype=str(next(engine.model.parameters()).dtype))  # fmt: skip
+        weights = [
+            p
+            for n, p in engine.model.named_parameters()
+            if not n.endswith(("weight_scale", "weight_zero_point"))
+        ]
+        row.update(
+            size_mb=round(size / 1e6, 2),
+            params=sum(p.numel() for p in weights),
+            nonzero_params=sum(int((p != 0).sum()) for p in weights),
+            engine_path=engine.path,
+            perplexity=None,
+            dtype=str(next(engine.model.parameters()).dtype),
+        )
         if blocks is not None:
-            row["perplexity"] = round(math.exp(min(engine.nll(blocks), 50)), 3)
+            row["perplexity"] = round(perplexity(engine.nll(blocks)), 3)
     finally:
         engine.close()
     return row, outputs
@@ -431,17 +476,24 @@ def format_report(report: dict) -> str:
     def fmt(v):
         return "n/a" if v is None else f"{v:,}" if isinstance(v, int) else f"{v}"
 
-    rows = [("size on disk (MB)", "size_mb"), ("parameters", "params"),
-            ("non-zero parameters", "nonzero_params"), ("validation perplexity", "perplexity"),
-            ("engine tok/s, batch 1", "tok_per_s_b1"), ("engine tok/s, batch 32", "tok_per_s_b32")]  # fmt: skip
+    rows = [
+        ("size on disk (MB)", "size_mb"),
+        ("parameters", "params"),
+        ("non-zero parameters", "nonzero_params"),
+        ("validation perplexity", "perplexity"),
+        ("engine tok/s, batch 1", "tok_per_s_b1"),
+        ("engine tok/s, batch 32", "tok_per_s_b32"),
+    ]
     lines = [f"{'':<26}{'original':>14}{'optimized':>14}"]
     lines += [f"{label:<26}{fmt(o[key]):>14}{fmt(n[key]):>14}" for label, key in rows]
     agreement = report.get("greedy_agreement")
     lines.append(f"steps: {'; '.join(report['steps'])}")
-    lines.append(f"size x{report['size_ratio']}, speed x{fmt(report['speedup_b1'])} (batch 1) / "
-                 f"x{fmt(report['speedup_b32'])} (batch 32), perplexity "
-                 f"{_pct(report['perplexity_increase'])}, greedy agreement "
-                 f"{'n/a' if agreement is None else f'{agreement:.1%}'}")  # fmt: skip
+    lines.append(
+        f"size x{report['size_ratio']}, speed x{fmt(report['speedup_b1'])} (batch 1) / "
+        f"x{fmt(report['speedup_b32'])} (batch 32), perplexity "
+        f"{_pct(report['perplexity_increase'])}, greedy agreement "
+        f"{'n/a' if agreement is None else f'{agreement:.1%}'}"
+    )
     return "\n".join(lines)
 
 

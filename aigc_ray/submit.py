@@ -17,12 +17,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aigc_ray.errors import AigcRayError
+from aigc_ray.storage import is_uri
+
 log = logging.getLogger(__name__)  # Ray's walk logs every ignore file it honours at INFO
 ZIP_HEADERS = 30 + 46 + 36  # local header + central entry + room for extra fields, per file
 ZIP_END = 22  # end-of-central-directory record
 
 
-class UploadError(ValueError):
+class UploadError(AigcRayError, ValueError):
     """The working directory would not upload (too large), with what to exclude."""
 
 
@@ -82,8 +85,9 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def check_upload(working_dir: str | Path, excludes: list[str] | None = None,
-                 limit: int | None = None) -> UploadPlan:  # fmt: skip
+def check_upload(
+    working_dir: str | Path, excludes: list[str] | None = None, limit: int | None = None
+) -> UploadPlan:
     """Return the upload plan, or raise UploadError if Ray would refuse the package."""
     limit = ray_upload_limit() if limit is None else limit
     plan = plan_upload(working_dir, excludes)
@@ -136,8 +140,9 @@ def split_submit_args(args: list[str]) -> SubmitArgs:
     """Our argv, `[ray job submit options] -- entrypoint`, split into what the preflight needs
     (the working dir and excludes, with Ray's precedence) and what passes through unchanged."""
     if "--" not in args:
-        raise UploadError("usage: aigc-ray submit [ray job submit options] -- python jobs/<x>.py "
-                          "--config <file>")  # fmt: skip
+        raise UploadError(
+            "usage: aigc-ray submit [ray job submit options] -- python jobs/<x>.py --config <file>"
+        )
     cut = args.index("--")
     opts, entrypoint = args[:cut], args[cut + 1 :]
     if not entrypoint:
@@ -161,9 +166,13 @@ def split_submit_args(args: list[str]) -> SubmitArgs:
             rest.append(opts[i])
         i += 1
     env_dir = env.get("working_dir")
-    return SubmitArgs(working_dir=flag_dir or env_dir or ".", excludes=list(env.get("excludes") or []),
-                      ray_options=rest, entrypoint=entrypoint,
-                      from_flag=flag_dir is not None or env_dir is None)  # fmt: skip
+    return SubmitArgs(
+        working_dir=flag_dir or env_dir or ".",
+        excludes=list(env.get("excludes") or []),
+        ray_options=rest,
+        entrypoint=entrypoint,
+        from_flag=flag_dir is not None or env_dir is None,
+    )
 
 
 def ray_cli() -> str:
@@ -175,13 +184,20 @@ def ray_cli() -> str:
 def submit(args: list[str], limit: int | None = None) -> int:
     """Preflight the upload, then exec the real `ray job submit` (never returns on success)."""
     parsed = split_submit_args(args)
-    if "://" in parsed.working_dir:  # a remote package (s3://.../x.zip): nothing to upload
-        print(f"aigc-ray submit: working dir {parsed.working_dir} is remote; no upload",
-              file=sys.stderr, flush=True)  # fmt: skip
+    if is_uri(parsed.working_dir):  # a remote package (s3://.../x.zip): nothing to upload
+        print(
+            f"aigc-ray submit: working dir {parsed.working_dir} is remote; no upload",
+            file=sys.stderr,
+            flush=True,
+        )
     else:
         plan = check_upload(parsed.working_dir, parsed.excludes, limit)
-        print(f"aigc-ray submit: uploading {plan.root} ({len(plan.files)} files, "
-              f"{_mib(plan.package_size())})", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"aigc-ray submit: uploading {plan.root} ({len(plan.files)} files, "
+            f"{_mib(plan.package_size())})",
+            file=sys.stderr,
+            flush=True,
+        )
     argv = parsed.argv(ray_cli())
     os.execvp(argv[0], argv)
     return 0  # only reached when exec is patched out in tests

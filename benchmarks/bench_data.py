@@ -77,12 +77,16 @@ def write_corpus(out: Path, copies: int, shards: int) -> tuple[list[str], int]:
 
 def _ref_clean(batch):
     texts = [clean_text(t) for t in batch["text"]]
-    return {"text": texts, "hash": [text_hash(t) for t in texts],
-            "split": [doc_split(t, 0.05) for t in texts]}  # fmt: skip
+    return {
+        "text": texts,
+        "hash": [text_hash(t) for t in texts],
+        "split": [doc_split(t, 0.05) for t in texts],
+    }
 
 
 def run_reference(files: list[str], tok_dir: str, out: Path, procs: int) -> int:
-    """datasets: load_dataset(json) -> map(clean) -> filter -> dedup -> map(tokenize) -> pack -> parquet."""
+    """datasets: load_dataset(json) -> map(clean) -> filter -> dedup -> map(tokenize) -> pack ->
+    parquet."""
     from datasets import load_dataset
     from transformers import AutoTokenizer
 
@@ -109,8 +113,9 @@ def run_reference(files: list[str], tok_dir: str, out: Path, procs: int) -> int:
             blocks, _ = pack_tokens(batch["ids"], eos, SEQ_LEN)
             return {"input_ids": list(blocks)}
 
-        packed = part.map(pack, batched=True, batch_size=1000, num_proc=procs,
-                          remove_columns=part.column_names)  # fmt: skip
+        packed = part.map(
+            pack, batched=True, batch_size=1000, num_proc=procs, remove_columns=part.column_names
+        )
         packed.to_parquet(str(out / f"{split}.parquet"))
         total += len(packed) * SEQ_LEN
     return total
@@ -122,10 +127,19 @@ def run_reference(files: list[str], tok_dir: str, out: Path, procs: int) -> int:
 def run_ours(files: list[str], tok_dir: str, out: Path) -> tuple[int, dict]:
     from aigc_ray.data import run_preprocess
 
-    cfg = load_config(None, [f"data.inputs={json.dumps(files)}", f"data.output_dir={out}",
-                             f"data.tokenizer={tok_dir}", f"data.seq_len={SEQ_LEN}",
-                             f"train.seq_len={SEQ_LEN}", "data.near_dedup=false",
-                             "data.batch_size=512", "data.shard_rows=20000"]).data  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"data.inputs={json.dumps(files)}",
+            f"data.output_dir={out}",
+            f"data.tokenizer={tok_dir}",
+            f"data.seq_len={SEQ_LEN}",
+            f"train.seq_len={SEQ_LEN}",
+            "data.near_dedup=false",
+            "data.batch_size=512",
+            "data.shard_rows=20000",
+        ],
+    ).data
     m = run_preprocess(cfg)
     blocks = sum(m["splits"][s]["blocks"] for s in ("train", "val"))
     return blocks * SEQ_LEN, m
@@ -140,8 +154,11 @@ def near_dedup_cost(docs: list[str]) -> dict:
     near_duplicates(sigs, np.arange(len(docs)), p)
     lsh_s = time.perf_counter() - t
     per_m = 1e6 / len(docs)
-    return {"docs": len(docs), "signature_s_per_million_docs_per_core": round(sig_s * per_m, 1),
-            "lsh_s_per_million_docs_driver": round(lsh_s * per_m, 1)}  # fmt: skip
+    return {
+        "docs": len(docs),
+        "signature_s_per_million_docs_per_core": round(sig_s * per_m, 1),
+        "lsh_s_per_million_docs_driver": round(lsh_s * per_m, 1),
+    }
 
 
 def _sig_batch(batch, params):
@@ -164,8 +181,12 @@ def near_dedup_scaling(docs: list[str], workers: list[int]) -> dict:
 
     def run(n: int) -> float:
         t = time.perf_counter()
-        ds.map_batches(_sig_batch, fn_kwargs={"params": MinHashParams()}, batch_format="pyarrow",
-                       compute=TaskPoolStrategy(size=n)).materialize()  # fmt: skip
+        ds.map_batches(
+            _sig_batch,
+            fn_kwargs={"params": MinHashParams()},
+            batch_format="pyarrow",
+            compute=TaskPoolStrategy(size=n),
+        ).materialize()
         return time.perf_counter() - t
 
     run(max(workers))
@@ -193,8 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     t = time.perf_counter()
-    ray.init(num_cpus=procs, include_dashboard=False, object_store_memory=2 * 1024**3,
-             log_to_driver=False, logging_level="ERROR")  # fmt: skip
+    ray.init(
+        num_cpus=procs,
+        include_dashboard=False,
+        object_store_memory=2 * 1024**3,
+        log_to_driver=False,
+        logging_level="ERROR",
+    )
     init_s = time.perf_counter() - t
     with PeakRSS() as our_mem:
         t = time.perf_counter()
@@ -221,11 +247,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(ray.init {init_s:.1f} s not included)")
     print(f"near-dedup cost: {nd}")
     ratio = our_tps / ref_tps
-    print(json.dumps({"bench": "data", "ratio": round(ratio, 3), "ours_tokens_per_s": round(our_tps),
-                      "ref_tokens_per_s": round(ref_tps), "ours_s": round(our_s, 2), "ref_s": round(ref_s, 2),
-                      "ours_tokens": our_tokens, "ref_tokens": ref_tokens, "ours_peak_rss_mb": round(our_mem.peak / 1e6),
-                      "ref_peak_rss_mb": round(ref_mem.peak / 1e6), "ray_init_s": round(init_s, 1),
-                      "docs": n_docs, "near_dedup": nd}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "bench": "data",
+                "ratio": round(ratio, 3),
+                "ours_tokens_per_s": round(our_tps),
+                "ref_tokens_per_s": round(ref_tps),
+                "ours_s": round(our_s, 2),
+                "ref_s": round(ref_s, 2),
+                "ours_tokens": our_tokens,
+                "ref_tokens": ref_tokens,
+                "ours_peak_rss_mb": round(our_mem.peak / 1e6),
+                "ref_peak_rss_mb": round(ref_mem.peak / 1e6),
+                "ray_init_s": round(init_s, 1),
+                "docs": n_docs,
+                "near_dedup": nd,
+            }
+        )
+    )
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

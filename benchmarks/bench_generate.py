@@ -53,8 +53,13 @@ if __name__ == "__main__":
 
 def reference(model_dir: str, src: Path, out_tokens: int) -> dict:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4"}
-    proc = subprocess.run([sys.executable, "-c", REFERENCE, model_dir, str(src), str(out_tokens)],
-                          env=env, capture_output=True, text=True, timeout=1800)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", REFERENCE, model_dir, str(src), str(out_tokens)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"vLLM reference failed:\n{proc.stderr[-3000:]}")
@@ -74,9 +79,16 @@ def ours(model_dir: str, src: Path, out_tokens: int, work: Path, engine: str) ->
         # vLLM schedules from its own waiting queue: hand it larger batches than the built-in
         # engine's (which decodes max_batch_size rows and queues the rest in the same way)
         batch = 256 if engine == "vllm" else 64
-        cfg = GenerateConfig(inputs=[str(src)], output_dir=str(work / f"out-{engine}"),
-                             num_cpus=2, max_tokens=out_tokens, batch_size=batch, engine=engine,
-                             dtype="float32", vllm={"kv_cache_memory_gb": 4})  # fmt: skip
+        cfg = GenerateConfig(
+            inputs=[str(src)],
+            output_dir=str(work / f"out-{engine}"),
+            num_cpus=2,
+            max_tokens=out_tokens,
+            batch_size=batch,
+            engine=engine,
+            dtype="float32",
+            vllm={"kv_cache_memory_gb": 4},
+        )
         summary = run_generate(cfg, model_dir)
     finally:
         ray.shutdown()
@@ -102,31 +114,45 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         src = work / "prompts.jsonl"
-        src.write_text("".join(json.dumps({"prompt": q, "ignore_eos": True}) + "\n"
-                               for q in prompts))  # fmt: skip
-        runners = {"vllm LLM.generate": lambda: reference(model_dir, src, args.output_tokens),
-                   "ours/builtin": lambda: ours(model_dir, src, args.output_tokens, work, "builtin"),
-                   "ours/vllm": lambda: ours(model_dir, src, args.output_tokens, work, "vllm")}  # fmt: skip
+        src.write_text(
+            "".join(json.dumps({"prompt": q, "ignore_eos": True}) + "\n" for q in prompts)
+        )
+        runners = {
+            "vllm LLM.generate": lambda: reference(model_dir, src, args.output_tokens),
+            "ours/builtin": lambda: ours(model_dir, src, args.output_tokens, work, "builtin"),
+            "ours/vllm": lambda: ours(model_dir, src, args.output_tokens, work, "vllm"),
+        }
         for r in range(args.runs):
             for name in args.only:
                 t = time.perf_counter()
                 row = runners[name]()
                 assert row["tokens"] == expected, (name, row)
                 results[name].append(row)
-                print(f"run {r + 1} {name}: {row['total_s']:.1f} s end to end "
-                      f"({time.perf_counter() - t:.0f} s wall)", flush=True)  # fmt: skip
+                print(
+                    f"run {r + 1} {name}: {row['total_s']:.1f} s end to end "
+                    f"({time.perf_counter() - t:.0f} s wall)",
+                    flush=True,
+                )
     med = {name: statistics.median(x["total_s"] for x in rows) for name, rows in results.items()}
-    spread = {name: (max(x["total_s"] for x in rows) - min(x["total_s"] for x in rows)) / med[name]
-              for name, rows in results.items()}  # fmt: skip
+    spread = {
+        name: (max(x["total_s"] for x in rows) - min(x["total_s"] for x in rows)) / med[name]
+        for name, rows in results.items()
+    }
     print(f"\n{args.prompts} prompts x {args.output_tokens} tokens, medians of {args.runs} runs")
     print(f"{'run':<20}{'seconds':>9}{'spread':>8}{'tok/s':>8}{'gen-only tok/s':>16}")
     for name in results:
         gen = [x.get("generate_s") for x in results[name] if x.get("generate_s")]
         gen_tps = f"{expected / statistics.median(gen):>16.0f}" if gen else f"{'':>16}"
-        print(f"{name:<20}{med[name]:>9.1f}{spread[name]:>8.0%}{expected / med[name]:>8.0f}"
-              f"{gen_tps}")  # fmt: skip
-    summary = {"bench": "generate", "prompts": args.prompts, "runs": args.runs,
-               "median_s": med, "spread": spread}  # fmt: skip
+        print(
+            f"{name:<20}{med[name]:>9.1f}{spread[name]:>8.0%}{expected / med[name]:>8.0f}{gen_tps}"
+        )
+    summary = {
+        "bench": "generate",
+        "prompts": args.prompts,
+        "runs": args.runs,
+        "median_s": med,
+        "spread": spread,
+    }
     ref = med.get("vllm LLM.generate")
     if ref:
         ratios = {name: round(ref / s, 3) for name, s in med.items() if name.startswith("ours")}

@@ -76,13 +76,25 @@ def prepare(work: Path, args) -> tuple[str, str]:
     data_dir = str(work / "data")
     trained = Path(f"{args.model_dir}-trained-{args.train_steps}")
     if not (Path(data_dir) / "manifest.json").exists():
-        run_preprocess(DataConfig(tokenizer=base, seq_len=128, output_dir=data_dir,
-                                  near_dedup=False, shard_rows=2048))  # fmt: skip
+        run_preprocess(
+            DataConfig(
+                tokenizer=base, seq_len=128, output_dir=data_dir, near_dedup=False, shard_rows=2048
+            )
+        )
     if not (trained / "config.json").exists():
-        tcfg = TrainConfig(run_dir=str(work / "train"), name="bench", num_workers=2,
-                           batch_size=8, seq_len=128, max_steps=args.train_steps, lr=2e-3,
-                           warmup_steps=10, eval_every=args.train_steps,
-                           checkpoint_every=args.train_steps, export_dir=str(trained))  # fmt: skip
+        tcfg = TrainConfig(
+            run_dir=str(work / "train"),
+            name="bench",
+            num_workers=2,
+            batch_size=8,
+            seq_len=128,
+            max_steps=args.train_steps,
+            lr=2e-3,
+            warmup_steps=10,
+            eval_every=args.train_steps,
+            checkpoint_every=args.train_steps,
+            export_dir=str(trained),
+        )
         fit(tcfg, ModelConfig(pretrained=base, max_position_embeddings=1024), data_dir)
     return str(trained), data_dir
 
@@ -94,8 +106,13 @@ def vllm_reference(model_dir: str, work: Path) -> float:
     path = work / "prompts.json"
     path.write_text(json.dumps(prompts))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4"}
-    proc = subprocess.run([sys.executable, "-c", VLLM_REF, model_dir, str(path)], env=env,
-                          capture_output=True, text=True, timeout=1800)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", VLLM_REF, model_dir, str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"vLLM reference failed:\n{proc.stderr[-3000:]}")
@@ -122,20 +139,31 @@ def main(argv: list[str] | None = None) -> int:
     vllm_tps = vllm_reference(model_dir, work)
     print(f"vLLM offline LLM.generate fp32, 32 x 64: {vllm_tps:.0f} tok/s", flush=True)
     variants = dict(VARIANTS)
-    variants["MLP channels 50% + recovery"] = {"pruning": "mlp_channels", "sparsity": 0.5,
-                                               "recovery_steps": args.recovery_steps}  # fmt: skip
-    variants["magnitude 50% + recovery"] = {"pruning": "magnitude", "sparsity": 0.5,
-                                            "recovery_steps": args.recovery_steps}  # fmt: skip
-    pipeline = PipelineConfig(data={"output_dir": data_dir, "seq_len": 128},
-                              train={"seq_len": 128, "num_workers": 2, "batch_size": 8,
-                                     "lr": 5e-4, "warmup_steps": 5})  # fmt: skip
+    variants["MLP channels 50% + recovery"] = {
+        "pruning": "mlp_channels",
+        "sparsity": 0.5,
+        "recovery_steps": args.recovery_steps,
+    }
+    variants["magnitude 50% + recovery"] = {
+        "pruning": "magnitude",
+        "sparsity": 0.5,
+        "recovery_steps": args.recovery_steps,
+    }
+    pipeline = PipelineConfig(
+        data={"output_dir": data_dir, "seq_len": 128},
+        train={"seq_len": 128, "num_workers": 2, "batch_size": 8, "lr": 5e-4, "warmup_steps": 5},
+    )
     reports = {}
     for name, kw in variants.items():
-        pipeline.optimize = OptimizeConfig(output_dir=str(work / "out" / name.replace(" ", "_")),
-                                           max_perplexity_increase=10.0, **kw)  # fmt: skip
+        pipeline.optimize = OptimizeConfig(
+            output_dir=str(work / "out" / name.replace(" ", "_")),
+            max_perplexity_increase=10.0,
+            **kw,
+        )
         try:
-            reports[name] = run_optimize(pipeline.optimize, model_dir, data_dir,
-                                         _recovery(pipeline))  # fmt: skip
+            reports[name] = run_optimize(
+                pipeline.optimize, model_dir, data_dir, _recovery(pipeline)
+            )
         except OptimizeError as e:
             reports[name] = {"error": str(e)}
         print(f"{name}: done", flush=True)
@@ -145,20 +173,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(reports: dict, vllm_tps: float) -> int:
     fp32 = next(r["original"] for r in reports.values() if "original" in r)
-    head = (f"{'variant':<30}{'MB':>8}{'size':>7}{'ppl':>9}{'dppl':>8}{'agree':>7}"
-            f"{'tok/s b1':>10}{'tok/s b32':>10}{'x b32':>7}")  # fmt: skip
+    head = (
+        f"{'variant':<30}{'MB':>8}{'size':>7}{'ppl':>9}{'dppl':>8}{'agree':>7}"
+        f"{'tok/s b1':>10}{'tok/s b32':>10}{'x b32':>7}"
+    )
     print(head + "\n" + "-" * len(head))
-    print(f"{'fp32 (original)':<30}{fp32['size_mb']:>8.1f}{1:>7.2f}{fp32['perplexity']:>9.2f}"
-          f"{'':>8}{'':>7}{fp32['tok_per_s_b1']:>10.0f}{fp32['tok_per_s_b32']:>10.0f}{1:>7.2f}")  # fmt: skip
+    print(
+        f"{'fp32 (original)':<30}{fp32['size_mb']:>8.1f}{1:>7.2f}{fp32['perplexity']:>9.2f}"
+        f"{'':>8}{'':>7}{fp32['tok_per_s_b1']:>10.0f}{fp32['tok_per_s_b32']:>10.0f}{1:>7.2f}"
+    )
     for name, r in reports.items():
         if "error" in r:
             print(f"{name:<30}failed: {r['error']}")
             continue
         n = r["optimized"]
-        print(f"{name:<30}{n['size_mb']:>8.1f}{r['size_ratio']:>7.2f}{n['perplexity']:>9.2f}"
-              f"{r['perplexity_increase']:>+8.1%}{r['greedy_agreement']:>7.0%}"
-              f"{n['tok_per_s_b1']:>10.0f}{n['tok_per_s_b32']:>10.0f}"
-              f"{r['speedup_b32']:>7.2f}")  # fmt: skip
+        print(
+            f"{name:<30}{n['size_mb']:>8.1f}{r['size_ratio']:>7.2f}{n['perplexity']:>9.2f}"
+            f"{r['perplexity_increase']:>+8.1%}{r['greedy_agreement']:>7.0%}"
+            f"{n['tok_per_s_b1']:>10.0f}{n['tok_per_s_b32']:>10.0f}"
+            f"{r['speedup_b32']:>7.2f}"
+        )
     print(f"{'vLLM LLM.generate fp32':<30}{'':>39}{'':>10}{vllm_tps:>10.0f}")
     ok = {name: "error" not in r for name, r in reports.items()}
     bf16, int8 = reports.get("bf16", {}), reports.get("int8 W8A8", {})
@@ -175,11 +209,22 @@ def report(reports: dict, vllm_tps: float) -> int:
     print(f"fp32 engine / vLLM offline: {fp32['tok_per_s_b32'] / vllm_tps:.2f}x (target 0.8)")
     for key, value in met.items():
         print(f"  {key}: {'met' if value else 'MISSED'}")
-    slim = {name: {k: v for k, v in r.items() if k not in ("config",)}
-            for name, r in reports.items()}  # fmt: skip
-    print(json.dumps({"bench": "optimize", "ratio": round(fp32["tok_per_s_b32"] / vllm_tps, 3),
-                      "vllm_tok_per_s_b32": round(vllm_tps, 1), "fp32": fp32, "variants": slim,
-                      "targets": met, "targets_met": all(met.values())}))  # fmt: skip
+    slim = {
+        name: {k: v for k, v in r.items() if k not in ("config",)} for name, r in reports.items()
+    }
+    print(
+        json.dumps(
+            {
+                "bench": "optimize",
+                "ratio": round(fp32["tok_per_s_b32"] / vllm_tps, 3),
+                "vllm_tok_per_s_b32": round(vllm_tps, 1),
+                "fp32": fp32,
+                "variants": slim,
+                "targets": met,
+                "targets_met": all(met.values()),
+            }
+        )
+    )
     return 0
 
 

@@ -80,21 +80,34 @@ async def one_request(client, url, body, expected_tokens) -> dict:
     ok = done and tokens >= expected_tokens and first is not None
     gaps = [b - a for a, b in zip(chunk_times, chunk_times[1:], strict=False)]
     per_chunk = max(1.0, (tokens - 1) / max(1, len(chunk_times) - 1))
-    return {"ok": ok, "status": 200, "ttft": (first or start) - start, "gaps": gaps,
-            "itl": [g / per_chunk for g in gaps], "tokens": tokens}  # fmt: skip
+    return {
+        "ok": ok,
+        "status": 200,
+        "ttft": (first or start) - start,
+        "gaps": gaps,
+        "itl": [g / per_chunk for g in gaps],
+        "tokens": tokens,
+    }
 
 
-async def run_load(url: str, prompts: list[str], n: int, concurrency: int, out_tokens: int,
-                   model: str) -> dict:  # fmt: skip
+async def run_load(
+    url: str, prompts: list[str], n: int, concurrency: int, out_tokens: int, model: str
+) -> dict:
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
     headers = {"Authorization": f"Bearer {KEY}"}
     async with httpx.AsyncClient(timeout=600, limits=limits, headers=headers) as client:
 
         async def go(i):
-            body = {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": out_tokens,
-                    "temperature": 0, "stream": True, "ignore_eos": True,
-                    "stream_options": {"include_usage": True}}  # fmt: skip
+            body = {
+                "model": model,
+                "prompt": prompts[i % len(prompts)],
+                "max_tokens": out_tokens,
+                "temperature": 0,
+                "stream": True,
+                "ignore_eos": True,
+                "stream_options": {"include_usage": True},
+            }
             async with sem:
                 return await one_request(client, url, body, out_tokens)
 
@@ -133,9 +146,12 @@ def measure(url: str, prompts, args, model: str, label: str) -> dict[int, list[d
         for c, n in zip(CONCURRENCY, args.requests, strict=True):
             row = asyncio.run(run_load(url, prompts, n, c, args.output_tokens, model))
             rows[c].append(row)
-            print(f"{label} round {r + 1} c={c}: {row['tok_per_s']:.0f} tok/s, TTFT "
-                  f"{row['ttft_p50'] * 1e3:.0f} ms, gap {row['gap_p50'] * 1e3:.0f} ms, "
-                  f"errors {row['errors']}", flush=True)  # fmt: skip
+            print(
+                f"{label} round {r + 1} c={c}: {row['tok_per_s']:.0f} tok/s, TTFT "
+                f"{row['ttft_p50'] * 1e3:.0f} ms, gap {row['gap_p50'] * 1e3:.0f} ms, "
+                f"errors {row['errors']}",
+                flush=True,
+            )
     return rows
 
 
@@ -159,9 +175,24 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 600) ->
 def run_vllm_server(model_dir: str, prompts, args) -> tuple[dict, float]:
     port = args.port + 1
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4"}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-           "--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "1024",
-           "--host", "127.0.0.1", "--port", str(port), "--disable-log-stats"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model_dir,
+        "--served-model-name",
+        MODEL,
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "1024",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-log-stats",
+    ]
     log = open(Path(tempfile.gettempdir()) / "bench_serve_vllm.log", "w")  # noqa: SIM115
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -187,14 +218,25 @@ def run_ours(model_dir: str, prompts, args, engine: str) -> tuple[dict, float]:
     from aigc_ray.serve import run_serve
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"AIGC_RAY_API_KEYS": KEY}})  # fmt: skip
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"AIGC_RAY_API_KEYS": KEY}},
+    )
     try:
         t = time.perf_counter()
-        cfg = ServeConfig(model_dir=model_dir, model_name=MODEL, port=args.port, engine=engine,
-                          num_cpus=args.replica_cpus, dtype="float32", max_ongoing_requests=64,
-                          max_tokens_limit=args.output_tokens,
-                          vllm={"kv_cache_memory_gb": 4})  # fmt: skip
+        cfg = ServeConfig(
+            model_dir=model_dir,
+            model_name=MODEL,
+            port=args.port,
+            engine=engine,
+            num_cpus=args.replica_cpus,
+            dtype="float32",
+            max_ongoing_requests=64,
+            max_tokens_limit=args.output_tokens,
+            vllm={"kv_cache_memory_gb": 4},
+        )
         base = run_serve(cfg)
         wait_ready(f"{base}/health", None)
         startup = time.perf_counter() - t
@@ -220,22 +262,31 @@ def median_row(rounds: list[dict]) -> dict:
 
 def print_table(results: dict[str, dict[int, dict]], rounds: int) -> None:
     print(f"\nmedians of {rounds} rounds (spread = (max - min) / median)")
-    head = (f"{'server':<14}{'conc':>5}{'out tok/s':>11}{'spread':>8}{'TTFT p50':>10}"
-            f"{'chunk gap p50':>15}{'ITL p50':>9}{'errors':>8}")  # fmt: skip
+    head = (
+        f"{'server':<14}{'conc':>5}{'out tok/s':>11}{'spread':>8}{'TTFT p50':>10}"
+        f"{'chunk gap p50':>15}{'ITL p50':>9}{'errors':>8}"
+    )
     print(head)
     print("-" * len(head))
     for name, rows in results.items():
         for c in CONCURRENCY:
             r = rows[c]
-            print(f"{name:<14}{c:>5}{r['tok_per_s']:>11.0f}{r['tok_per_s_spread']:>8.0%}"
-                  f"{r['ttft_p50'] * 1e3:>8.0f}ms{r['gap_p50'] * 1e3:>13.0f}ms"
-                  f"{r['itl_p50'] * 1e3:>7.1f}ms{r['errors']:>8}")  # fmt: skip
+            print(
+                f"{name:<14}{c:>5}{r['tok_per_s']:>11.0f}{r['tok_per_s_spread']:>8.0%}"
+                f"{r['ttft_p50'] * 1e3:>8.0f}ms{r['gap_p50'] * 1e3:>13.0f}ms"
+                f"{r['itl_p50'] * 1e3:>7.1f}ms{r['errors']:>8}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--requests", type=int, nargs=3, default=[8, 32, 96],
-                   help="requests at concurrency 1, 8, 32")  # fmt: skip
+    p.add_argument(
+        "--requests",
+        type=int,
+        nargs=3,
+        default=[8, 32, 96],
+        help="requests at concurrency 1, 8, 32",
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--output-tokens", type=int, default=64)
@@ -250,9 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = make_model_dir(args.model_dir)
     prompts = bench_prompts(AutoTokenizer.from_pretrained(model_dir), 32, args.prompt_tokens)
     raw, startup = {}, {}
-    runners = {"vllm-server": lambda: run_vllm_server(model_dir, prompts, args),
-               "ours/builtin": lambda: run_ours(model_dir, prompts, args, "builtin"),
-               "ours/vllm": lambda: run_ours(model_dir, prompts, args, "vllm")}  # fmt: skip
+    runners = {
+        "vllm-server": lambda: run_vllm_server(model_dir, prompts, args),
+        "ours/builtin": lambda: run_ours(model_dir, prompts, args, "builtin"),
+        "ours/vllm": lambda: run_ours(model_dir, prompts, args, "vllm"),
+    }
     for name in args.only:
         raw[name], startup[name] = runners[name]()
     results = {name: {c: median_row(rows[c]) for c in CONCURRENCY} for name, rows in raw.items()}
@@ -261,10 +314,16 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"bench": "serve", "rounds": args.rounds, "startup_s": startup, "medians": results}
     if "vllm-server" in results:
         ref = results["vllm-server"]
-        ratios = {name: round(r[32]["tok_per_s"] / ref[32]["tok_per_s"], 3)
-                  for name, r in results.items() if name != "vllm-server"}  # fmt: skip
-        ttft = {name: round(r[1]["ttft_p50"] / ref[1]["ttft_p50"], 2)
-                for name, r in results.items() if name != "vllm-server"}  # fmt: skip
+        ratios = {
+            name: round(r[32]["tok_per_s"] / ref[32]["tok_per_s"], 3)
+            for name, r in results.items()
+            if name != "vllm-server"
+        }
+        ttft = {
+            name: round(r[1]["ttft_p50"] / ref[1]["ttft_p50"], 2)
+            for name, r in results.items()
+            if name != "vllm-server"
+        }
         gaps = {name: round(r[32]["gap_p50"] * 1e3, 1) for name, r in results.items()}
         ours_vllm = "ours/vllm" in results
         met = {
@@ -275,10 +334,18 @@ def main(argv: list[str] | None = None) -> int:
             "c1_ttft_vllm_le_1.25x": ours_vllm and ttft["ours/vllm"] <= 1.25,
         }
         for name in ratios:
-            print(f"{name}: {ratios[name]:.2f}x vLLM's server at c=32, TTFT at c=1 "
-                  f"{ttft[name]:.2f}x, chunk gap p50 at c=32 {gaps[name]:.0f} ms")  # fmt: skip
-        summary.update(ratio=ratios.get("ours/vllm"), ratio_vs_vllm=ratios, ttft_c1_vs_vllm=ttft,
-                       gap_p50_c32_ms=gaps, targets=met, targets_met=all(met.values()))  # fmt: skip
+            print(
+                f"{name}: {ratios[name]:.2f}x vLLM's server at c=32, TTFT at c=1 "
+                f"{ttft[name]:.2f}x, chunk gap p50 at c=32 {gaps[name]:.0f} ms"
+            )
+        summary.update(
+            ratio=ratios.get("ours/vllm"),
+            ratio_vs_vllm=ratios,
+            ttft_c1_vs_vllm=ttft,
+            gap_p50_c32_ms=gaps,
+            targets=met,
+            targets_met=all(met.values()),
+        )
     print(json.dumps(summary))
     return 0
 

@@ -64,13 +64,21 @@ def build_config(args, work: Path):
 
     n = args.steps
     overrides = [
-        f"data.output_dir={work / 'data'}", f"data.seq_len={args.seq_len}",
-        f"train.seq_len={args.seq_len}", f"data.max_docs={args.max_docs}",
-        "data.near_dedup=false", "data.tokenizer_train_mb=2",
-        f"train.max_steps={n}", f"train.eval_every={n}", f"train.checkpoint_every={n}",
-        f"train.num_workers={args.workers}", f"train.run_dir={work / 'run'}",
-        "train.name=bench", "train.max_failures=0", f"train.use_gpu={str(args.gpu).lower()}",
-    ]  # fmt: skip
+        f"data.output_dir={work / 'data'}",
+        f"data.seq_len={args.seq_len}",
+        f"train.seq_len={args.seq_len}",
+        f"data.max_docs={args.max_docs}",
+        "data.near_dedup=false",
+        "data.tokenizer_train_mb=2",
+        f"train.max_steps={n}",
+        f"train.eval_every={n}",
+        f"train.checkpoint_every={n}",
+        f"train.num_workers={args.workers}",
+        f"train.run_dir={work / 'run'}",
+        "train.name=bench",
+        "train.max_failures=0",
+        f"train.use_gpu={str(args.gpu).lower()}",
+    ]
     if args.batch_size:
         overrides.append(f"train.batch_size={args.batch_size}")
     return load_config(args.config, overrides + args.set)
@@ -85,8 +93,14 @@ def init_ray(args) -> float:
     if args.ray_address:
         ray.init(address=args.ray_address, log_to_driver=False, logging_level="ERROR")
     else:
-        ray.init("local", num_cpus=os.cpu_count() or 2, include_dashboard=False,
-                 object_store_memory=1024**3, log_to_driver=False, logging_level="ERROR")  # fmt: skip
+        ray.init(
+            "local",
+            num_cpus=os.cpu_count() or 2,
+            include_dashboard=False,
+            object_store_memory=1024**3,
+            log_to_driver=False,
+            logging_level="ERROR",
+        )
     return time.perf_counter() - t
 
 
@@ -97,8 +111,9 @@ def preprocess(cfg) -> tuple[dict, float]:
     manifest = run_preprocess(cfg.data)
     blocks = manifest["splits"]["train"]["blocks"]
     need = cfg.train.max_steps * cfg.train.batch_size * cfg.train.num_workers
-    log.info("preprocessed %d train blocks (%d needed) in %.1f s", blocks, need,
-             time.perf_counter() - t)  # fmt: skip
+    log.info(
+        "preprocessed %d train blocks (%d needed) in %.1f s", blocks, need, time.perf_counter() - t
+    )
     if blocks < need:
         log.warning("fewer train blocks than the run needs: raise --max-docs")
     return manifest, time.perf_counter() - t
@@ -118,8 +133,9 @@ def probe_worker_threads(cfg) -> int:
 
     cpus = worker_cpus(cfg.train, ray.cluster_resources().get("CPU", 0))
     omp, threads = ray.get(ray.remote(num_cpus=cpus)(_threads_probe).remote())
-    log.info("a Ray task with num_cpus=%g gets OMP_NUM_THREADS=%s, torch threads %d",
-             cpus, omp, threads)  # fmt: skip
+    log.info(
+        "a Ray task with num_cpus=%g gets OMP_NUM_THREADS=%s, torch threads %d", cpus, omp, threads
+    )
     return threads
 
 
@@ -156,9 +172,15 @@ def run_ours(cfg, data_dir: str, threads: int) -> dict:
     wall = time.perf_counter() - t
     lines = (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()
     rate, _ = steady_rate([json.loads(x) for x in lines])
-    return {"tokens_per_s": rate, "startup_s": wall - result.tokens / rate, "wall_s": wall,
-            "steps": result.steps, "threads": threads, "params": result.params,
-            "last_loss": result.last_loss}  # fmt: skip
+    return {
+        "tokens_per_s": rate,
+        "startup_s": wall - result.tokens / rate,
+        "wall_s": wall,
+        "steps": result.steps,
+        "threads": threads,
+        "params": result.params,
+        "last_loss": result.last_loss,
+    }
 
 
 # ---------------------------------------------------------------- reference
@@ -168,10 +190,20 @@ def run_reference(cfg, data_dir: str, args, threads: int, work: Path) -> dict:
     """torchrun the DDP script; parse rank 0's JSON line."""
     conf = work / "ref_config.json"
     conf.write_text(json.dumps({"train": cfg.train.model_dump(), "model": cfg.model.model_dump()}))
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
-           f"--nproc_per_node={cfg.train.num_workers}", str(HERE / "torchrun_ddp.py"),
-           "--data-dir", data_dir, "--config", str(conf), "--steps", str(args.steps),
-           "--warmup", str(WARMUP_STEPS)]  # fmt: skip
+    cmd = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--standalone",
+        f"--nproc_per_node={cfg.train.num_workers}",
+        str(HERE / "torchrun_ddp.py"),
+        "--data-dir",
+        data_dir,
+        "--config",
+        str(conf),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(WARMUP_STEPS),
+    ]
     if args.gpu:
         cmd.append("--gpu")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -183,9 +215,15 @@ def run_reference(cfg, data_dir: str, args, threads: int, work: Path) -> dict:
         raise SystemExit(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     ref = json.loads(lines[-1])["torchrun_ddp"]
     rate = ref["tokens_per_s"]
-    return {"tokens_per_s": rate, "startup_s": wall - ref["tokens"] / rate, "wall_s": wall,
-            "steps": ref["steps"], "threads": ref["threads"], "params": ref["params"],
-            "last_loss": ref["last_loss"]}  # fmt: skip
+    return {
+        "tokens_per_s": rate,
+        "startup_s": wall - ref["tokens"] / rate,
+        "wall_s": wall,
+        "steps": ref["steps"],
+        "threads": ref["threads"],
+        "params": ref["params"],
+        "last_loss": ref["last_loss"],
+    }
 
 
 # ---------------------------------------------------------------- peak FLOP/s
@@ -222,19 +260,30 @@ def peak_flops(args) -> tuple[float, str]:
 
 def print_report(ours: dict, ref: dict, peak: float, peak_source: str) -> None:
     rows = [("aigc_ray TorchTrainer", ours), ("torchrun DDP", ref)]
-    print(f"\n{'run':<24}{'steady tokens/s':>16}{'startup s':>11}{'wall s':>9}{'steps':>7}"
-          f"{'threads/worker':>16}{'last loss':>11}")  # fmt: skip
+    print(
+        f"\n{'run':<24}{'steady tokens/s':>16}{'startup s':>11}{'wall s':>9}{'steps':>7}"
+        f"{'threads/worker':>16}{'last loss':>11}"
+    )
     for name, r in rows:
-        print(f"{name:<24}{r['tokens_per_s']:>16,.0f}{r['startup_s']:>11.1f}{r['wall_s']:>9.1f}"
-              f"{r['steps']:>7}{r['threads']:>16}{r['last_loss']:>11.3f}")  # fmt: skip
-    print(f"ratio (ours / torchrun, steady tokens/s): {ours['tokens_per_s'] / ref['tokens_per_s']:.3f}"
-          " (target >= 0.95)")  # fmt: skip
-    print(f"\nMFU = 6 x params x tokens/s / peak FLOP/s; params = {ours['params']:,}; "
-          f"peak = {peak:.3g} FLOP/s ({peak_source})")  # fmt: skip
+        print(
+            f"{name:<24}{r['tokens_per_s']:>16,.0f}{r['startup_s']:>11.1f}{r['wall_s']:>9.1f}"
+            f"{r['steps']:>7}{r['threads']:>16}{r['last_loss']:>11.3f}"
+        )
+    print(
+        "ratio (ours / torchrun, steady tokens/s): "
+        f"{ours['tokens_per_s'] / ref['tokens_per_s']:.3f}"
+        " (target >= 0.95)"
+    )
+    print(
+        f"\nMFU = 6 x params x tokens/s / peak FLOP/s; params = {ours['params']:,}; "
+        f"peak = {peak:.3g} FLOP/s ({peak_source})"
+    )
     for name, r in rows:
         flops = 6 * r["params"] * r["tokens_per_s"]
-        print(f"{name:<24}6 x {r['params']:.3g} x {r['tokens_per_s']:,.0f} = {flops:.3g} FLOP/s"
-              f"  MFU {flops / peak:.1%}")  # fmt: skip
+        print(
+            f"{name:<24}6 x {r['params']:.3g} x {r['tokens_per_s']:,.0f} = {flops:.3g} FLOP/s"
+            f"  MFU {flops / peak:.1%}"
+        )
 
 
 def report_json(ours: dict, ref: dict, peak: float, extra: dict) -> str:
@@ -258,8 +307,13 @@ def parse_args(argv):
     ap.add_argument("--batch-size", type=int, help="blocks per worker per step (config default)")
     ap.add_argument("--max-docs", type=int, default=400, help="stdlib documents to preprocess")
     ap.add_argument("--config", help="YAML config to start from (default: built-in defaults)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra config override, e.g. model.num_layers=8 (repeatable)")  # fmt: skip
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config override, e.g. model.num_layers=8 (repeatable)",
+    )
     ap.add_argument("--peak-flops", type=float, help="peak FLOP/s per GPU, or of the CPU machine")
     ap.add_argument("--ref-threads", type=int, help="OMP_NUM_THREADS of torchrun (default: ours)")
     ap.add_argument("--gpu", action="store_true", help="GPU cluster mode (not runnable here)")
@@ -296,10 +350,17 @@ def main(argv: list[str] | None = None) -> int:
     ref = run_reference(cfg, cfg.data.output_dir, args, args.ref_threads or threads, work)
     peak, source = peak_flops(args)
     print_report(ours, ref, peak, source)
-    extra = {"workers": cfg.train.num_workers, "batch_size": cfg.train.batch_size,
-             "seq_len": cfg.train.seq_len, "gpu": args.gpu, "ray_init_s": round(init_s, 1),
-             "preprocess_s": round(prep_s, 1), "train_blocks": manifest["splits"]["train"]["blocks"],
-             "warmup_steps_excluded": WARMUP_STEPS, "peak_source": source}  # fmt: skip
+    extra = {
+        "workers": cfg.train.num_workers,
+        "batch_size": cfg.train.batch_size,
+        "seq_len": cfg.train.seq_len,
+        "gpu": args.gpu,
+        "ray_init_s": round(init_s, 1),
+        "preprocess_s": round(prep_s, 1),
+        "train_blocks": manifest["splits"]["train"]["blocks"],
+        "warmup_steps_excluded": WARMUP_STEPS,
+        "peak_source": source,
+    }
     print(report_json(ours, ref, peak, extra))
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)

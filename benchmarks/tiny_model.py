@@ -18,8 +18,9 @@ def stdlib_texts(limit: int = PROMPT_FILES) -> list[str]:
     return texts
 
 
-def make_model_dir(out_dir: str | Path, vocab_size: int = 8192, layers: int = 8,
-                   hidden: int = 512) -> str:  # fmt: skip
+def make_model_dir(
+    out_dir: str | Path, vocab_size: int = 8192, layers: int = 8, hidden: int = 512
+) -> str:
     """Build (once) and save the tiny model + tokenizer under ``out_dir``; return its path."""
     from aigc_ray.config import ModelConfig
     from aigc_ray.model import build_model, train_tokenizer
@@ -28,8 +29,9 @@ def make_model_dir(out_dir: str | Path, vocab_size: int = 8192, layers: int = 8,
     if (out / "config.json").exists():
         return str(out)
     tokenizer = train_tokenizer(stdlib_texts(), vocab_size, out)
-    cfg = ModelConfig(hidden_size=hidden, num_layers=layers, num_heads=8,
-                      max_position_embeddings=1024)  # fmt: skip
+    cfg = ModelConfig(
+        hidden_size=hidden, num_layers=layers, num_heads=8, max_position_embeddings=1024
+    )
     model = build_model(cfg, tokenizer, seed=0)
     model.save_pretrained(str(out))
     return str(out)

@@ -59,8 +59,10 @@ def batches(rows: np.ndarray, batch_size: int, accum: int, steps: int):
         log.warning("%d steps > %d per epoch on each rank: wrapping around", steps, per_epoch)
     for step in range(steps):
         start = (step % per_epoch) * per_step
-        yield [torch.from_numpy(rows[i : i + batch_size].astype(np.int64))
-               for i in range(start, start + per_step, batch_size)]  # fmt: skip
+        yield [
+            torch.from_numpy(rows[i : i + batch_size].astype(np.int64))
+            for i in range(start, start + per_step, batch_size)
+        ]
 
 
 def setup(gpu: bool) -> torch.device:
@@ -104,11 +106,19 @@ def run(args, cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) ->
     secs = time.perf_counter() - t0
     timed = args.steps - args.warmup
     per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * world
-    return {"tokens_per_s": round(timed * per_step / secs, 1), "steps": args.steps,
-            "timed_steps": timed, "timed_s": round(secs, 3), "tokens": args.steps * per_step,
-            "world": world, "threads": torch.get_num_threads(), "params": params,
-            "last_loss": round(float(np.mean(losses[-10:])), 4), "device": str(device),
-            "amp": str(amp)}  # fmt: skip
+    return {
+        "tokens_per_s": round(timed * per_step / secs, 1),
+        "steps": args.steps,
+        "timed_steps": timed,
+        "timed_s": round(secs, 3),
+        "tokens": args.steps * per_step,
+        "world": world,
+        "threads": torch.get_num_threads(),
+        "params": params,
+        "last_loss": round(float(np.mean(losses[-10:])), 4),
+        "device": str(device),
+        "amp": str(amp),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

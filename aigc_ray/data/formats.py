@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 
+from aigc_ray.errors import AigcRayError
+
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
 
 
-class FormatError(ValueError):
+class FormatError(AigcRayError, ValueError):
     """A chat example that cannot be rendered (bad roles, no assistant turn...)."""
 
 

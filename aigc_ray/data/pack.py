@@ -104,9 +104,18 @@ class TokenizePackUDF:
     Heavy state (the Rust tokenizer, the chat template) is built once per actor in __init__.
     """
 
-    def __init__(self, tokenizer_json: str, eos_token: str, pad_token: str, seq_len: int,
-                 val_fraction: float, seed: int, fmt: str = "pretrain", packing: str = "pack",
-                 chat_template: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        tokenizer_json: str,
+        eos_token: str,
+        pad_token: str,
+        seq_len: int,
+        val_fraction: float,
+        seed: int,
+        fmt: str = "pretrain",
+        packing: str = "pack",
+        chat_template: str | None = None,
+    ):
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_str(tokenizer_json)
@@ -118,8 +127,9 @@ class TokenizePackUDF:
         if chat_template:
             from transformers import PreTrainedTokenizerFast
 
-            self.hf = PreTrainedTokenizerFast(tokenizer_object=self.tok, eos_token=eos_token,
-                                              chat_template=chat_template)  # fmt: skip
+            self.hf = PreTrainedTokenizerFast(
+                tokenizer_object=self.tok, eos_token=eos_token, chat_template=chat_template
+            )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch.column("text").to_pylist()

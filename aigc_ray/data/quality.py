@@ -64,15 +64,20 @@ def build_filters(rules: QualityRules) -> list[tuple[str, Callable[[str], bool]]
     if rules.max_chars is not None:
         filters.append(("max_chars", lambda t: len(t) > rules.max_chars))
     if rules.max_line_length is not None:
-        filters.append(("max_line_length",
-                        lambda t: max(map(len, t.split("\n"))) > rules.max_line_length))  # fmt: skip
+        filters.append(
+            ("max_line_length", lambda t: max(map(len, t.split("\n"))) > rules.max_line_length)
+        )
     if rules.min_alnum_fraction is not None:
         filters.append(
             ("min_alnum_fraction", lambda t: alnum_fraction(t) < rules.min_alnum_fraction)
         )
     if rules.max_repeated_line_fraction is not None:
-        filters.append(("max_repeated_line_fraction",
-                        lambda t: repeated_line_fraction(t) > rules.max_repeated_line_fraction))  # fmt: skip
+        filters.append(
+            (
+                "max_repeated_line_fraction",
+                lambda t: repeated_line_fraction(t) > rules.max_repeated_line_fraction,
+            )
+        )
     if rules.blocklist:
         pattern = re.compile("|".join(f"(?:{p})" for p in rules.blocklist))
         filters.append(("blocklist", lambda t: pattern.search(t) is not None))

@@ -9,7 +9,6 @@ become quarantine rows; in strict mode the first one raises DataError naming fil
 from __future__ import annotations
 
 import csv
-import fnmatch
 import glob
 import io
 import json
@@ -22,6 +21,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from aigc_ray.config import STDLIB_SOURCE, DataConfig
+from aigc_ray.errors import AigcRayError, StorageError
+from aigc_ray.storage import is_uri, list_files, read_bytes
 
 TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".text"}
 JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
@@ -31,7 +32,7 @@ _STDLIB_SKIP = re.compile(r"/(test|tests|idlelib|site-packages)/")
 ROW_BATCH = 4096  # rows per yielded block: large files stream instead of making one huge block
 
 
-class DataError(ValueError):
+class DataError(AigcRayError, ValueError):
     """Bad data-stage input, with a message naming the path, line or key."""
 
 
@@ -57,52 +58,25 @@ def stdlib_files(include_tests: bool = False) -> list[str]:
 
 def file_format(path: str) -> str | None:
     suffix = Path(path.split("?")[0]).suffix.lower()
-    for fmt, suffixes in (("text", TEXT_SUFFIXES), ("json", JSON_SUFFIXES),
-                          ("parquet", PARQUET_SUFFIXES), ("csv", CSV_SUFFIXES)):  # fmt: skip
+    for fmt, suffixes in (
+        ("text", TEXT_SUFFIXES),
+        ("json", JSON_SUFFIXES),
+        ("parquet", PARQUET_SUFFIXES),
+        ("csv", CSV_SUFFIXES),
+    ):
         if suffix in suffixes:
             return fmt
     return None
 
 
-def filesystem_for(uri: str):
-    """(pyarrow FileSystem, path) for a local path or an s3:// / gs:// URI.
-
-    S3 honours the standard AWS environment (AWS_ENDPOINT_URL for S3-compatible servers).
-    """
-    from pyarrow import fs
-
-    if "://" not in uri:
-        return fs.LocalFileSystem(), str(Path(uri).resolve())
-    return fs.FileSystem.from_uri(uri)
-
-
 def _expand_uri(spec: str) -> list[tuple[str, int]]:
-    from pyarrow import fs as pafs
-
-    filesystem, path = filesystem_for(spec)
-    scheme = spec.split("://")[0] + "://" if "://" in spec else ""
-    pattern = None
-    if any(c in path for c in "*?["):
-        pattern, path = (
-            path,
-            path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0],
-        )
-    info = filesystem.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise DataError(f"data.inputs: input path does not exist: {spec}")
-    if info.type == pafs.FileType.File:
-        return [(spec, info.size)]
-    found = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
-    out = []
-    for f in sorted(found, key=lambda i: i.path):
-        if f.type != pafs.FileType.File or not file_format(f.path):
-            continue
-        if pattern and not fnmatch.fnmatch(f.path, pattern):
-            continue
-        out.append((scheme + f.path if scheme else f.path, f.size))
-    if not out:
+    try:
+        found = list_files(spec, keep=lambda p: file_format(p) is not None)
+    except StorageError as e:
+        raise DataError(f"data.inputs: {e}") from None
+    if not found:
         raise DataError(f"data.inputs: no readable file (jsonl/json/parquet/csv/txt) under {spec}")
-    return out
+    return found
 
 
 def resolve_inputs(cfg: DataConfig) -> list[InputFile]:
@@ -111,7 +85,7 @@ def resolve_inputs(cfg: DataConfig) -> list[InputFile]:
     for spec in cfg.inputs:
         if spec == STDLIB_SOURCE:
             found += [(p, Path(p).stat().st_size) for p in stdlib_files(cfg.include_stdlib_tests)]
-        elif "://" not in spec and any(c in spec for c in "*?["):
+        elif not is_uri(spec) and any(c in spec for c in "*?["):
             matches = sorted(m for m in glob.glob(spec, recursive=True) if Path(m).is_file())
             if not matches:
                 raise DataError(f"data.inputs: no file matches {spec!r}")
@@ -172,13 +146,17 @@ class _Rows:
         return len(self.cols["text"])
 
     def flush(self) -> pa.Table:
-        t = pa.table({"text": pa.array(self.cols["text"], pa.string()),
-                      "source": pa.array(self.cols["source"], pa.string()),
-                      "line": pa.array(self.cols["line"], pa.int64()),
-                      "order": pa.array(self.cols["order"], pa.int64()),
-                      "reason": pa.array(self.cols["reason"], pa.string()),
-                      "raw": pa.array(self.cols["raw"], pa.string()),
-                      "doc_id": pa.array(self.cols["doc_id"], pa.string())})  # fmt: skip
+        t = pa.table(
+            {
+                "text": pa.array(self.cols["text"], pa.string()),
+                "source": pa.array(self.cols["source"], pa.string()),
+                "line": pa.array(self.cols["line"], pa.int64()),
+                "order": pa.array(self.cols["order"], pa.int64()),
+                "reason": pa.array(self.cols["reason"], pa.string()),
+                "raw": pa.array(self.cols["raw"], pa.string()),
+                "doc_id": pa.array(self.cols["doc_id"], pa.string()),
+            }
+        )
         self.cols = {k: [] for k in self.cols}
         return t
 
@@ -191,9 +169,7 @@ def _decode(data: bytes) -> tuple[str | None, str | None]:
 
 
 def _read_bytes(path: str) -> bytes:
-    filesystem, p = filesystem_for(path)
-    with filesystem.open_input_stream(p) as fh:
-        return fh.read()
+    return read_bytes(path)
 
 
 def _text_rows(f: InputFile, data: bytes, rows: _Rows, per_line: bool) -> Iterator[None]:
@@ -345,9 +321,10 @@ def read_file_rows(
         yield rows.flush()
 
 
-def read_files(batch: pa.Table, column: str, text_mode: str, strict: bool,
-               id_column: str | None = None) -> Iterator[pa.Table]:  # fmt: skip
-    """Ray Data batch fn (tasks): a batch of file descriptors -> a stream of reader-schema tables."""
+def read_files(
+    batch: pa.Table, column: str, text_mode: str, strict: bool, id_column: str | None = None
+) -> Iterator[pa.Table]:
+    """Ray Data batch fn (tasks): file descriptors -> a stream of reader-schema tables."""
     for d in batch.to_pylist():
         f = InputFile(d["path"], d["fmt"], d["size"], d["index"])
         yield from read_file_rows(f, column, text_mode, strict, id_column)

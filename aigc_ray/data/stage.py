@@ -31,19 +31,32 @@ from aigc_ray.data.dedup import (
 )
 from aigc_ray.data.pack import SPLITS, TokenizePackUDF, check_sft_row, list_column, split_blocks
 from aigc_ray.data.quality import QualityRules, build_filters, clean_text, first_failure
-from aigc_ray.data.readers import DataError, InputFile, filesystem_for, read_files, resolve_inputs
+from aigc_ray.data.readers import DataError, InputFile, read_files, resolve_inputs
+from aigc_ray.storage import filesystem_for, is_uri, scheme_prefix, upload_dir
 
 log = logging.getLogger(__name__)
 
 
 def quality_rules(cfg: DataConfig) -> QualityRules:
-    return QualityRules(cfg.min_chars, cfg.max_chars, cfg.max_line_length, cfg.min_alnum_fraction,
-                        cfg.max_repeated_line_fraction, tuple(cfg.blocklist))  # fmt: skip
+    return QualityRules(
+        cfg.min_chars,
+        cfg.max_chars,
+        cfg.max_line_length,
+        cfg.min_alnum_fraction,
+        cfg.max_repeated_line_fraction,
+        tuple(cfg.blocklist),
+    )
 
 
 def minhash_params(cfg: DataConfig) -> MinHashParams:
-    return MinHashParams(cfg.minhash_num_perm, cfg.minhash_bands, cfg.shingle_ngram, cfg.shingle,
-                         cfg.near_dedup_threshold, cfg.seed)  # fmt: skip
+    return MinHashParams(
+        cfg.minhash_num_perm,
+        cfg.minhash_bands,
+        cfg.shingle_ngram,
+        cfg.shingle,
+        cfg.near_dedup_threshold,
+        cfg.seed,
+    )
 
 
 # ---------------------------------------------------------------- batch functions
@@ -52,11 +65,13 @@ def minhash_params(cfg: DataConfig) -> MinHashParams:
 def clean_batch(
     batch: pa.Table, rules: QualityRules, sft: bool, minhash: MinHashParams | None
 ) -> pa.Table:
-    """Ray Data batch fn: clean text, set `status` (ok | malformed | filtered:<name>), hash, signature."""
+    """Ray Data batch fn: clean text; set `status` (ok | malformed | filtered:<name>), hash and
+    signature."""
     filters = build_filters(rules)
     texts, status, reasons = [], [], []
-    for text, reason in zip(batch.column("text").to_pylist(), batch.column("reason").to_pylist(),
-                            strict=True):  # fmt: skip
+    for text, reason in zip(
+        batch.column("text").to_pylist(), batch.column("reason").to_pylist(), strict=True
+    ):
         if reason is None and sft:
             reason = check_sft_row(text)  # parsed once; the reason goes to quarantine
         if reason is not None:
@@ -146,15 +161,21 @@ def _write_split(packed, split: str, cfg: DataConfig, labels: bool) -> dict:
     """Write one split's full blocks, then pack the tails in the driver and write them too."""
     cols = ["input_ids", "labels"] if labels else ["input_ids"]
     out = f"{cfg.output_dir}/{split}"
-    tails = packed.map_batches(select_rows, fn_kwargs={"split": split, "is_tail": True, "columns": cols},
-                               batch_format="pyarrow").to_arrow_refs()  # fmt: skip
+    tails = packed.map_batches(
+        select_rows,
+        fn_kwargs={"split": split, "is_tail": True, "columns": cols},
+        batch_format="pyarrow",
+    ).to_arrow_refs()
     import ray
 
     tail_table = pa.concat_tables(ray.get(tails)) if tails else None
     flats = {c: _flatten(tail_table, c) for c in cols}
     blocks = {c: split_blocks(flats[c], cfg.seq_len)[0] for c in cols}
-    full = packed.map_batches(select_rows, fn_kwargs={"split": split, "is_tail": False, "columns": cols},
-                              batch_format="pyarrow")  # fmt: skip
+    full = packed.map_batches(
+        select_rows,
+        fn_kwargs={"split": split, "is_tail": False, "columns": cols},
+        batch_format="pyarrow",
+    )
     full.write_parquet(out, min_rows_per_file=cfg.shard_rows)
     n_tail = len(blocks["input_ids"])
     if n_tail:
@@ -178,7 +199,7 @@ def _split_summary(out: str, dropped: int) -> dict:
     infos = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     shards = sorted(i.path for i in infos if i.path.endswith(".parquet"))
     blocks = sum(pq.ParquetFile(s, filesystem=filesystem).metadata.num_rows for s in shards)
-    prefix = out.split("://")[0] + "://" if "://" in out else ""
+    prefix = scheme_prefix(out)
     return {
         "blocks": blocks,
         "shards": [prefix + s for s in shards],
@@ -219,7 +240,7 @@ def prepare_tokenizer(cfg: DataConfig, files: list[InputFile]):
 
     from aigc_ray.model import load_tokenizer, train_tokenizer
 
-    remote = "://" in cfg.output_dir
+    remote = is_uri(cfg.output_dir)
     out = Path(tempfile.mkdtemp()) if remote else Path(cfg.output_dir) / "tokenizer"
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
@@ -227,16 +248,8 @@ def prepare_tokenizer(cfg: DataConfig, files: list[InputFile]):
     else:
         tok = train_tokenizer(_tokenizer_corpus(files, cfg), cfg.vocab_size, out)
     if remote:
-        _upload_dir(out, f"{cfg.output_dir}/tokenizer")
+        upload_dir(out, f"{cfg.output_dir}/tokenizer")
     return tok
-
-
-def _upload_dir(local: Path, uri: str) -> None:
-    filesystem, path = filesystem_for(uri)
-    filesystem.create_dir(path, recursive=True)
-    for f in local.iterdir():
-        with filesystem.open_output_stream(f"{path}/{f.name}") as out:
-            out.write(f.read_bytes())
 
 
 def tokenize_pool_size(cfg: DataConfig) -> int:
@@ -256,16 +269,28 @@ def _tokenized(ds, cfg: DataConfig, tok):
     from ray.data import ActorPoolStrategy
 
     size = tokenize_pool_size(cfg)
-    kwargs = dict(tokenizer_json=tok.backend_tokenizer.to_str(), eos_token=tok.eos_token,
-                  pad_token=tok.pad_token, seq_len=cfg.seq_len, val_fraction=cfg.val_fraction,
-                  seed=cfg.seed, fmt=cfg.format, packing=cfg.sft_packing,
-                  chat_template=getattr(tok, "chat_template", None))  # fmt: skip
-    return ds.map_batches(TokenizePackUDF, fn_constructor_kwargs=kwargs,
-                          compute=ActorPoolStrategy(min_size=1, max_size=size),
-                          batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=1)  # fmt: skip
+    kwargs = dict(
+        tokenizer_json=tok.backend_tokenizer.to_str(),
+        eos_token=tok.eos_token,
+        pad_token=tok.pad_token,
+        seq_len=cfg.seq_len,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        fmt=cfg.format,
+        packing=cfg.sft_packing,
+        chat_template=getattr(tok, "chat_template", None),
+    )
+    return ds.map_batches(
+        TokenizePackUDF,
+        fn_constructor_kwargs=kwargs,
+        compute=ActorPoolStrategy(min_size=1, max_size=size),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        num_cpus=1,
+    )
 
 
-def _unwrap(e: Exception) -> Exception:
+def _data_error_behind(e: Exception) -> Exception:
     """The DataError behind a Ray task failure (strict mode), if there is one."""
     cause = getattr(e, "cause", None)
     while cause is not None and not isinstance(cause, DataError):
@@ -317,18 +342,25 @@ def _run(cfg: DataConfig, files: list[InputFile], tok, t0: float) -> dict:
         rows = rows.limit(cfg.max_docs)
     mh = minhash_params(cfg) if cfg.near_dedup else None
     try:
-        cleaned = rows.map_batches(clean_batch, fn_kwargs={"rules": quality_rules(cfg), "sft": cfg.format == "sft",
-                                   "minhash": mh}, batch_format="pyarrow", batch_size=256).materialize()  # fmt: skip
+        cleaned = rows.map_batches(
+            clean_batch,
+            fn_kwargs={"rules": quality_rules(cfg), "sft": cfg.format == "sft", "minhash": mh},
+            batch_format="pyarrow",
+            batch_size=256,
+        ).materialize()
     except Exception as e:  # Ray wraps the UDF's DataError in a task error
-        raise _unwrap(e) from None
+        raise _data_error_behind(e) from None
     timings["read_clean_s"], tick = round(time.perf_counter() - tick, 2), time.perf_counter()
     meta_cols = ["order", "status", "hash"] + (["sig"] if mh else [])
     meta = pa.concat_tables(ray.get(cleaned.select_columns(meta_cols).to_arrow_refs()))
     counts = _counts(meta)
     drops, counts["exact_duplicates"], counts["near_duplicates"] = _dedup(meta, cfg)
     timings["dedup_s"], tick = round(time.perf_counter() - tick, 2), time.perf_counter()
-    packed = _tokenized(cleaned.map_batches(keep_rows, fn_kwargs={"drop_orders": drops},
-                                            batch_format="pyarrow"), cfg, tok).materialize()  # fmt: skip
+    packed = _tokenized(
+        cleaned.map_batches(keep_rows, fn_kwargs={"drop_orders": drops}, batch_format="pyarrow"),
+        cfg,
+        tok,
+    ).materialize()
     timings["tokenize_pack_s"], tick = round(time.perf_counter() - tick, 2), time.perf_counter()
     manifest = _manifest(cfg, files, tok, counts, packed, cleaned, t0)
     manifest["timings"] = {**timings, "write_s": round(time.perf_counter() - tick, 2)}
@@ -338,9 +370,16 @@ def _run(cfg: DataConfig, files: list[InputFile], tok, t0: float) -> dict:
 def _manifest(cfg: DataConfig, files, tok, counts: dict, packed, cleaned, t0: float) -> dict:
     import ray
 
-    stats = pa.concat_tables(ray.get(packed.map_batches(
-        lambda b: b.filter(b["is_tail"]).select(["split", "docs_kept", "tokens", "truncated"]),
-        batch_format="pyarrow").to_arrow_refs())).to_pandas()  # fmt: skip
+    stats = pa.concat_tables(
+        ray.get(
+            packed.map_batches(
+                lambda b: b.filter(b["is_tail"]).select(
+                    ["split", "docs_kept", "tokens", "truncated"]
+                ),
+                batch_format="pyarrow",
+            ).to_arrow_refs()
+        )
+    ).to_pandas()
     quarantine = cfg.quarantine_dir or f"{cfg.output_dir}/quarantine"
     if counts["malformed"]:
         cleaned.map_batches(quarantined, batch_format="pyarrow").write_parquet(quarantine)
@@ -365,7 +404,7 @@ def _manifest(cfg: DataConfig, files, tok, counts: dict, packed, cleaned, t0: fl
     m["seconds"] = round(time.time() - t0, 2)
     m["config"] = cfg.model_dump(mode="json")
     _write_json(m, f"{cfg.output_dir}/manifest.json")
-    if "://" not in cfg.output_dir:
+    if not is_uri(cfg.output_dir):
         write_resolved(cfg, cfg.output_dir)
     log.info("data stage: %s", format_report(m))
     return m
@@ -394,12 +433,17 @@ def format_report(m: dict) -> str:
     """A short human-readable account of every row."""
     filtered = ", ".join(f"{k} {v}" for k, v in m["filtered"].items()) or "none"
     tr, va = m["splits"]["train"], m["splits"]["val"]
-    return "\n".join([
-        f"read {m['docs_read']} rows from {m['input_files']} files ({m['input_bytes'] / 1e6:.1f} MB)",
-        f"  malformed {m['malformed']} (quarantined: {m['quarantine_dir'] or '-'})",
-        f"  filtered  {sum(m['filtered'].values())} ({filtered})",
-        f"  exact duplicates {m['exact_duplicates']}, near duplicates {m['near_duplicates']}",
-        f"  kept {m['docs_kept']} -> {m['tokens']:,} tokens",
-        f"  train {tr['blocks']} blocks ({len(tr['shards'])} shards, {tr['dropped_tail_tokens']} tail tokens dropped)",
-        f"  val   {va['blocks']} blocks ({len(va['shards'])} shards, {va['dropped_tail_tokens']} tail tokens dropped)",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"read {m['docs_read']} rows from {m['input_files']} files "
+            f"({m['input_bytes'] / 1e6:.1f} MB)",
+            f"  malformed {m['malformed']} (quarantined: {m['quarantine_dir'] or '-'})",
+            f"  filtered  {sum(m['filtered'].values())} ({filtered})",
+            f"  exact duplicates {m['exact_duplicates']}, near duplicates {m['near_duplicates']}",
+            f"  kept {m['docs_kept']} -> {m['tokens']:,} tokens",
+            f"  train {tr['blocks']} blocks ({len(tr['shards'])} shards, "
+            f"{tr['dropped_tail_tokens']} tail tokens dropped)",
+            f"  val   {va['blocks']} blocks ({len(va['shards'])} shards, "
+            f"{va['dropped_tail_tokens']} tail tokens dropped)",
+        ]
+    )

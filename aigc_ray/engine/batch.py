@@ -131,9 +131,12 @@ class HFRunner:
         if self._keep_last_logits:
             extra["logits_to_keep"] = 1
         out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
             **extra,
-        )  # fmt: skip
+        )
         return out.logits[:, -1, :], getattr(out, self._cache_name)
 
     def probe(self) -> None:

@@ -115,8 +115,15 @@ class GenerationEngine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._tok_lock = threading.Lock()
-        self.counters = {"finished": 0, "cancelled": 0, "failed": 0, "prompt_tokens": 0,
-                         "generated_tokens": 0, "steps": 0, "busy_s": 0.0}  # fmt: skip
+        self.counters = {
+            "finished": 0,
+            "cancelled": 0,
+            "failed": 0,
+            "prompt_tokens": 0,
+            "generated_tokens": 0,
+            "steps": 0,
+            "busy_s": 0.0,
+        }
         # Measured on 2 cores (torch 2.13 CPU, libgomp): the thread that runs torch's parallel
         # ops first gets OpenMP workers that spin between ops; threads after it get throttled
         # ones (a [64x512]x[512x512] matmul: 190 us on the first thread, 280 us on a later
@@ -154,7 +161,7 @@ class GenerationEngine:
         ``model_dir`` may be s3:// or gs://: it is copied to this node's cache first."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from aigc_ray.model import local_model_dir
+        from aigc_ray.storage import local_model_dir
 
         model_dir = local_model_dir(model_dir)
         torch_device = resolve_device(device)
@@ -184,10 +191,22 @@ class GenerationEngine:
         if scheme is not None and torch_device.type == "cpu":
             linear = compressed_linear_factory(model, model_dir, scheme)
         settings = engine_settings(model_dir)
-        logger.info("loaded %s on %s as %s (%s)", model_dir, torch_device, torch_dtype,
-                    scheme["kind"] if scheme else "dense")  # fmt: skip
-        return cls(model, tokenizer, max_batch_size=max_batch_size, own_cores=own_cores,
-                   max_len=max_len, linear=linear, compile=settings.get("compile", False))  # fmt: skip
+        logger.info(
+            "loaded %s on %s as %s (%s)",
+            model_dir,
+            torch_device,
+            torch_dtype,
+            scheme["kind"] if scheme else "dense",
+        )
+        return cls(
+            model,
+            tokenizer,
+            max_batch_size=max_batch_size,
+            own_cores=own_cores,
+            max_len=max_len,
+            linear=linear,
+            compile=settings.get("compile", False),
+        )
 
     # ------------------------------------------------------------ requests
 
@@ -304,8 +323,7 @@ class GenerationEngine:
     def stats(self) -> dict:
         """Running and waiting request counts, KV-cache use (slot path), cumulative counters."""
         with self._cv:
-            out = {"running": len(self.runner.rows), "waiting": len(self._waiting),
-                   **self.counters}  # fmt: skip
+            out = {"running": len(self.runner.rows), "waiting": len(self._waiting), **self.counters}
         usage = self.runner.kv_usage()
         if usage is not None:
             out["kv_cache_usage"] = usage
@@ -453,16 +471,22 @@ class GenerationEngine:
         and probe it: fail at start, not at the first request, if the model cannot be batched.
         Runs on the thread that will decode when the engine owns the cores."""
         if self.path == "slots":
-            self.runner = SlotRunner(self.model, self.max_batch_size, self.context_window,
-                                     self.pad_id, linear=self._linear,
-                                     compile=self._compile)  # fmt: skip
+            self.runner = SlotRunner(
+                self.model,
+                self.max_batch_size,
+                self.context_window,
+                self.pad_id,
+                linear=self._linear,
+                compile=self._compile,
+            )
         else:
             self.runner = HFRunner(self.model, self.pad_id)
         if isinstance(self.runner, HFRunner):
             self.runner.probe()
             return
-        probe = EngineRequest(-1, [self.pad_id], RowState(1, SamplingParams(), self.tokenizer,
-                                                          set()))  # fmt: skip
+        probe = EngineRequest(
+            -1, [self.pad_id], RowState(1, SamplingParams(), self.tokenizer, set())
+        )
         self.runner.prefill([probe])
         self.runner.keep([])
 

@@ -119,6 +119,13 @@ def choose_engine(requested: str, model_dir: str, device_type: str) -> EngineCho
     return EngineChoice("builtin", f"auto: {reason}")
 
 
+def placed_device(device: str, num_gpus: float) -> str:
+    """The device of a replica or actor: ``auto`` is cuda when it reserves GPUs, else cpu."""
+    if device != "auto":
+        return device
+    return "cuda" if num_gpus > 0 else "cpu"
+
+
 def cpu_threads(num_cpus: float, num_gpus: float) -> int | None:
     """Torch threads of a CPU replica or actor: the CPUs it reserves (at least one); None on GPU
     (torch's default)."""
@@ -151,7 +158,7 @@ def load_engine(
 ):
     """Load ``model_dir`` (local, or s3:// copied to this node's cache) with the chosen engine.
     ``vllm`` holds VllmSettings fields. Returns (engine, EngineChoice)."""
-    from aigc_ray.model import local_model_dir
+    from aigc_ray.storage import local_model_dir
 
     model_dir = local_model_dir(model_dir)
     torch_device = resolve_device(device)
@@ -163,10 +170,15 @@ def load_engine(
         try:
             # Serving warms vLLM's logprobs paths up (3.5 s, else paid by a user's first
             # evaluation request); batch generation (own_cores) starts generating at once.
-            eng = VllmEngine(model_dir, dtype=str(torch_dtype).removeprefix("torch."),
-                             max_model_len=max_model_len, max_batch_size=max_batch_size,
-                             stat_loggers=stat_loggers, warm_up=not own_cores,
-                             **vllm_engine_options(vllm))  # fmt: skip
+            eng = VllmEngine(
+                model_dir,
+                dtype=str(torch_dtype).removeprefix("torch."),
+                max_model_len=max_model_len,
+                max_batch_size=max_batch_size,
+                stat_loggers=stat_loggers,
+                warm_up=not own_cores,
+                **vllm_engine_options(vllm),
+            )
             logger.info("engine for %s: vllm %s (%s)", model_dir, choice.version, choice.reason)
             return eng, choice
         except EngineUnavailableError as e:
@@ -176,8 +188,13 @@ def load_engine(
             logger.warning("engine for %s: falling back to builtin: %s", model_dir, e)
     from aigc_ray.engine.core import GenerationEngine
 
-    eng = GenerationEngine.from_pretrained(model_dir, device=str(torch_device), dtype=torch_dtype,
-                                           max_batch_size=max_batch_size or 32,
-                                           own_cores=own_cores, max_len=max_model_len)  # fmt: skip
+    eng = GenerationEngine.from_pretrained(
+        model_dir,
+        device=str(torch_device),
+        dtype=torch_dtype,
+        max_batch_size=max_batch_size or 32,
+        own_cores=own_cores,
+        max_len=max_model_len,
+    )
     logger.info("engine for %s: builtin (%s)", model_dir, choice.reason)
     return eng, choice

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from aigc_ray.errors import AigcRayError
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -95,7 +97,7 @@ class EngineDeadError(EngineError):
     the replica must be replaced."""
 
 
-class EngineUnavailableError(RuntimeError):
+class EngineUnavailableError(AigcRayError, RuntimeError):
     """The requested engine cannot serve this model here (not installed, unsupported model, or
     its load failed); the message names the model and the reason."""
 

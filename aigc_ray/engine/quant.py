@@ -76,8 +76,14 @@ class Int8Linear:
     weight is dequantized inside the kernel (``torch._weight_int8pack_mm``, bf16 activations).
     """
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias=None, mode="w8a8",
-                 dtype=torch.float32):  # fmt: skip
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scale: torch.Tensor,
+        bias=None,
+        mode="w8a8",
+        dtype=torch.float32,
+    ):
         if mode not in ("w8a8", "weight_only"):
             raise ValueError(f"int8 mode must be w8a8 or weight_only, got {mode!r}")
         self.mode, self.dtype = mode, dtype
@@ -107,9 +113,20 @@ class Int8Linear:
         zero = int(round(-lo / x_scale))
         xq = torch.clamp(torch.round(x.float() / x_scale) + zero, 0, 255).to(torch.uint8)
         return torch.ops.onednn.qlinear_pointwise(
-            xq, x_scale, zero, self.packed, self.scale, self.zero_points, self.bias, 1.0, 0,
-            self.dtype, "none", [], "",
-        )  # fmt: skip
+            xq,
+            x_scale,
+            zero,
+            self.packed,
+            self.scale,
+            self.zero_points,
+            self.bias,
+            1.0,
+            0,
+            self.dtype,
+            "none",
+            [],
+            "",
+        )
 
 
 def int4_kernel_available() -> bool:
@@ -136,8 +153,15 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 128):
 class Int4Linear:
     """int4 weight-only (groups of ``group_size`` along the input dim), bf16 activations."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
-                 bias=None, dtype=torch.float32):  # fmt: skip
+    def __init__(
+        self,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        group_size: int,
+        bias=None,
+        dtype=torch.float32,
+    ):
         if not int4_kernel_available():
             raise RuntimeError("this torch build has no CPU int4 matmul kernel")
         self.group_size, self.dtype = group_size, dtype

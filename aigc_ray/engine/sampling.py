@@ -1,4 +1,4 @@
-"""Token choice and per-request output state: top-k/top-p filtering, seeded sampling, stop strings."""
+"""Token choice and per-request output: top-k/top-p filtering, seeded sampling, stop strings."""
 
 from __future__ import annotations
 

@@ -54,8 +54,14 @@ def _fuse(*mods):
     weight = torch.cat([m.weight.detach() for m in mods])
     if all(m.bias is None for m in mods):
         return dense(weight)
-    bias = torch.cat([m.bias.detach() if m.bias is not None else
-                      torch.zeros(m.weight.shape[0], dtype=m.weight.dtype) for m in mods])  # fmt: skip
+    bias = torch.cat(
+        [
+            m.bias.detach()
+            if m.bias is not None
+            else torch.zeros(m.weight.shape[0], dtype=m.weight.dtype)
+            for m in mods
+        ]
+    )
     return dense(weight, bias)
 
 
@@ -98,14 +104,18 @@ class SlotDecoder:
         self.layers = []
         for block in inner.layers:
             a, m = block.self_attn, block.mlp
-            self.layers.append(Layer(
-                attn_norm=block.input_layernorm.weight.detach(),
-                qkv=linear(a.q_proj, a.k_proj, a.v_proj), o=linear(a.o_proj),
-                mlp_norm=block.post_attention_layernorm.weight.detach(),
-                gate_up=linear(m.gate_proj, m.up_proj), down=linear(m.down_proj),
-                q_norm=getattr(getattr(a, "q_norm", None), "weight", None),
-                k_norm=getattr(getattr(a, "k_norm", None), "weight", None),
-            ))  # fmt: skip
+            self.layers.append(
+                Layer(
+                    attn_norm=block.input_layernorm.weight.detach(),
+                    qkv=linear(a.q_proj, a.k_proj, a.v_proj),
+                    o=linear(a.o_proj),
+                    mlp_norm=block.post_attention_layernorm.weight.detach(),
+                    gate_up=linear(m.gate_proj, m.up_proj),
+                    down=linear(m.down_proj),
+                    q_norm=getattr(getattr(a, "q_norm", None), "weight", None),
+                    k_norm=getattr(getattr(a, "k_norm", None), "weight", None),
+                )
+            )
         self.norm = inner.norm.weight.detach()
         self.lm_head = linear(model.lm_head)
         self.slots, self.max_len = slots, max_len
@@ -167,8 +177,9 @@ class SlotDecoder:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
             self.k[i][slots, :, :width] = k.to(self.kv_dtype)
             self.v[i][slots, :, :width] = v.to(self.kv_dtype)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
-                                                 enable_gqa=self.kv_heads != self.heads)  # fmt: skip
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads
+            )
             x = x + layer.o(out.transpose(1, 2).flatten(2))
             x = x + self._mlp(layer, x)
         return self._rms(x, self.norm)
@@ -206,8 +217,16 @@ class SlotRunner:
     """The running batch of the built-in engine on the slot decoder: the same interface as the
     transformers path (``HFRunner``): ``rows``, ``prefill``, ``decode``, ``advance``, ``keep``."""
 
-    def __init__(self, model, max_rows: int, max_len: int, pad_id: int, linear=None,
-                 prefill_tokens: int = 4096, compile: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        max_rows: int,
+        max_len: int,
+        pad_id: int,
+        linear=None,
+        prefill_tokens: int = 4096,
+        compile: bool = False,
+    ):
         if compile and linear is None:
             linear = _fuse_unpacked  # inductor cannot lower oneDNN's packed linear
         self.decoder = SlotDecoder(model, max_rows, max_len, linear)
@@ -265,8 +284,9 @@ class SlotRunner:
         for j, r in enumerate(group):
             if r.row.params.prompt_logprobs is not None:
                 full = self.decoder.logits(hidden[j, : lengths[j]])
-                r.row.prompt_logprobs = prompt_token_logprobs(full, r.prompt_ids,
-                                                              r.row.params.prompt_logprobs)  # fmt: skip
+                r.row.prompt_logprobs = prompt_token_logprobs(
+                    full, r.prompt_ids, r.row.params.prompt_logprobs
+                )
         self.lengths[slot_index] = lens
         self.rows.extend(group)
         return self.decoder.logits(last)

@@ -134,14 +134,28 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.model_dir = model_dir
-        args = engine_args(model_dir, dtype=dtype, max_model_len=max_model_len,
-                           max_batch_size=max_batch_size, tensor_parallel_size=tensor_parallel_size,
-                           gpu_memory_utilization=gpu_memory_utilization,
-                           quantization=quantization, enable_prefix_caching=enable_prefix_caching,
-                           engine_kwargs=engine_kwargs)  # fmt: skip
-        self.counters = {"finished": 0, "cancelled": 0, "failed": 0, "prompt_tokens": 0,
-                         "generated_tokens": 0, "steps": 0, "running": 0, "waiting": 0,
-                         "kv_cache_usage": 0.0}  # fmt: skip
+        args = engine_args(
+            model_dir,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            max_batch_size=max_batch_size,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            quantization=quantization,
+            enable_prefix_caching=enable_prefix_caching,
+            engine_kwargs=engine_kwargs,
+        )
+        self.counters = {
+            "finished": 0,
+            "cancelled": 0,
+            "failed": 0,
+            "prompt_tokens": 0,
+            "generated_tokens": 0,
+            "steps": 0,
+            "running": 0,
+            "waiting": 0,
+            "kv_cache_usage": 0.0,
+        }
         loggers = [stats_logger_factory(self.counters), *(stat_loggers or [])]
         if _on_cpu(args):
             # Ray sets OMP_NUM_THREADS to an actor's CPUs; vLLM then keeps that many torch
@@ -150,8 +164,9 @@ class VllmEngine:
             # the engine loop single-threaded, as in its own server.
             os.environ.pop("OMP_NUM_THREADS", None)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="aigc-vllm",
-                                        daemon=True)  # fmt: skip
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="aigc-vllm", daemon=True
+        )
         self._thread.start()
 
         async def start():
@@ -220,12 +235,18 @@ class VllmEngine:
 
         try:
             return VllmParams(
-                max_tokens=params.max_tokens, temperature=params.temperature,
-                top_p=params.top_p, top_k=params.top_k, stop=list(params.stop) or None,
-                seed=params.seed, ignore_eos=params.ignore_eos, logprobs=params.logprobs,
-                prompt_logprobs=params.prompt_logprobs, output_kind=RequestOutputKind.DELTA,
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,
+                stop=list(params.stop) or None,
+                seed=params.seed,
+                ignore_eos=params.ignore_eos,
+                logprobs=params.logprobs,
+                prompt_logprobs=params.prompt_logprobs,
+                output_kind=RequestOutputKind.DELTA,
                 skip_special_tokens=True,
-            )  # fmt: skip
+            )
         except Exception as e:  # noqa: BLE001 - vLLM's validation, as a named 400
             raise InvalidParamError(str(e), getattr(e, "parameter", None) or "body") from None
 
@@ -263,8 +284,9 @@ class VllmEngine:
 
         rid = f"aigc-{req.id}"
         try:
-            collector = await self.llm.add_request(rid, TokensPrompt(prompt_token_ids=req.prompt_ids),
-                                                   sp)  # fmt: skip
+            collector = await self.llm.add_request(
+                rid, TokensPrompt(prompt_token_ids=req.prompt_ids), sp
+            )
         except Exception as e:
             raise _translate(e) from None
         task = asyncio.get_running_loop().create_task(self._pump(req, rid, collector))
@@ -281,8 +303,9 @@ class VllmEngine:
                 out = collector.get_nowait() or await collector.get()
                 finished = out.finished
                 if out.prompt_logprobs is not None and row.prompt_logprobs is None:
-                    first = [None] + _entries(out.prompt_logprobs[1:], req.prompt_ids[1:],
-                                              row.params.prompt_logprobs or 0)  # fmt: skip
+                    first = [None] + _entries(
+                        out.prompt_logprobs[1:], req.prompt_ids[1:], row.params.prompt_logprobs or 0
+                    )
                     row.prompt_logprobs = first
                 if not out.outputs:
                     continue
@@ -291,8 +314,9 @@ class VllmEngine:
                 lps = _entries(c.logprobs, tokens, row.params.logprobs or 0) if c.logprobs else None
                 row.text += c.text
                 if finished:
-                    row.finish_reason = "cancelled" if c.finish_reason == "abort" else (
-                        c.finish_reason or "length")  # fmt: skip
+                    row.finish_reason = (
+                        "cancelled" if c.finish_reason == "abort" else (c.finish_reason or "length")
+                    )
                 req._push(tokens, time.perf_counter(), lps)
                 if not finished:
                     req._wake_stream()
@@ -305,8 +329,13 @@ class VllmEngine:
         finally:
             collector.close()
             self._live.pop(rid, None)
-            key = "failed" if error else "cancelled" if req.cancelled and not row.finished else (
-                "finished")  # fmt: skip
+            key = (
+                "failed"
+                if error
+                else "cancelled"
+                if req.cancelled and not row.finished
+                else ("finished")
+            )
             self.counters[key] += 1
             req._finish(error)
 
@@ -345,10 +374,18 @@ class VllmEngine:
         self._thread.join(timeout=10)
 
 
-def engine_args(model_dir: str, *, dtype: str, max_model_len: int | None,
-                max_batch_size: int | None, tensor_parallel_size: int,
-                gpu_memory_utilization: float, quantization: str | None,
-                enable_prefix_caching: bool, engine_kwargs: dict | None) -> dict:  # fmt: skip
+def engine_args(
+    model_dir: str,
+    *,
+    dtype: str,
+    max_model_len: int | None,
+    max_batch_size: int | None,
+    tensor_parallel_size: int,
+    gpu_memory_utilization: float,
+    quantization: str | None,
+    enable_prefix_caching: bool,
+    engine_kwargs: dict | None,
+) -> dict:
     """AsyncEngineArgs keywords (pure: unit-tested without vLLM). A replica spanning several
     GPUs (tensor_parallel_size > 1) runs vLLM's workers on Ray, inside the replica's placement
     group, as Ray Serve LLM does."""

@@ -28,11 +28,15 @@ def deployment_options(m: ServedModel) -> dict:
     tp = m.vllm.tensor_parallel_size
     if tp > 1:
         if m.engine == "builtin":
-            raise ServeError(f"serve model {m.name}: vllm.tensor_parallel_size={tp} needs "
-                             "engine vllm or auto (the builtin engine runs on one device)")  # fmt: skip
+            raise ServeError(
+                f"serve model {m.name}: vllm.tensor_parallel_size={tp} needs "
+                "engine vllm or auto (the builtin engine runs on one device)"
+            )
         if m.num_gpus != tp:
-            raise ServeError(f"serve model {m.name}: num_gpus ({m.num_gpus:g}) must equal "
-                             f"vllm.tensor_parallel_size ({tp}), the GPUs one replica spans")  # fmt: skip
+            raise ServeError(
+                f"serve model {m.name}: num_gpus ({m.num_gpus:g}) must equal "
+                f"vllm.tensor_parallel_size ({tp}), the GPUs one replica spans"
+            )
         options["ray_actor_options"] = {"num_cpus": m.num_cpus, "num_gpus": 0}
         options["placement_group_bundles"] = [{"CPU": m.num_cpus, "GPU": 1}] + [
             {"GPU": 1} for _ in range(tp - 1)
@@ -51,21 +55,22 @@ def check_engine(m: ServedModel) -> None:
     reason, not a replica that fails to start again and again. Checked where vLLM is installed
     (on a cluster, the GPU replicas check it themselves when they start)."""
     from aigc_ray.engine import choose_engine, vllm_distribution
+    from aigc_ray.engine.loader import placed_device
     from aigc_ray.engine.params import EngineUnavailableError
-    from aigc_ray.model import is_uri
+    from aigc_ray.storage import is_uri
 
     if m.engine != "vllm" or vllm_distribution() is None or is_uri(m.model_dir):
         return
-    device = m.device if m.device != "auto" else ("cuda" if m.num_gpus > 0 else "cpu")
     try:
-        choose_engine("vllm", m.model_dir, device)
+        choose_engine("vllm", m.model_dir, placed_device(m.device, m.num_gpus))
     except EngineUnavailableError as e:
         raise ServeError(f"serve model {m.name}: {e}") from None
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Typed app builder: `args` are ServeConfig fields (model_dir or models required)."""
-    from aigc_ray.model import check_model_dir, portable_location
+    from aigc_ray.model import check_model_dir
+    from aigc_ray.storage import portable_location
 
     cfg = ServeConfig(**args)  # a pydantic ValidationError names any unknown or bad arg
     try:
@@ -98,8 +103,11 @@ def run_serve(cfg: ServeConfig, model_dir: str | None = None, app_name: str = "a
 def engine_report(app_name: str = "aigc") -> dict[str, dict]:
     """{model: info} from each model deployment that has a running replica (engine, reason)."""
     status = serve.status().applications[app_name].deployments
-    names = [n for n, d in status.items() if n.startswith("model-") and d.replica_states.get(
-        "RUNNING", 0)]  # fmt: skip
+    names = [
+        n
+        for n, d in status.items()
+        if n.startswith("model-") and d.replica_states.get("RUNNING", 0)
+    ]
 
     async def ask() -> list[dict]:  # handles are used from a loop (any Serve mode)
         calls = [serve.get_deployment_handle(n, app_name).info.remote() for n in names]

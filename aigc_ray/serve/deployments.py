@@ -40,7 +40,7 @@ from aigc_ray.engine import (
     InvalidParamError,
     load_engine,
 )
-from aigc_ray.engine.loader import cpu_threads
+from aigc_ray.engine.loader import cpu_threads, placed_device
 from aigc_ray.serve.metrics import ModelMetrics, RouterMetrics
 from aigc_ray.serve.protocol import (
     ApiError,
@@ -48,6 +48,7 @@ from aigc_ray.serve.protocol import (
     ChunkWriter,
     CompletionRequest,
     Job,
+    StreamEvent,
     chat_logprobs,
     completion_logprobs,
     parse_json,
@@ -87,16 +88,26 @@ class ModelServer:
         if threads:
             torch.set_num_threads(threads)
         self.name = cfg.name
-        device = cfg.device if cfg.device != "auto" or cfg.num_gpus == 0 else "cuda"
+        device = placed_device(cfg.device, cfg.num_gpus)
         self.engine, self.choice = load_engine(
-            cfg.model_dir, engine=cfg.engine, device=device, dtype=cfg.dtype,
-            max_batch_size=cfg.max_batch_size, max_model_len=cfg.max_model_len,
-            vllm=cfg.vllm.model_dump(), stat_loggers=_vllm_stat_loggers(),
-        )  # fmt: skip
+            cfg.model_dir,
+            engine=cfg.engine,
+            device=device,
+            dtype=cfg.dtype,
+            max_batch_size=cfg.max_batch_size,
+            max_model_len=cfg.max_model_len,
+            vllm=cfg.vllm.model_dump(),
+            stat_loggers=_vllm_stat_loggers(),
+        )
         self.metrics = ModelMetrics(cfg.name)
         self.chunks_per_s, self.max_interval = cfg.stream_chunks_per_s, cfg.stream_max_interval_s
-        log.info("model %s ready from %s: engine %s (%s)", cfg.name, cfg.model_dir,
-                 self.choice.name, self.choice.reason)  # fmt: skip
+        log.info(
+            "model %s ready from %s: engine %s (%s)",
+            cfg.name,
+            cfg.model_dir,
+            self.choice.name,
+            self.choice.reason,
+        )
 
     async def _submit(self, job: Job, stream: bool) -> tuple[list[EngineRequest], list[list[int]]]:
         """Validate the job against this model and queue its prompts x n engine requests."""
@@ -148,8 +159,11 @@ class ModelServer:
         finally:
             self._finished(reqs)
         choices = [self._choice(job, prompts[i // job.n], r) for i, r in enumerate(results)]
-        return {"prompt_tokens": sum(len(p) for p in prompts), "choices": choices,
-                "engine": self.choice.name}  # fmt: skip
+        return {
+            "prompt_tokens": sum(len(p) for p in prompts),
+            "choices": choices,
+            "engine": self.choice.name,
+        }
 
     def _choice(self, job: Job, prompt_ids: list[int], r) -> dict:
         """One choice's text, finish reason, token count and logprobs (echo: prompt first)."""
@@ -169,29 +183,32 @@ class ModelServer:
                 logprobs = chat_logprobs(tok, ids, entries)
             else:
                 logprobs = completion_logprobs(tok, ids, entries)
-        return {"text": prefix + text, "finish_reason": r.finish_reason,
-                "completion_tokens": 0 if job.score_only else r.completion_tokens,
-                "logprobs": logprobs}  # fmt: skip
+        return {
+            "text": prefix + text,
+            "finish_reason": r.finish_reason,
+            "completion_tokens": 0 if job.score_only else r.completion_tokens,
+            "logprobs": logprobs,
+        }
 
     async def stream(self, job: Job):
-        """Events: ("start", prompt_tokens) or ("error", body), then ("delta", index, text) and
-        ("finish", index, finish_reason, completion_tokens). Deltas produced between two reads
+        """StreamEvents: start (prompt tokens) or error, then delta and finish events per
+        choice. Deltas produced between two reads
         are sent as one, so a busy replica sends fewer, larger chunks."""
         if job.params.logprobs is not None or job.echo:
             err = ApiError(400, "logprobs and echo need stream: false", param="stream")
-            yield ("error", err.to_dict())
+            yield StreamEvent("error", error=err.to_dict())
             return
         try:
             reqs, prompts = await self._submit(job, stream=True)
         except ApiError as e:
-            yield ("error", e.to_dict())
+            yield StreamEvent("error", error=e.to_dict())
             return
         try:
-            yield ("start", sum(len(p) for p in prompts))
+            yield StreamEvent("start", tokens=sum(len(p) for p in prompts))
             async for event in _merge(reqs, self._stream_interval):
                 yield event
         except EngineError as e:
-            yield ("error", _engine_failure(e).to_dict())
+            yield StreamEvent("error", error=_engine_failure(e).to_dict())
         finally:
             self._finished(reqs)
 
@@ -206,13 +223,20 @@ class ModelServer:
 
     async def info(self) -> dict:
         """The engine serving this model and why (aigc-ray serve prints it; /v1/models shows it)."""
-        return {"model": self.name, **self.choice.as_dict(),
-                "context_window": self.engine.context_window}  # fmt: skip
+        return {
+            "model": self.name,
+            **self.choice.as_dict(),
+            "context_window": self.engine.context_window,
+        }
 
     async def stats(self) -> dict:
         """Engine counters, the engine's name and this replica's pid (tests and debugging)."""
-        out = {"pid": os.getpid(), "model": self.name, "engine": self.choice.name,
-               **self.engine.stats()}  # fmt: skip
+        out = {
+            "pid": os.getpid(),
+            "model": self.name,
+            "engine": self.choice.name,
+            **self.engine.stats(),
+        }
         if hasattr(self.engine, "engine_pids"):
             out["engine_pids"] = self.engine.engine_pids()
         return out
@@ -240,38 +264,46 @@ def _with_seed(params, seed):
 
 def _engine_failure(e: EngineError) -> ApiError:
     if isinstance(e, EngineDeadError):
-        return ApiError(503, f"model replica unavailable ({e}); retry", "server_unavailable",
-                        code="replica_unavailable")  # fmt: skip
+        return ApiError(
+            503,
+            f"model replica unavailable ({e}); retry",
+            "server_unavailable",
+            code="replica_unavailable",
+        )
     return ApiError(500, str(e), "server_error")
 
 
 async def _merge(reqs: list[EngineRequest], interval):
-    """Interleave the delta streams of n requests as ("delta", i, text) / ("finish", ...)."""
+    """Interleave the delta streams of n requests as delta / finish StreamEvents."""
+
+    def finish(i: int, req: EngineRequest) -> StreamEvent:
+        result = req.result()
+        reason, tokens = result.finish_reason, result.completion_tokens
+        return StreamEvent("finish", i, finish_reason=reason, tokens=tokens)
+
     if len(reqs) == 1:
         async for text in reqs[0].adeltas(interval):
-            yield ("delta", 0, text)
-        result = reqs[0].result()
-        yield ("finish", 0, result.finish_reason, result.completion_tokens)
+            yield StreamEvent("delta", 0, text)
+        yield finish(0, reqs[0])
         return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, req: EngineRequest) -> None:
         try:
             async for text in req.adeltas(interval):
-                queue.put_nowait(("delta", i, text))
-            result = req.result()
-            queue.put_nowait(("finish", i, result.finish_reason, result.completion_tokens))
+                queue.put_nowait(StreamEvent("delta", i, text))
+            queue.put_nowait(finish(i, req))
         except EngineError as e:
-            queue.put_nowait(("raise", e))
+            queue.put_nowait(e)
 
     tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
     try:
         left = len(reqs)
         while left:
             event = await queue.get()
-            if event[0] == "raise":
-                raise event[1]
-            left -= event[0] == "finish"
+            if isinstance(event, EngineError):
+                raise event
+            left -= event.kind == "finish"
             yield event
     finally:
         for task in tasks:
@@ -299,14 +331,27 @@ def _failure(e: BaseException) -> ApiError:
     if isinstance(e, ApiError):
         return e
     if isinstance(e, BackPressureError):
-        return ApiError(503, "the model's request queue is full; retry shortly",
-                        "server_overloaded", code="overloaded")  # fmt: skip
+        return ApiError(
+            503,
+            "the model's request queue is full; retry shortly",
+            "server_overloaded",
+            code="overloaded",
+        )
     if isinstance(e, TimeoutError | asyncio.TimeoutError):
         return ApiError(408, "request timed out", "timeout", code="timeout")
-    if isinstance(e, RayActorError | ReplicaUnavailableError | DeploymentUnavailableError
-                  | RequestCancelledError):  # fmt: skip
-        return ApiError(503, f"model replica unavailable ({type(e).__name__}); retry",
-                        "server_unavailable", code="replica_unavailable")  # fmt: skip
+    if isinstance(
+        e,
+        RayActorError
+        | ReplicaUnavailableError
+        | DeploymentUnavailableError
+        | RequestCancelledError,
+    ):
+        return ApiError(
+            503,
+            f"model replica unavailable ({type(e).__name__}); retry",
+            "server_unavailable",
+            code="replica_unavailable",
+        )
     log.error("unexpected error from a model deployment", exc_info=e)
     return ApiError(500, f"internal error: {type(e).__name__}", "server_error")
 
@@ -317,8 +362,12 @@ def _loop_deadline(deadline: float) -> float:
 
 
 def _auth_error() -> ApiError:
-    return ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)",
-                    "authentication_error", code="invalid_api_key")  # fmt: skip
+    return ApiError(
+        401,
+        "missing or invalid API key (Authorization: Bearer <key>)",
+        "authentication_error",
+        code="invalid_api_key",
+    )
 
 
 @serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
@@ -342,8 +391,16 @@ class Router:
     async def list_models(self, request: Request):
         if not key_allowed(request.headers.get("authorization"), self.keys):
             return self._record("", "models", _auth_error())
-        cards = [{"id": name, "object": "model", "created": self.created, "owned_by": "aigc_ray",
-                  "engine": self.engines.get(name)} for name in self.models]  # fmt: skip
+        cards = [
+            {
+                "id": name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "aigc_ray",
+                "engine": self.engines.get(name),
+            }
+            for name in self.models
+        ]
         return {"object": "list", "data": cards}
 
     @api.post("/v1/completions")
@@ -363,8 +420,13 @@ class Router:
             req = parse_json(await request.body(), model_cls)
             model = req.model
             if model not in self.models:
-                raise ApiError(404, f"model {model!r} not found; available: {sorted(self.models)}",
-                               "not_found_error", "model", "model_not_found")  # fmt: skip
+                raise ApiError(
+                    404,
+                    f"model {model!r} not found; available: {sorted(self.models)}",
+                    "not_found_error",
+                    "model",
+                    "model_not_found",
+                )
             job = to_job(req, self.limit)
             handle = self.models[model]
             if req.stream:
@@ -408,13 +470,12 @@ class Router:
         except BaseException:
             events.cancel()
             raise
-        if first[0] == "error":
-            raise ApiError.from_dict(first[1])
-        sse = self._sse(events, writer, first[1], max(1, len(job.prompts)) * job.n, deadline)
+        if first.kind == "error":
+            raise ApiError.from_dict(first.error)
+        sse = self._sse(events, writer, first.tokens, max(1, len(job.prompts)) * job.n, deadline)
         return StreamingResponse(sse, media_type="text/event-stream")
 
-    async def _sse(self, events, writer: ChunkWriter, prompt_tokens: int, n: int,
-                   deadline: float):  # fmt: skip
+    async def _sse(self, events, writer: ChunkWriter, prompt_tokens: int, n: int, deadline: float):
         """Chunks until every choice finished; a disconnect cancels generation downstream."""
         done_tokens, finished = 0, 0
         try:
@@ -428,15 +489,15 @@ class Router:
                         event = await events.__anext__()
                 except StopAsyncIteration:
                     break
-                if event[0] == "delta":
-                    yield writer.delta(event[1], event[2])
-                elif event[0] == "finish":
-                    done_tokens += event[3]
+                if event.kind == "delta":
+                    yield writer.delta(event.index, event.text)
+                elif event.kind == "finish":
+                    done_tokens += event.tokens
                     finished += 1
                     last = usage(prompt_tokens, done_tokens) if finished == n else None
-                    yield writer.finish(event[1], event[2], last)
+                    yield writer.finish(event.index, event.finish_reason, last)
                 else:
-                    raise ApiError.from_dict(event[1])
+                    raise ApiError.from_dict(event.error)
             yield writer.end(usage(prompt_tokens, done_tokens))
         except Exception as e:  # noqa: BLE001 - mid-stream failures become an error event
             yield writer.error(_failure(e))

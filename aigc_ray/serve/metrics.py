@@ -15,11 +15,15 @@ class RouterMetrics:
 
         tags = ("model", "route", "status")
         self.requests = metrics.Counter(
-            "aigc_ray_requests", description="HTTP requests by model, route and status code.",
-            tag_keys=tags)  # fmt: skip
+            "aigc_ray_requests",
+            description="HTTP requests by model, route and status code.",
+            tag_keys=tags,
+        )
         self.errors = metrics.Counter(
-            "aigc_ray_request_errors", description="Failed requests by status code and type.",
-            tag_keys=(*tags, "type"))  # fmt: skip
+            "aigc_ray_request_errors",
+            description="Failed requests by status code and type.",
+            tag_keys=(*tags, "type"),
+        )
 
     def record(self, model: str, route: str, status: int, error_type: str | None = None) -> None:
         tags = {"model": model or "-", "route": route, "status": str(status)}
@@ -35,8 +39,9 @@ class ModelMetrics:
         from ray.serve import metrics
 
         def histogram(name, description):
-            h = metrics.Histogram(name, description=description, boundaries=LATENCY_BOUNDARIES,
-                                  tag_keys=("model",))  # fmt: skip
+            h = metrics.Histogram(
+                name, description=description, boundaries=LATENCY_BOUNDARIES, tag_keys=("model",)
+            )
             h.set_default_tags({"model": model})
             return h
 
@@ -45,18 +50,29 @@ class ModelMetrics:
             m.set_default_tags({"model": model})
             return m
 
-        self.ttft = histogram("aigc_ray_time_to_first_token_seconds",
-                              "Submit to first generated token, queueing included.")  # fmt: skip
-        self.itl = histogram("aigc_ray_inter_token_latency_seconds",
-                             "Mean time between consecutive generated tokens, per request.")  # fmt: skip
+        self.ttft = histogram(
+            "aigc_ray_time_to_first_token_seconds",
+            "Submit to first generated token, queueing included.",
+        )
+        self.itl = histogram(
+            "aigc_ray_inter_token_latency_seconds",
+            "Mean time between consecutive generated tokens, per request.",
+        )
         self.generated = tagged(metrics.Counter, "aigc_ray_generated_tokens", "Tokens generated.")
         self.prompt = tagged(metrics.Counter, "aigc_ray_prompt_tokens", "Prompt tokens prefilled.")
-        self.running = tagged(metrics.Gauge, "aigc_ray_running_requests",
-                              "Requests in the replica's running batch.")  # fmt: skip
-        self.queued = tagged(metrics.Gauge, "aigc_ray_queued_requests",
-                             "Requests waiting for a slot in the running batch.")  # fmt: skip
-        self.kv_cache = tagged(metrics.Gauge, "aigc_ray_kv_cache_usage",
-                               "Fraction of the engine's KV cache in use (0-1).")  # fmt: skip
+        self.running = tagged(
+            metrics.Gauge, "aigc_ray_running_requests", "Requests in the replica's running batch."
+        )
+        self.queued = tagged(
+            metrics.Gauge,
+            "aigc_ray_queued_requests",
+            "Requests waiting for a slot in the running batch.",
+        )
+        self.kv_cache = tagged(
+            metrics.Gauge,
+            "aigc_ray_kv_cache_usage",
+            "Fraction of the engine's KV cache in use (0-1).",
+        )
 
     def observe_request(self, req) -> None:
         """Record one finished engine request (an aigc_ray.engine.EngineRequest)."""

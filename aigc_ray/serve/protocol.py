@@ -10,7 +10,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -30,15 +30,32 @@ DEFAULT_CHAT_STOP = "<|im_end|>"
 class ApiError(Exception):
     """An HTTP error in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
-            status, message, type_, param, code)  # fmt: skip
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}  # fmt: skip
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def to_dict(self) -> dict:
         """The error body's fields plus the status: how a model server hands an error back."""
@@ -174,17 +191,26 @@ def to_job(req: CompletionRequest | ChatCompletionRequest, limit: int) -> Job:
         if max_tokens == 0 and req.echo:
             job.score_only, max_tokens = True, 1
     if len(job.prompts) * req.n > MAX_CHOICES:
-        raise ApiError(400, f"prompts x n may be at most {MAX_CHOICES}, got "
-                       f"{len(job.prompts) * req.n}", param="n")  # fmt: skip
+        raise ApiError(
+            400,
+            f"prompts x n may be at most {MAX_CHOICES}, got {len(job.prompts) * req.n}",
+            param="n",
+        )
     if not 1 <= max_tokens <= limit:
         message = f"max_tokens must be between 1 and {limit} (0 with echo), got {max_tokens}"
         raise ApiError(400, message, param="max_tokens")
     prompt_logprobs = logprobs if job.echo and logprobs is not None else None
     job.params = SamplingParams(
-        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-        stop=stop, seed=req.seed, ignore_eos=req.ignore_eos, logprobs=logprobs,
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        stop=stop,
+        seed=req.seed,
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
-    )  # fmt: skip
+    )
     job.n = req.n
     return job
 
@@ -197,8 +223,9 @@ def _prompts(prompt) -> list[str | list[int]]:
         raise ApiError(400, "prompt must not be empty", param="prompt")
     prompts = [prompt] if isinstance(prompt[0], int) else list(prompt)
     if len(prompts) > MAX_PROMPTS:
-        raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}",
-                       param="prompt")  # fmt: skip
+        raise ApiError(
+            400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", param="prompt"
+        )
     if any(isinstance(p, list) and not p for p in prompts):
         raise ApiError(400, "a token-id prompt must not be empty", param="prompt")
     return prompts
@@ -210,8 +237,9 @@ def render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[str]]:
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text, []
-    text = tokenizer.apply_chat_template(messages, chat_template=DEFAULT_CHAT_TEMPLATE,
-                                         tokenize=False, add_generation_prompt=True)  # fmt: skip
+    text = tokenizer.apply_chat_template(
+        messages, chat_template=DEFAULT_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+    )
     return text, [DEFAULT_CHAT_STOP]
 
 
@@ -237,8 +265,12 @@ def completion_logprobs(tokenizer, token_ids: list[int], entries: list, start: i
         top = {tokenizer.decode([t]): lp for t, lp in entry.top}
         top.setdefault(piece, entry.logprob)  # as OpenAI: the chosen token is always listed
         tops.append(top)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
-            "text_offset": offsets}  # fmt: skip
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_lps,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
 
 
 def chat_logprobs(tokenizer, token_ids: list[int], entries: list) -> dict:
@@ -250,9 +282,26 @@ def chat_logprobs(tokenizer, token_ids: list[int], entries: list) -> dict:
 
     content = []
     for token_id, entry in zip(token_ids, entries, strict=True):
-        content.append({**item(token_id, entry.logprob),
-                        "top_logprobs": [item(t, lp) for t, lp in entry.top]})  # fmt: skip
+        content.append(
+            {**item(token_id, entry.logprob), "top_logprobs": [item(t, lp) for t, lp in entry.top]}
+        )
     return {"content": content}
+
+
+# ---------------------------------------------------------------- model server -> router
+
+
+class StreamEvent(NamedTuple):
+    """What a model server streams to the router for one request: ``start`` (prompt tokens),
+    then ``delta`` (text of choice ``index``) and ``finish`` (its reason and token count), or
+    ``error`` (an ApiError as a dict) instead."""
+
+    kind: Literal["start", "delta", "finish", "error"]
+    index: int = 0
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: int = 0  # start: prompt tokens; finish: the choice's completion tokens
+    error: dict | None = None
 
 
 # ---------------------------------------------------------------- responses and chunks
@@ -263,8 +312,11 @@ def new_id(kind: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def response_body(kind: str, model: str, out: dict) -> dict:
@@ -298,23 +350,37 @@ class ChunkWriter:
         self.object = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
     def _line(self, choices: list[dict], **extra) -> str:
-        chunk = {"id": self.id, "object": self.object, "created": self.created,
-                 "model": self.model, "choices": choices, **extra}  # fmt: skip
+        chunk = {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
         return f"data: {json.dumps(chunk)}\n\n"
 
     def _choice(self, index: int, text: str | None, finish_reason: str | None) -> dict:
         if self.kind == "chat":
             delta = {} if text is None else {"content": text}
             return {"index": index, "delta": delta, "finish_reason": finish_reason}
-        return {"index": index, "text": text or "", "logprobs": None,
-                "finish_reason": finish_reason}  # fmt: skip
+        return {
+            "index": index,
+            "text": text or "",
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
 
     def role(self, n: int) -> str:
         """Chat streams open with the assistant role, one choice each."""
         if self.kind != "chat":
             return ""
-        return "".join(self._line([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                    "finish_reason": None}]) for i in range(n))  # fmt: skip
+        return "".join(
+            self._line(
+                [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+            )
+            for i in range(n)
+        )
 
     def delta(self, index: int, text: str) -> str:
         return self._line([self._choice(index, text, None)])

@@ -6,17 +6,20 @@ import hmac
 import os
 from pathlib import Path
 
+from aigc_ray.errors import AigcRayError
+
 API_KEYS_ENV = "AIGC_RAY_API_KEYS"
 API_KEYS_FILE_ENV = "AIGC_RAY_API_KEYS_FILE"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-class ServeError(ValueError):
+class ServeError(AigcRayError, ValueError):
     """A serving-stage configuration problem found before deploying."""
 
 
 def load_api_keys() -> list[str]:
-    """API keys from $AIGC_RAY_API_KEYS (comma-separated) and/or the file $AIGC_RAY_API_KEYS_FILE."""
+    """API keys from $AIGC_RAY_API_KEYS (comma-separated) and/or the file named by
+    $AIGC_RAY_API_KEYS_FILE (one per line)."""
     keys = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
     path = os.environ.get(API_KEYS_FILE_ENV)
     if path:
@@ -43,5 +46,7 @@ def key_allowed(header: str | None, keys: list[str]) -> bool:
 def check_bind(host: str, keys: list[str]) -> None:
     """Refuse to publish the API beyond loopback without API keys."""
     if host not in LOOPBACK and not keys:
-        raise ServeError(f"serve.host is {host}, which is not loopback: set {API_KEYS_ENV} or "
-                         f"{API_KEYS_FILE_ENV} before exposing the API")  # fmt: skip
+        raise ServeError(
+            f"serve.host is {host}, which is not loopback: set {API_KEYS_ENV} or "
+            f"{API_KEYS_FILE_ENV} before exposing the API"
+        )

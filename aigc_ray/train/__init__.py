@@ -11,24 +11,20 @@ so any checkpoint loads with plain transformers and resumes exactly.
 """
 
 from aigc_ray.train.checkpoint import (
-    _gather_for_save,
-    _load_optimizer,
     latest_complete_checkpoint,
     new_model,
     restore_model,
     save_model,
 )
-from aigc_ray.train.feed import _Feed, check_same_order, rank_micro_batches
+from aigc_ray.train.feed import check_same_order, rank_micro_batches
 from aigc_ray.train.fit import (
     TrainResult,
-    _export,
-    _plot_loss,
     count_params_from_config,
     fit,
     preflight,
     worker_cpus,
 )
-from aigc_ray.train.loop import _all_mean, _eval, _save_checkpoint, _State, train_loop_per_worker
+from aigc_ray.train.loop import train_loop_per_worker
 from aigc_ray.train.steps import (
     LORA_FILE,
     METRICS_FILE,
@@ -47,20 +43,11 @@ from aigc_ray.train.steps import (
 )
 
 __all__ = [
-    "_all_mean",
-    "_eval",
     "LORA_FILE",
     "METRICS_FILE",
     "STATE_FILE",
     "TrainError",
     "TrainResult",
-    "_Feed",
-    "_State",
-    "_export",
-    "_gather_for_save",
-    "_load_optimizer",
-    "_plot_loss",
-    "_save_checkpoint",
     "accumulate_step",
     "build_optimizer",
     "build_scheduler",

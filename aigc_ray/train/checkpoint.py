@@ -36,8 +36,13 @@ def new_model(model_cfg: ModelConfig, tok, seed: int):
 
     model = build_model(model_cfg, tok, seed=seed)
     if model_cfg.lora_r:
-        model = apply_lora(model, model_cfg.lora_r, model_cfg.lora_alpha, model_cfg.lora_dropout,
-                           model_cfg.lora_targets)  # fmt: skip
+        model = apply_lora(
+            model,
+            model_cfg.lora_r,
+            model_cfg.lora_alpha,
+            model_cfg.lora_dropout,
+            model_cfg.lora_targets,
+        )
     return model
 
 

@@ -31,12 +31,16 @@ class _Feed:
         `start` to the epoch's end. Positions, not step counts, mark progress, so a resume
         with a different number of workers (elastic) still consumes each sample once."""
         limit = start + (self.rows - start) // self.per_step * self.per_step
-        stream = shard.iter_batches(batch_size=1024, batch_format="numpy",
-                                    local_shuffle_buffer_size=self.cfg.shuffle_buffer or None,
-                                    local_shuffle_seed=self.cfg.seed + epoch)  # fmt: skip
+        stream = shard.iter_batches(
+            batch_size=1024,
+            batch_format="numpy",
+            local_shuffle_buffer_size=self.cfg.shuffle_buffer or None,
+            local_shuffle_seed=self.cfg.seed + epoch,
+        )
         self.probe: list[int] = []
-        micro = rank_micro_batches(stream, self.rank, self.world, start, limit,
-                                   self.cfg.batch_size, self.probe)  # fmt: skip
+        micro = rank_micro_batches(
+            stream, self.rank, self.world, start, limit, self.cfg.batch_size, self.probe
+        )
         group: list = []
         for item in micro:
             group.append(item)
@@ -46,8 +50,15 @@ class _Feed:
                 group = []
 
 
-def rank_micro_batches(stream, rank: int, world: int, start: int, limit: int, batch_size: int,
-                       probe: list | None = None):  # fmt: skip
+def rank_micro_batches(
+    stream,
+    rank: int,
+    world: int,
+    start: int,
+    limit: int,
+    batch_size: int,
+    probe: list | None = None,
+):
     """(positions, input_ids [B,T], labels [B,T] | None) micro-batches of one rank.
 
     Position p of the epoch stream goes to rank p % world; p < start (already consumed) and
@@ -93,5 +104,7 @@ def check_same_order(digest: int, device) -> None:
     everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, mine)
     if len({int(t) for t in everyone}) != 1:
-        raise RuntimeError("training ranks see different data orders; exactly-once needs a "
-                           "deterministic order (preserve_order) on every rank")  # fmt: skip
+        raise RuntimeError(
+            "training ranks see different data orders; exactly-once needs a "
+            "deterministic order (preserve_order) on every rank"
+        )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -14,7 +13,8 @@ import numpy as np
 import torch
 
 from aigc_ray.config import ModelConfig, TrainConfig, write_resolved
-from aigc_ray.model import check_export_dir, copy_model_dir, portable_location
+from aigc_ray.model import perplexity
+from aigc_ray.storage import check_export_dir, copy_model_dir, is_uri, portable_location
 from aigc_ray.train.checkpoint import latest_complete_checkpoint
 from aigc_ray.train.loop import train_loop_per_worker
 from aigc_ray.train.steps import LORA_FILE, METRICS_FILE, STATE_FILE, TrainError
@@ -47,21 +47,25 @@ class TrainResult:
 
     def summary(self) -> str:
         """The one-screen account of a run."""
-        ppl = (
-            (lambda x: f"{math.exp(min(x, 50)):,.1f}") if self.val_loss_final else (lambda x: "n/a")
+        ppl = (lambda x: f"{perplexity(x):,.1f}") if self.val_loss_final else (lambda x: "n/a")
+        val = (
+            f"{self.val_loss_initial:.3f} -> {self.val_loss_final:.3f} "
+            f"(perplexity {ppl(self.val_loss_initial)} -> {ppl(self.val_loss_final)})"
+            if self.val_loss_final
+            else "n/a (no validation split)"
         )
-        val = (f"{self.val_loss_initial:.3f} -> {self.val_loss_final:.3f} "
-               f"(perplexity {ppl(self.val_loss_initial)} -> {ppl(self.val_loss_final)})"
-               if self.val_loss_final else "n/a (no validation split)")  # fmt: skip
-        return "\n".join([
-            f"train: {self.steps} steps, {self.tokens:,} tokens, {self.params / 1e6:.1f}M params, "
-            f"{self.seconds} s ({self.tokens_per_s:,.0f} tokens/s steady)",
-            f"  train loss {self.first_loss:.3f} -> {self.last_loss:.3f}",
-            f"  val loss   {val}",
-            f"  model      {self.model_dir} (save_pretrained: config, safetensors, tokenizer)",
-            f"  metrics    {self.run_dir}/metrics.jsonl, {self.run_dir}/loss.png",
-            *([f"  exported   {self.exported_to}"] if self.exported_to else []),
-        ])  # fmt: skip
+        return "\n".join(
+            [
+                f"train: {self.steps} steps, {self.tokens:,} tokens, "
+                f"{self.params / 1e6:.1f}M params, "
+                f"{self.seconds} s ({self.tokens_per_s:,.0f} tokens/s steady)",
+                f"  train loss {self.first_loss:.3f} -> {self.last_loss:.3f}",
+                f"  val loss   {val}",
+                f"  model      {self.model_dir} (save_pretrained: config, safetensors, tokenizer)",
+                f"  metrics    {self.run_dir}/metrics.jsonl, {self.run_dir}/loss.png",
+                *([f"  exported   {self.exported_to}"] if self.exported_to else []),
+            ]
+        )
 
 
 def preflight(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> dict:
@@ -83,13 +87,17 @@ def preflight(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> dict:
     missing = [k for k in ("seq_len", "splits", "tokenizer_dir") if k not in manifest]
     if missing:
         raise TrainError(f"{data_dir}/manifest.json lacks {missing}: re-run `aigc-ray preprocess`")
-    if manifest["seq_len"] != cfg.seq_len:
-        raise TrainError(f"train.seq_len ({cfg.seq_len}) must equal the shards' seq_len "
-                         f"({manifest['seq_len']}) in {data_dir}/manifest.json")  # fmt: skip
+    if cfg.seq_len is not None and manifest["seq_len"] != cfg.seq_len:
+        raise TrainError(
+            f"train.seq_len ({cfg.seq_len}) must equal the shards' seq_len "
+            f"({manifest['seq_len']}) in {data_dir}/manifest.json"
+        )
     blocks = manifest["splits"]["train"]["blocks"]
     if blocks < cfg.batch_size * cfg.grad_accum * cfg.num_workers:
-        raise TrainError(f"train.batch_size ({cfg.batch_size}) x train.num_workers ({cfg.num_workers}) "
-                         f"exceeds the {blocks} training blocks in {data_dir}")  # fmt: skip
+        raise TrainError(
+            f"train.batch_size ({cfg.batch_size}) x train.num_workers ({cfg.num_workers}) "
+            f"exceeds the {blocks} training blocks in {data_dir}"
+        )
     return manifest
 
 
@@ -125,8 +133,12 @@ def worker_cpus(cfg: TrainConfig, cluster_cpus: float) -> float:
     if cfg.use_gpu or cluster_cpus - need >= 1:
         return cfg.cpus_per_worker
     fitted = max(0.1, round((cluster_cpus - 1) / cfg.num_workers, 2))
-    log.warning("train.cpus_per_worker %.2f -> %.2f so data ingest keeps 1 of %g CPUs",
-                cfg.cpus_per_worker, fitted, cluster_cpus)  # fmt: skip
+    log.warning(
+        "train.cpus_per_worker %.2f -> %.2f so data ingest keeps 1 of %g CPUs",
+        cfg.cpus_per_worker,
+        fitted,
+        cluster_cpus,
+    )
     return fitted
 
 
@@ -167,26 +179,24 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
             num_workers=(cfg.min_workers, cfg.num_workers) if cfg.min_workers else cfg.num_workers,
             use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cpus},
-        ),  # fmt: skip
+        ),
         run_config=RunConfig(
             name=cfg.name,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
-        ),  # fmt: skip
+        ),
         datasets={"train": train_ds},
         # Not split: every rank iterates the same deterministic order and takes positions
         # p % world == rank, so a resume can skip exactly what was consumed (see _Feed).
         dataset_config=DataConfig(
             datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
-        ),  # fmt: skip
+        ),
     )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        last = (
-            latest_complete_checkpoint(Path(storage) / cfg.name) if "://" not in storage else None
-        )
+        last = latest_complete_checkpoint(Path(storage) / cfg.name) if not is_uri(storage) else None
         raise TrainError(
             f"training failed after train.max_failures={cfg.max_failures} restarts: "
             f"{str(e).splitlines()[0]}; last checkpoint: {last or 'none'} "
@@ -217,10 +227,20 @@ def _export(checkpoint, run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig,
     n_params = count_params_from_config(AutoConfig.from_pretrained(str(model_dir)))
     rates = [r["tokens_per_s"] for r in history if "tokens_per_s" in r][1:]
     exported = copy_model_dir(model_dir, cfg.export_dir) if cfg.export_dir else None
-    return TrainResult(str(model_dir), str(run_dir), history[-1]["step"], history[-1].get("tokens", 0),
-                       losses[0], losses[-1], vals[0] if vals else None,
-                       vals[-1] if len(vals) > 1 else None, round(secs, 1), n_params,
-                       round(float(np.mean(rates)), 1) if rates else 0.0, exported)  # fmt: skip
+    return TrainResult(
+        str(model_dir),
+        str(run_dir),
+        history[-1]["step"],
+        history[-1].get("tokens", 0),
+        losses[0],
+        losses[-1],
+        vals[0] if vals else None,
+        vals[-1] if len(vals) > 1 else None,
+        round(secs, 1),
+        n_params,
+        round(float(np.mean(rates)), 1) if rates else 0.0,
+        exported,
+    )
 
 
 def count_params_from_config(conf) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 
 from aigc_ray.config import ModelConfig, TrainConfig
+from aigc_ray.model import perplexity
 from aigc_ray.train.checkpoint import (
     _gather_for_save,
     _load_optimizer,
@@ -47,6 +47,29 @@ class _State:
     pending: list = field(default_factory=list)  # this rank's pairs since the last checkpoint
 
 
+@dataclass
+class _Worker:
+    """One rank's training context: what every step, evaluation and checkpoint works on."""
+
+    cfg: TrainConfig
+    model: torch.nn.Module
+    tok: object
+    opt: torch.optim.Optimizer
+    sched: object
+    state: _State
+    val: list  # this rank's validation batches
+    device: torch.device
+
+
+@dataclass
+class _LogWindow:
+    """Steps since the last logged row: their (loss, grad norm), start time and token count."""
+
+    started: float
+    tokens: int
+    steps: list = field(default_factory=list)
+
+
 def _all_mean(values: list[float], device) -> list[float]:
     import torch.distributed as dist
 
@@ -75,25 +98,34 @@ def _save_checkpoint(
     model, tok, opt_state: dict, model_state, sched, state: _State, directory: str
 ) -> None:
     save_model(model, tok, directory, model_state)
-    torch.save({"optimizer": opt_state, "scheduler": sched.state_dict(),
-                "step": state.step, "tokens": state.tokens, "ledger": state.ledger,
-                "epoch": state.epoch, "epoch_pos": state.epoch_pos,
-                "rng": torch.get_rng_state()}, os.path.join(directory, STATE_FILE))  # fmt: skip
+    torch.save(
+        {
+            "optimizer": opt_state,
+            "scheduler": sched.state_dict(),
+            "step": state.step,
+            "tokens": state.tokens,
+            "ledger": state.ledger,
+            "epoch": state.epoch,
+            "epoch_pos": state.epoch_pos,
+            "rng": torch.get_rng_state(),
+        },
+        os.path.join(directory, STATE_FILE),
+    )
     with open(os.path.join(directory, METRICS_FILE), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in state.history)
 
 
-def _report(metrics: dict, model, tok, opt, sched, state: _State, with_checkpoint: bool) -> None:
+def _report(w: _Worker, metrics: dict, with_checkpoint: bool) -> None:
     """Every rank calls this the same number of times; rank 0 attaches the checkpoint."""
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
-    model_state, opt_state = _gather_for_save(model, opt) if with_checkpoint else (None, None)
+    model_state, opt_state = _gather_for_save(w.model, w.opt) if with_checkpoint else (None, None)
     if not (with_checkpoint and rank == 0):
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        _save_checkpoint(model, tok, opt_state, model_state, sched, state, d)
+        _save_checkpoint(w.model, w.tok, opt_state, model_state, w.sched, w.state, d)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -119,7 +151,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from aigc_ray.model import load_tokenizer, local_model_dir
+    from aigc_ray.model import load_tokenizer
+    from aigc_ray.storage import local_model_dir
 
     cfg = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
@@ -136,14 +169,20 @@ def train_loop_per_worker(config: dict) -> None:
         _load_optimizer(model, opt, saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
-        state = _State(saved["step"], saved["tokens"], saved["history"], saved.get("ledger", []),
-                       saved.get("epoch", 0), saved.get("epoch_pos", 0))  # fmt: skip
+        state = _State(
+            saved["step"],
+            saved["tokens"],
+            saved["history"],
+            saved.get("ledger", []),
+            saved.get("epoch", 0),
+            saved.get("epoch_pos", 0),
+        )
         log.info("rank %d resumed at step %d", rank, state.step)
     val = load_val_batches(config["data_dir"], rank, world, cfg.batch_size, cfg.eval_batches)
     if state.step == 0:
         state.history.append({"step": 0, "val_loss": _eval(model, val, device)})
     feed = _Feed(cfg, rank, world, config["train_rows"])
-    _run_steps(cfg, model, tok, opt, sched, state, val, device, feed)
+    _run_steps(_Worker(cfg, model, tok, opt, sched, state, val, device), feed)
 
 
 def _prepare(model, cfg: TrainConfig):
@@ -151,8 +190,9 @@ def _prepare(model, cfg: TrainConfig):
 
     # use_orig_params keeps per-parameter requires_grad (LoRA) and the decay groups under FSDP
     kwargs = {"use_orig_params": True} if cfg.strategy == "fsdp" else {}
-    return ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy,
-                                         parallel_strategy_kwargs=kwargs)  # fmt: skip
+    return ray.train.torch.prepare_model(
+        model, parallel_strategy=cfg.strategy, parallel_strategy_kwargs=kwargs
+    )
 
 
 def _commit_ledger(state: _State) -> None:
@@ -168,56 +208,63 @@ def _commit_ledger(state: _State) -> None:
     state.pending = []
 
 
-def _run_steps(
-    cfg: TrainConfig, model, tok, opt, sched, state: _State, val, device, feed: _Feed
-) -> None:
+def _run_steps(w: _Worker, feed: _Feed) -> None:
     import ray.train
 
     shard = ray.train.get_dataset_shard("train")
-    amp, scaler = precision(cfg, device)
-    t_log, tok_log, window = time.time(), state.tokens, []
+    cfg, state = w.cfg, w.state
+    amp, scaler = precision(cfg, w.device)
+    window = _LogWindow(time.time(), state.tokens)
     while state.step < cfg.max_steps:
         for n, (epoch, positions, micro) in enumerate(
             feed.steps(shard, state.epoch, state.epoch_pos)
         ):
             if n == 0:
-                check_same_order(feed.probe[0], device)
-            micro = [(i.to(device), None if lab is None else lab.to(device)) for i, lab in micro]
-            loss, norm = accumulate_step(model, micro, opt, sched, cfg.grad_clip, amp, scaler)
+                check_same_order(feed.probe[0], w.device)
+            micro = [
+                (i.to(w.device), None if lab is None else lab.to(w.device)) for i, lab in micro
+            ]
+            loss, norm = accumulate_step(w.model, micro, w.opt, w.sched, cfg.grad_clip, amp, scaler)
             state.step += 1
             state.epoch_pos += feed.per_step
             state.tokens += sum(i.numel() for i, _ in micro) * feed.world
             if cfg.ledger:
                 state.pending += [(epoch, int(p)) for p in positions]
-            window.append((loss, norm))
-            if _after_step(cfg, model, tok, opt, sched, state, val, device, window, t_log, tok_log):
-                t_log, tok_log, window = time.time(), state.tokens, []
+            window.steps.append((loss, norm))
+            if _after_step(w, window):
+                window = _LogWindow(time.time(), state.tokens)
             if state.step >= cfg.max_steps:
                 return
         state.epoch, state.epoch_pos = state.epoch + 1, 0
 
 
-def _after_step(
-    cfg, model, tok, opt, sched, state: _State, val, device, window, t_log, tok_log
-) -> bool:
+def _after_step(w: _Worker, window: _LogWindow) -> bool:
     """Log every 10 steps, evaluate and checkpoint on schedule; True when a row was logged."""
+    cfg, state = w.cfg, w.state
     last = state.step >= cfg.max_steps
     do_eval = last or state.step % cfg.eval_every == 0
     do_ckpt = last or state.step % cfg.checkpoint_every == 0
     if not (do_eval or do_ckpt or state.step % 10 == 0):
         return False
-    loss_avg, norm_avg = _all_mean([np.mean([w[0] for w in window]), np.mean([w[1] for w in window])],
-                                   device)  # fmt: skip
-    dt = time.time() - t_log
-    row = {"step": state.step, "loss": round(loss_avg, 4), "lr": sched.get_last_lr()[0],
-           "grad_norm": round(norm_avg, 4), "tokens_per_s": round((state.tokens - tok_log) / max(dt, 1e-9), 1),
-           "tokens": state.tokens, "time": round(time.time(), 3)}  # fmt: skip
+    loss_avg, norm_avg = _all_mean(
+        [np.mean([s[0] for s in window.steps]), np.mean([s[1] for s in window.steps])], w.device
+    )
+    dt = time.time() - window.started
+    row = {
+        "step": state.step,
+        "loss": round(loss_avg, 4),
+        "lr": w.sched.get_last_lr()[0],
+        "grad_norm": round(norm_avg, 4),
+        "tokens_per_s": round((state.tokens - window.tokens) / max(dt, 1e-9), 1),
+        "tokens": state.tokens,
+        "time": round(time.time(), 3),
+    }
     if do_eval:
-        row["val_loss"] = _eval(model, val, device)
-        row["val_ppl"] = round(math.exp(min(row["val_loss"], 50)), 3) if row["val_loss"] else None
+        row["val_loss"] = _eval(w.model, w.val, w.device)
+        row["val_ppl"] = round(perplexity(row["val_loss"]), 3) if row["val_loss"] else None
     state.history.append(row)
     if do_ckpt and cfg.ledger:
         _commit_ledger(state)
     if do_eval or do_ckpt:
-        _report(state.history[-1], model, tok, opt, sched, state, with_checkpoint=do_ckpt)
+        _report(w, state.history[-1], with_checkpoint=do_ckpt)
     return True

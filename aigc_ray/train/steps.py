@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from aigc_ray.config import TrainConfig
+from aigc_ray.errors import AigcRayError
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ LORA_FILE = "lora_adapter.pt"
 METRICS_FILE = "metrics.jsonl"
 
 
-class TrainError(ValueError):
+class TrainError(AigcRayError, ValueError):
     """A training-stage problem found before workers start, naming the key or path."""
 
 
@@ -41,8 +42,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
@@ -52,8 +55,9 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
     )
 
 
-def train_step(model, input_ids: torch.Tensor, opt, sched, grad_clip: float,
-               labels: torch.Tensor | None = None) -> tuple[float, float]:  # fmt: skip
+def train_step(
+    model, input_ids: torch.Tensor, opt, sched, grad_clip: float, labels: torch.Tensor | None = None
+) -> tuple[float, float]:
     """One optimizer step of next-token prediction; returns (loss, grad norm before clipping).
 
     `labels` (-100 = ignored, e.g. SFT prompt tokens) default to the inputs themselves.
@@ -61,8 +65,15 @@ def train_step(model, input_ids: torch.Tensor, opt, sched, grad_clip: float,
     return accumulate_step(model, [(input_ids, labels)], opt, sched, grad_clip)
 
 
-def accumulate_step(model, micro_batches: list, opt, sched, grad_clip: float,
-                    amp_dtype: torch.dtype | None = None, scaler=None) -> tuple[float, float]:  # fmt: skip
+def accumulate_step(
+    model,
+    micro_batches: list,
+    opt,
+    sched,
+    grad_clip: float,
+    amp_dtype: torch.dtype | None = None,
+    scaler=None,
+) -> tuple[float, float]:
     """One optimizer step over gradient-accumulation micro-batches [(input_ids, labels|None)].
 
     DDP gradients are all-reduced once, on the last micro-batch (no_sync before it). With
@@ -73,8 +84,12 @@ def accumulate_step(model, micro_batches: list, opt, sched, grad_clip: float,
     for i, (ids, labels) in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1 or not hasattr(model, "no_sync")
         ctx = contextlib.nullcontext() if sync else model.no_sync()
-        with ctx, torch.autocast(ids.device.type, dtype=amp_dtype or torch.float32,
-                                 enabled=amp_dtype is not None):  # fmt: skip
+        with (
+            ctx,
+            torch.autocast(
+                ids.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+            ),
+        ):
             loss = model(input_ids=ids, labels=ids if labels is None else labels).loss
             scaled = loss / len(micro_batches)
             (scaler.scale(scaled) if scaler else scaled).backward()
@@ -124,7 +139,7 @@ def load_val_batches(data_dir: str, rank: int, world: int, batch_size: int, n_ba
     """This rank's slice of the validation blocks (small; read directly with pyarrow)."""
     import pyarrow.dataset as pads
 
-    from aigc_ray.data.readers import filesystem_for
+    from aigc_ray.storage import filesystem_for
 
     filesystem, path = filesystem_for(f"{data_dir}/val")
     try:
@@ -133,8 +148,11 @@ def load_val_batches(data_dir: str, rank: int, world: int, batch_size: int, n_ba
         return []
     if "input_ids" not in table.column_names:
         return []
-    cols = {c: table.column(c).to_numpy(zero_copy_only=False)[rank::world][: batch_size * n_batches]
-            for c in ("input_ids", "labels") if c in table.column_names}  # fmt: skip
+    cols = {
+        c: table.column(c).to_numpy(zero_copy_only=False)[rank::world][: batch_size * n_batches]
+        for c in ("input_ids", "labels")
+        if c in table.column_names
+    }
     out = []
     for i in range(0, len(cols["input_ids"]), batch_size):
         ids = torch.from_numpy(np.stack(cols["input_ids"][i : i + batch_size]).astype(np.int64))

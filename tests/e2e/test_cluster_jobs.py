@@ -26,8 +26,12 @@ GCS_PORT, DASHBOARD_PORT, SERVE_PORT, S3_PORT = 6391, 8266, 8013, 5125
 BUCKET = "aigc-e2e"
 # An S3-compatible server (moto) on loopback stands in for the bucket of the README's workflow:
 # the job gets its endpoint and credentials through the runtime env, as it would get AWS's.
-S3_ENV = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "testing",
-          "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+S3_ENV = {
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 TOKEN_ENV: dict[str, str] = {}  # RAY_AUTH_MODE=token + RAY_AUTH_TOKEN_PATH, set by the fixture
@@ -36,8 +40,15 @@ TOKEN_ENV: dict[str, str] = {}  # RAY_AUTH_MODE=token + RAY_AUTH_TOKEN_PATH, set
 def ray(*args, timeout=180, **kw):
     env = {**os.environ, **TOKEN_ENV, "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([str(BIN / "ray"), *args], cwd=ROOT, env={**env, **kw.pop("env", {})},
-                          capture_output=True, text=True, timeout=timeout, **kw)  # fmt: skip
+    return subprocess.run(
+        [str(BIN / "ray"), *args],
+        cwd=ROOT,
+        env={**env, **kw.pop("env", {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -48,15 +59,27 @@ def two_node_cluster():
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
     TOKEN_ENV.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
-    head = ray("start", "--head", f"--port={GCS_PORT}", "--num-cpus=1",
-               f"--temp-dir={tmp / 'h'}", "--include-dashboard=true",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}",
-               "--disable-usage-stats")  # fmt: skip
+    head = ray(
+        "start",
+        "--head",
+        f"--port={GCS_PORT}",
+        "--num-cpus=1",
+        f"--temp-dir={tmp / 'h'}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={DASHBOARD_PORT}",
+        "--disable-usage-stats",
+    )
     assert head.returncode == 0, head.stderr[-2000:]
     try:
-        worker = ray("start", f"--address=127.0.0.1:{GCS_PORT}", "--num-cpus=1",
-                     '--resources={"data_worker": 1}', f"--temp-dir={tmp / 'w'}",
-                     "--disable-usage-stats")  # fmt: skip
+        worker = ray(
+            "start",
+            f"--address=127.0.0.1:{GCS_PORT}",
+            "--num-cpus=1",
+            '--resources={"data_worker": 1}',
+            f"--temp-dir={tmp / 'w'}",
+            "--disable-usage-stats",
+        )
         assert worker.returncode == 0, worker.stderr[-2000:]
         yield f"http://127.0.0.1:{DASHBOARD_PORT}"
     finally:
@@ -95,14 +118,21 @@ def _children(proc) -> list:
 
 @pytest.fixture
 def s3_bucket():
-    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(S3_PORT)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(S3_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         import boto3
 
-        client = boto3.client("s3", endpoint_url=S3_ENV["AWS_ENDPOINT_URL"],
-                              aws_access_key_id="testing", aws_secret_access_key="testing",
-                              region_name="us-east-1")  # fmt: skip
+        client = boto3.client(
+            "s3",
+            endpoint_url=S3_ENV["AWS_ENDPOINT_URL"],
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -126,23 +156,39 @@ def test_pipeline_job_on_a_two_node_cluster(two_node_cluster, s3_bucket, tmp_pat
     assert plan.package_size() < 5 * 2**20, plan.largest()
     env_vars = {**S3_ENV, "AIGC_RAY_CACHE": str(tmp_path / "cache")}
     submit = ray(
-        "job", "submit", "--working-dir", ".",
-        "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--",
-        "python", "jobs/pipeline.py", "--config", "configs/tiny.yaml",
-        f"data.output_dir=s3://{BUCKET}/aigc/data", f"train.storage_path=s3://{BUCKET}/aigc/ray",
-        f"train.export_dir=s3://{BUCKET}/aigc/model", f"train.run_dir={tmp_path / 'train'}",
-        "train.max_steps=30", "train.eval_every=30", "train.checkpoint_every=30",
-        f"serve.port={SERVE_PORT}", "serve.sample_max_tokens=8",
-        env={"RAY_ADDRESS": two_node_cluster}, timeout=600,
-    )  # fmt: skip
+        "job",
+        "submit",
+        "--working-dir",
+        ".",
+        "--runtime-env-json",
+        json.dumps({"env_vars": env_vars}),
+        "--",
+        "python",
+        "jobs/pipeline.py",
+        "--config",
+        "configs/tiny.yaml",
+        f"data.output_dir=s3://{BUCKET}/aigc/data",
+        f"train.storage_path=s3://{BUCKET}/aigc/ray",
+        f"train.export_dir=s3://{BUCKET}/aigc/model",
+        f"train.run_dir={tmp_path / 'train'}",
+        "train.max_steps=30",
+        "train.eval_every=30",
+        "train.checkpoint_every=30",
+        f"serve.port={SERVE_PORT}",
+        "serve.sample_max_tokens=8",
+        env={"RAY_ADDRESS": two_node_cluster},
+        timeout=600,
+    )
     out = submit.stdout + submit.stderr
     assert submit.returncode == 0 and "succeeded" in out, out[-4000:]
     assert "aigc_ray pipeline summary" in out and "left serving at" in out
     # the job's driver exited; the endpoint it deployed stays up on the cluster
-    body = json.dumps({"model": "aigc-tiny", "prompt": "def f(x):", "max_tokens": 5,
-                       "temperature": 0}).encode()  # fmt: skip
-    req = urllib.request.Request(f"http://127.0.0.1:{SERVE_PORT}/v1/completions", body,
-                                 {"Content-Type": "application/json"})  # fmt: skip
+    body = json.dumps(
+        {"model": "aigc-tiny", "prompt": "def f(x):", "max_tokens": 5, "temperature": 0}
+    ).encode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{SERVE_PORT}/v1/completions", body, {"Content-Type": "application/json"}
+    )
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -153,8 +199,11 @@ def test_pipeline_job_on_a_two_node_cluster(two_node_cluster, s3_bucket, tmp_pat
             assert time.monotonic() < deadline
             time.sleep(1)
     # shards, checkpoints and the exported model went to the bucket; the replica loaded that copy
-    keys = {o["Key"] for page in s3_bucket.get_paginator("list_objects_v2").paginate(
-        Bucket=BUCKET) for o in page.get("Contents", [])}  # fmt: skip
+    keys = {
+        o["Key"]
+        for page in s3_bucket.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+        for o in page.get("Contents", [])
+    }
     assert "aigc/data/manifest.json" in keys and "aigc/model/config.json" in keys
     assert any(k.startswith("aigc/data/train/") and k.endswith(".parquet") for k in keys)
     assert any(k.startswith("aigc/ray/") for k in keys)

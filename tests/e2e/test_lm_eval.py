@@ -28,8 +28,10 @@ def model_dir(tmp_path_factory) -> str:
     from aigc_ray.model import build_model, train_tokenizer
 
     root = tmp_path_factory.mktemp("eval-model")
-    texts = [Path(p).read_text(encoding="utf-8", errors="replace")[:5000]
-             for p in sorted(stdlib_files())[:40]]  # fmt: skip
+    texts = [
+        Path(p).read_text(encoding="utf-8", errors="replace")[:5000]
+        for p in sorted(stdlib_files())[:40]
+    ]
     tok = train_tokenizer(texts, 512, root)
     # head size 32: vLLM's CPU attention has no kernel for the unit tests' 16
     cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, max_position_embeddings=512)
@@ -43,9 +45,13 @@ def task_dir(tmp_path_factory) -> str:
     rows = []
     for i in range(24):
         a, b = i % 7 + 2, i % 5 + 3
-        rows.append({"question": f"def add(x, y):\n    return x + y\n\nadd({a}, {b}) ==",
-                     "choices": [f" {a + b}", f" {a * b}", f" {a - b}", " None"],
-                     "answer": 0})  # fmt: skip
+        rows.append(
+            {
+                "question": f"def add(x, y):\n    return x + y\n\nadd({a}, {b}) ==",
+                "choices": [f" {a + b}", f" {a * b}", f" {a - b}", " None"],
+                "answer": 0,
+            }
+        )
     data = root / "add.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "aigc_add.yaml").write_text(
@@ -83,19 +89,33 @@ def evaluate(base_url: str, model: str, model_dir: str, task_dir: str) -> dict:
     os.environ["OPENAI_API_KEY"] = KEY
     out = simple_evaluate(
         model="local-completions",
-        model_args={"base_url": f"{base_url}/v1/completions", "model": model,
-                    "tokenizer_backend": "huggingface", "tokenizer": model_dir,
-                    "num_concurrent": 1, "max_retries": 1, "tokenized_requests": True},
-        tasks=["aigc_add"], task_manager=TaskManager(include_path=task_dir), log_samples=True,
-    )  # fmt: skip
+        model_args={
+            "base_url": f"{base_url}/v1/completions",
+            "model": model,
+            "tokenizer_backend": "huggingface",
+            "tokenizer": model_dir,
+            "num_concurrent": 1,
+            "max_retries": 1,
+            "tokenized_requests": True,
+        },
+        tasks=["aigc_add"],
+        task_manager=TaskManager(include_path=task_dir),
+        log_samples=True,
+    )
     samples = out["samples"]["aigc_add"]
     lls = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
     return {"acc": out["results"]["aigc_add"]["acc,none"], "loglikelihoods": lls}
 
 
 def start(cmd: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -107,22 +127,54 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def test_lm_eval_scores_agree_with_vllms_own_server(tmp_path, model_dir, task_dir):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "AIGC_RAY_API_KEYS": KEY,
-           "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "AIGC_RAY_API_KEYS": KEY,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
     os.environ.update({"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
     exe = str(Path(sys.executable).with_name("aigc-ray"))
-    ours = start([exe, "serve", "--config", "configs/tiny.yaml", "--keep-serving",
-                  f"serve.model_dir={model_dir}", "serve.model_name=tiny", "serve.port=8023",
-                  "serve.engine=builtin", "serve.sample_prompts=[]"], env)  # fmt: skip
+    ours = start(
+        [
+            exe,
+            "serve",
+            "--config",
+            "configs/tiny.yaml",
+            "--keep-serving",
+            f"serve.model_dir={model_dir}",
+            "serve.model_name=tiny",
+            "serve.port=8023",
+            "serve.engine=builtin",
+            "serve.sample_prompts=[]",
+        ],
+        env,
+    )
     try:
         wait_ready("http://127.0.0.1:8023/health", ours)
         mine = evaluate("http://127.0.0.1:8023", "tiny", model_dir, task_dir)
     finally:
         stop(ours)
-    vllm = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-                  model_dir, "--served-model-name", "tiny", "--dtype", "float32",
-                  "--max-model-len", "512", "--enforce-eager", "--port", "8024"],
-                 {**env, "VLLM_CPU_KVCACHE_SPACE": "1"})  # fmt: skip
+    vllm = start(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model_dir,
+            "--served-model-name",
+            "tiny",
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "512",
+            "--enforce-eager",
+            "--port",
+            "8024",
+        ],
+        {**env, "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
     try:
         wait_ready("http://127.0.0.1:8024/health", vllm)
         theirs = evaluate("http://127.0.0.1:8024", "tiny", model_dir, task_dir)

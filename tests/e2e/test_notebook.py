@@ -94,9 +94,16 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
     text = "\n".join(_text_of(c) for c in code)
-    for expected in ("documents read", "train blocks", "val loss", "models: ['aigc-tiny']",
-                     "--- 'def fibonacci(n):'", "--- 'import os\\n'",
-                     "batch generation   5 rows, 1 errors", "'x = 1'"):  # fmt: skip
+    for expected in (
+        "documents read",
+        "train blocks",
+        "val loss",
+        "models: ['aigc-tiny']",
+        "--- 'def fibonacci(n):'",
+        "--- 'import os\\n'",
+        "batch generation   5 rows, 1 errors",
+        "'x = 1'",
+    ):
         assert expected in text, f"notebook output lacks {expected!r}"
     assert any(o.get("data", {}).get("image/png") for c in code for o in c.outputs), "no loss plot"
     assert "Ray stopped" in _text_of(code[-1])

@@ -36,8 +36,12 @@ def test_pipeline_command_end_to_end(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.run(
         [str(exe), "pipeline", "--config", "configs/tiny.yaml", *overrides],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     for label in (
@@ -64,9 +68,18 @@ def test_pipeline_command_end_to_end(tmp_path):
 def test_pipeline_bad_input_fails_before_ray(tmp_path):
     exe = Path(sys.executable).with_name("aigc-ray")
     proc = subprocess.run(
-        [str(exe), "pipeline", "--config", "configs/tiny.yaml", f"data.inputs=[{tmp_path}/missing]"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            str(exe),
+            "pipeline",
+            "--config",
+            "configs/tiny.yaml",
+            f"data.inputs=[{tmp_path}/missing]",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert f"{tmp_path}/missing" in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
@@ -83,3 +96,30 @@ def test_job_wrappers_are_importable_and_documented(name):
     assert callable(mod.main)
     assert f"ray job submit --working-dir . -- python jobs/{name}.py --config" in mod.__doc__
     assert len(path.read_text().splitlines()) <= 30
+
+
+def test_preprocess_output_in_a_log_file_stays_short(tmp_path):
+    """Run outside a terminal (a log file, `ray job submit`), a command prints its own lines,
+    not Ray Data's progress."""
+    exe = Path(sys.executable).with_name("aigc-ray")
+    log = tmp_path / "preprocess.log"
+    with log.open("w") as fh:
+        proc = subprocess.run(
+            [
+                str(exe),
+                "preprocess",
+                "--config",
+                "configs/tiny.yaml",
+                "data.max_docs=60",
+                f"data.output_dir={tmp_path / 'data'}",
+            ],
+            cwd=ROOT,
+            env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+        )
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "kept" in text and "Running Dataset" not in text
+    assert len(text.splitlines()) <= 15, text

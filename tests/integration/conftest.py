@@ -29,7 +29,7 @@ def ray_session(tmp_path_factory):
                 "AIGC_RAY_CACHE": cache,
                 **S3_ENV,
             }
-        },  # fmt: skip
+        },
     )
     yield ray
     from ray import serve
@@ -42,8 +42,11 @@ def ray_session(tmp_path_factory):
 def s3_server():
     """moto's S3 server with bucket aigc-test; S3_ENV is set in this process while it runs."""
     exe = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(MOTO_PORT)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [str(exe), "-H", "127.0.0.1", "-p", str(MOTO_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(100):
         try:
             socket.create_connection(("127.0.0.1", MOTO_PORT), timeout=0.2).close()

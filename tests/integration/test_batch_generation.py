@@ -14,8 +14,10 @@ def tiny_gen_model_dir(tmp_path_factory) -> str:
     from aigc_ray.model import build_model, train_tokenizer
 
     root = tmp_path_factory.mktemp("gen-model")
-    texts = [Path(p).read_text(encoding="utf-8", errors="replace")[:5000]
-             for p in sorted(stdlib_files())[:30]]  # fmt: skip
+    texts = [
+        Path(p).read_text(encoding="utf-8", errors="replace")[:5000]
+        for p in sorted(stdlib_files())[:30]
+    ]
     tok = train_tokenizer(texts, 400, root)
     cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, max_position_embeddings=128)
     build_model(cfg, tok, seed=0).save_pretrained(str(root))
@@ -23,8 +25,9 @@ def tiny_gen_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("engine", ["builtin", "vllm"])
-def test_batch_generation_survives_bad_rows_and_loses_none(ray_session, tmp_path, engine,
-                                                           tiny_gen_model_dir):  # fmt: skip
+def test_batch_generation_survives_bad_rows_and_loses_none(
+    ray_session, tmp_path, engine, tiny_gen_model_dir
+):
     """Ray Data + an engine in an actor pool: per-row params; unreadable rows quarantined with
     file and line, rows with bad parameters recorded in the output; never fatal."""
     import json
@@ -41,16 +44,24 @@ def test_batch_generation_survives_bad_rows_and_loses_none(ray_session, tmp_path
     lines += [json.dumps({"prompt": "x", "max_tokens": 0}).encode(), b"[1, 2]"]
     src.write_bytes(b"\n".join(lines) + b"\n")
     second = tmp_path / "more.parquet"
-    pq.write_table(pa_table([{"prompt": "import os", "seed": 1}, {"prompt": None, "seed": 2}]),
-                   second)  # fmt: skip
+    pq.write_table(
+        pa_table([{"prompt": "import os", "seed": 1}, {"prompt": None, "seed": 2}]), second
+    )
     settings = {"engine": engine}
     if engine == "vllm":
         settings["vllm"] = {"kv_cache_memory_gb": 0.25, "engine_kwargs": {"enforce_eager": True}}
-    cfg = GenerateConfig(inputs=[str(src), str(second)], output_dir=str(tmp_path / "out"),
-                         batch_size=8, max_tokens=5, num_cpus=0.5, **settings)  # fmt: skip
+    cfg = GenerateConfig(
+        inputs=[str(src), str(second)],
+        output_dir=str(tmp_path / "out"),
+        batch_size=8,
+        max_tokens=5,
+        num_cpus=0.5,
+        **settings,
+    )
     summary = run_generate(cfg, tiny_gen_model_dir)
-    table = pq.read_table(tmp_path / "out", columns=[
-        "prompt", "completion_tokens", "error", "source", "line"])  # fmt: skip
+    table = pq.read_table(
+        tmp_path / "out", columns=["prompt", "completion_tokens", "error", "source", "line"]
+    )
     quarantine = pq.read_table(tmp_path / "out_quarantine").to_pylist()
     assert summary["quarantine_dir"] == str(tmp_path / "out_quarantine")
     # 20 good + 1 bad max_tokens + "import os": generated or recorded; 5 unreadable: quarantined
@@ -63,8 +74,13 @@ def test_batch_generation_survives_bad_rows_and_loses_none(ray_session, tmp_path
     assert "max_tokens" in got["x"]["error"]
     assert got["import os"]["source"] == str(second)
     where = sorted((q["source"].rsplit("/", 1)[1], q["line"]) for q in quarantine)
-    assert where == [("more.parquet", 1), ("prompts.jsonl", 4), ("prompts.jsonl", 5),
-                     ("prompts.jsonl", 6), ("prompts.jsonl", 25)]  # fmt: skip
+    assert where == [
+        ("more.parquet", 1),
+        ("prompts.jsonl", 4),
+        ("prompts.jsonl", 5),
+        ("prompts.jsonl", 6),
+        ("prompts.jsonl", 25),
+    ]
     assert all(q["reason"] for q in quarantine)
 
 
@@ -74,8 +90,9 @@ def pa_table(rows):
     return pa.Table.from_pylist(rows)
 
 
-def test_batch_generation_from_a_model_in_object_storage(ray_session, s3_server, tmp_path,
-                                                         tiny_gen_model_dir):  # fmt: skip
+def test_batch_generation_from_a_model_in_object_storage(
+    ray_session, s3_server, tmp_path, tiny_gen_model_dir
+):
     """model_dir s3://...: each actor copies the model to its node's cache, then generates."""
     import json
 
@@ -88,8 +105,9 @@ def test_batch_generation_from_a_model_in_object_storage(ray_session, s3_server,
     uri = copy_model_dir(tiny_gen_model_dir, "s3://aigc-test/models/gen")
     src = tmp_path / "prompts.jsonl"
     src.write_text("".join(json.dumps({"prompt": f"x{i} ="}) + "\n" for i in range(4)))
-    cfg = GenerateConfig(inputs=[str(src)], output_dir=str(tmp_path / "out"), max_tokens=3,
-                         num_cpus=0.5)  # fmt: skip
+    cfg = GenerateConfig(
+        inputs=[str(src)], output_dir=str(tmp_path / "out"), max_tokens=3, num_cpus=0.5
+    )
     summary = run_generate(cfg, uri)
     rows = pq.read_table(tmp_path / "out").to_pylist()
     assert summary["errors"] == 0 and len(rows) == 4

@@ -12,21 +12,34 @@ from aigc_ray.config import load_config
 from aigc_ray.data import DataError, run_preprocess
 
 pytestmark = pytest.mark.integration
-BASE = ["data.vocab_size=512", "data.seq_len=32", "data.val_fraction=0.2", "data.batch_size=16",
-        "train.seq_len=32", "data.near_dedup=false", "data.tokenizer_train_mb=0.2"]  # fmt: skip
+BASE = [
+    "data.vocab_size=512",
+    "data.seq_len=32",
+    "data.val_fraction=0.2",
+    "data.batch_size=16",
+    "train.seq_len=32",
+    "data.near_dedup=false",
+    "data.tokenizer_train_mb=0.2",
+]
 
 
 def _cfg(tmp, inputs, *extra):
-    return load_config("configs/tiny.yaml", [f"data.inputs={json.dumps(inputs)}",
-                                             f"data.output_dir={tmp}/out", *BASE, *extra]).data  # fmt: skip
+    return load_config(
+        "configs/tiny.yaml",
+        [f"data.inputs={json.dumps(inputs)}", f"data.output_dir={tmp}/out", *BASE, *extra],
+    ).data
 
 
 def _plant(root: Path) -> int:
     """A corpus with every kind of bad input; returns the number of good documents."""
     good = [f"def f{i}(x):\n    return x * {i} + {i * i}  # document {i}\n" for i in range(120)]
     lines = [json.dumps({"text": t}).encode() for t in good[:60]]
-    lines[5:5] = [b'{"text": "unterminated', json.dumps({"body": "no text"}).encode(),
-                  b'{"text": "latin-1 \xe9 byte"}', b"[1, 2, 3]"]  # fmt: skip
+    lines[5:5] = [
+        b'{"text": "unterminated',
+        json.dumps({"body": "no text"}).encode(),
+        b'{"text": "latin-1 \xe9 byte"}',
+        b"[1, 2, 3]",
+    ]
     (root / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     (root / "empty.jsonl").write_bytes(b"")
     (root / "corrupt.parquet").write_bytes(b"PAR1 garbage that is not parquet")
@@ -64,8 +77,15 @@ def test_strict_mode_fails_naming_file_and_line(ray_session, tmp_path):
 
 
 def test_sft_shards_carry_masked_labels(ray_session, tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
-                          {"role": "assistant", "content": f"{2 * i}"}]} for i in range(200)]  # fmt: skip
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"what is {i} plus {i}?"},
+                {"role": "assistant", "content": f"{2 * i}"},
+            ]
+        }
+        for i in range(200)
+    ]
     rows.append({"messages": [{"role": "user", "content": "no assistant"}]})
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     m = run_preprocess(_cfg(tmp_path, [str(tmp_path / "chat.jsonl")], "data.format=sft"))
@@ -81,8 +101,10 @@ def test_s3_input_and_output(ray_session, s3_server, tmp_path):
     body = "".join(json.dumps({"text": d}) + "\n" for d in docs)
     s3_server.put_object(Bucket="aigc-test", Key="raw/part-0.jsonl", Body=body.encode())
     s3_server.put_object(Bucket="aigc-test", Key="raw/part-1.jsonl", Body=b'{"text": "x\n{bad\n')
-    cfg = load_config("configs/tiny.yaml", ['data.inputs=["s3://aigc-test/raw/"]',
-                                            "data.output_dir=s3://aigc-test/shards", *BASE]).data  # fmt: skip
+    cfg = load_config(
+        "configs/tiny.yaml",
+        ['data.inputs=["s3://aigc-test/raw/"]', "data.output_dir=s3://aigc-test/shards", *BASE],
+    ).data
     m = run_preprocess(cfg)
     assert m["docs_kept"] == 80 and m["malformed"] == 2
     keys = [
@@ -109,9 +131,16 @@ def test_output_is_identical_for_any_pool_size(ray_session, tmp_path):
     streams, counts = [], []
     for n in (1, 2):
         out = tmp_path / f"o{n}"
-        cfg = load_config("configs/tiny.yaml", [f'data.inputs=["{tmp_path}/in.jsonl"]',
-                                                f"data.output_dir={out}", *BASE, "data.near_dedup=true",
-                                                f"data.num_tokenize_actors={n}"]).data  # fmt: skip
+        cfg = load_config(
+            "configs/tiny.yaml",
+            [
+                f'data.inputs=["{tmp_path}/in.jsonl"]',
+                f"data.output_dir={out}",
+                *BASE,
+                "data.near_dedup=true",
+                f"data.num_tokenize_actors={n}",
+            ],
+        ).data
         m = run_preprocess(cfg)
         counts.append(
             {k: m[k] for k in ("docs_kept", "exact_duplicates", "near_duplicates", "tokens")}

@@ -37,13 +37,18 @@ def model_dirs(tmp_path_factory):
     from aigc_ray.model import train_tokenizer
 
     root = tmp_path_factory.mktemp("serve-models")
-    texts = [Path(p).read_text(encoding="utf-8", errors="replace")[:5000] for p in
-             sorted(stdlib_files())[:40]]  # fmt: skip
+    texts = [
+        Path(p).read_text(encoding="utf-8", errors="replace")[:5000]
+        for p in sorted(stdlib_files())[:40]
+    ]
     tok = train_tokenizer(texts, 512, root / "tok")
     small = dict(hidden_size=64, num_layers=2, num_heads=2, max_position_embeddings=256)
     slow = dict(hidden_size=256, num_layers=4, num_heads=4, max_position_embeddings=8192)
-    return {"a": _model_dir(root, tok, 1, **small), "b": _w8a8(_model_dir(root, tok, 2, **small)),
-            "slow": _model_dir(root, tok, 3, **slow)}  # fmt: skip
+    return {
+        "a": _model_dir(root, tok, 1, **small),
+        "b": _w8a8(_model_dir(root, tok, 2, **small)),
+        "slow": _model_dir(root, tok, 3, **slow),
+    }
 
 
 def _w8a8(model_dir: str) -> str:
@@ -53,15 +58,20 @@ def _w8a8(model_dir: str) -> str:
     from aigc_ray.optimize import run_optimize
 
     out = f"{model_dir}-w8a8"
-    run_optimize(OptimizeConfig(output_dir=out, quantization="w8a8", dtype="float32",
-                                benchmark=False), model_dir, None)  # fmt: skip
+    run_optimize(
+        OptimizeConfig(output_dir=out, quantization="w8a8", dtype="float32", benchmark=False),
+        model_dir,
+        None,
+    )
     return out
 
 
 # Every API test runs once per engine. vLLM runs its CPU build here, in eager mode (no
 # torch.compile warm-up: 25 s instead of 55 s per engine start) with a small KV cache each.
-VLLM = {"engine": "vllm", "vllm": {"kv_cache_memory_gb": 0.25,
-                                   "engine_kwargs": {"enforce_eager": True}}}  # fmt: skip
+VLLM = {
+    "engine": "vllm",
+    "vllm": {"kv_cache_memory_gb": 0.25, "engine_kwargs": {"enforce_eager": True}},
+}
 
 
 @pytest.fixture(scope="module", params=["builtin", "vllm"])
@@ -78,20 +88,39 @@ def base_url(ray_session, model_dirs, engine):
 
     chosen = VLLM if engine == "vllm" else {"engine": "builtin"}
     cfg = ServeConfig(
-        port=PORT, num_cpus=0.25, request_timeout_s=TIMEOUT_S, max_tokens_limit=SLOW_LIMIT,
+        port=PORT,
+        num_cpus=0.25,
+        request_timeout_s=TIMEOUT_S,
+        max_tokens_limit=SLOW_LIMIT,
         models=[
             {"name": "tiny-a", "model_dir": model_dirs["a"], **chosen},
             {"name": "tiny-b", "model_dir": model_dirs["b"], **chosen},
             # one request at a time, one more in the queue: the third gets a 503
-            {"name": "slow", "model_dir": model_dirs["slow"], "max_ongoing_requests": 1,
-             "max_queued_requests": 1, "max_batch_size": 1, "max_model_len": 8192, **chosen},
+            {
+                "name": "slow",
+                "model_dir": model_dirs["slow"],
+                "max_ongoing_requests": 1,
+                "max_queued_requests": 1,
+                "max_batch_size": 1,
+                "max_model_len": 8192,
+                **chosen,
+            },
             # no replica until the first request arrives (Serve's scale from zero does not
             # depend on the engine: the builtin one in both runs keeps the vLLM run shorter)
-            {"name": "lazy", "model_dir": model_dirs["a"], "engine": "builtin", "autoscaling": {
-                "min_replicas": 0, "max_replicas": 1, "initial_replicas": 0,
-                "upscale_delay_s": 0, "downscale_delay_s": 600}},
+            {
+                "name": "lazy",
+                "model_dir": model_dirs["a"],
+                "engine": "builtin",
+                "autoscaling": {
+                    "min_replicas": 0,
+                    "max_replicas": 1,
+                    "initial_replicas": 0,
+                    "upscale_delay_s": 0,
+                    "downscale_delay_s": 600,
+                },
+            },
         ],
-    )  # fmt: skip
+    )
     yield f"{run_serve(cfg)}/v1"
     serve.shutdown()  # free the replicas' CPU for the next module
 
@@ -142,14 +171,23 @@ def test_models_and_health(client, base_url):
 
 
 def test_completion_params_n_seed_usage(client):
-    out = client.completions.create(model="tiny-a", prompt="def add(a, b):", max_tokens=8,
-                                    temperature=0)  # fmt: skip
+    out = client.completions.create(
+        model="tiny-a", prompt="def add(a, b):", max_tokens=8, temperature=0
+    )
     assert out.model == "tiny-a" and out.object == "text_completion"
     assert out.usage.completion_tokens == 8 and out.usage.prompt_tokens > 0
     assert out.usage.total_tokens == out.usage.prompt_tokens + 8
     assert out.choices[0].finish_reason == "length"
-    kw = dict(model="tiny-a", prompt="import os", max_tokens=10, temperature=1.0, top_p=0.9,
-              seed=123, n=3, extra_body={"top_k": 40, "ignore_eos": True})  # fmt: skip
+    kw = dict(
+        model="tiny-a",
+        prompt="import os",
+        max_tokens=10,
+        temperature=1.0,
+        top_p=0.9,
+        seed=123,
+        n=3,
+        extra_body={"top_k": 40, "ignore_eos": True},
+    )
     first, again = client.completions.create(**kw), client.completions.create(**kw)
     assert [c.index for c in first.choices] == [0, 1, 2]
     assert [c.text for c in first.choices] == [c.text for c in again.choices]  # seeded
@@ -167,14 +205,29 @@ def test_models_show_the_engine_that_answered(client, engine, model_dirs):
 
 def _stop_candidate(text: str) -> int | None:
     """Index i >= 2 of the first occurrence of a printable character (a stop string)."""
-    return next((i for i in range(2, len(text)) if text[i].isprintable() and text[i].strip()
-                 and text[i] != "\ufffd" and text.find(text[i]) == i), None)  # fmt: skip
+    return next(
+        (
+            i
+            for i in range(2, len(text))
+            if text[i].isprintable()
+            and text[i].strip()
+            and text[i] != "\ufffd"
+            and text.find(text[i]) == i
+        ),
+        None,
+    )
 
 
 def test_stop_string_cuts_the_text(client):
     for seed in range(20):  # random-init model: find a sample with visible text to stop on
-        kw = dict(model="tiny-a", prompt="x = ", max_tokens=30, temperature=1.0, seed=seed,
-                  extra_body={"ignore_eos": True})  # fmt: skip
+        kw = dict(
+            model="tiny-a",
+            prompt="x = ",
+            max_tokens=30,
+            temperature=1.0,
+            seed=seed,
+            extra_body={"ignore_eos": True},
+        )
         text = client.completions.create(**kw).choices[0].text
         if (i := _stop_candidate(text)) is not None:
             break
@@ -187,24 +240,41 @@ def test_stop_string_cuts_the_text(client):
 
 def test_chat_completion(client):
     out = client.chat.completions.create(
-        model="tiny-b", messages=[{"role": "system", "content": "You write Python."},
-                                  {"role": "user", "content": "A stack class:"}],
-        max_tokens=12, temperature=0)  # fmt: skip
+        model="tiny-b",
+        messages=[
+            {"role": "system", "content": "You write Python."},
+            {"role": "user", "content": "A stack class:"},
+        ],
+        max_tokens=12,
+        temperature=0,
+    )
     assert out.object == "chat.completion" and out.model == "tiny-b"
     assert out.choices[0].message.role == "assistant"
     assert isinstance(out.choices[0].message.content, str)
     assert out.usage.completion_tokens <= 12 and out.usage.prompt_tokens > 10  # template added
     # no max_tokens: as many as fit in the context window (256), capped by the server's limit
-    free = client.chat.completions.create(model="tiny-b", temperature=0, extra_body={
-        "ignore_eos": True}, messages=[{"role": "user", "content": "hi"}])  # fmt: skip
+    free = client.chat.completions.create(
+        model="tiny-b",
+        temperature=0,
+        extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": "hi"}],
+    )
     assert free.usage.prompt_tokens + free.usage.completion_tokens == 256
 
 
 def test_models_are_routed_by_name(client):
     # same seed, same prompt: only the weights differ (greedy tiny random models just repeat)
-    outs = {m: client.completions.create(model=m, prompt="class Stack:", max_tokens=20,
-                                         temperature=1.0, seed=0, extra_body={"ignore_eos": True})
-            for m in ("tiny-a", "tiny-b")}  # fmt: skip
+    outs = {
+        m: client.completions.create(
+            model=m,
+            prompt="class Stack:",
+            max_tokens=20,
+            temperature=1.0,
+            seed=0,
+            extra_body={"ignore_eos": True},
+        )
+        for m in ("tiny-a", "tiny-b")
+    }
     assert outs["tiny-a"].choices[0].text != outs["tiny-b"].choices[0].text
     assert stats("tiny-a")["finished"] > 0 and stats("tiny-b")["finished"] > 0
 
@@ -224,9 +294,16 @@ def test_streaming_completion_equals_whole_completion(client, base_url):
 
 def test_streaming_chat_with_usage_and_n(client):
     stream = client.chat.completions.create(
-        model="tiny-b", messages=[{"role": "user", "content": "hello"}], max_tokens=6, n=2,
-        temperature=0.7, seed=5, stream=True, stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True})  # fmt: skip
+        model="tiny-b",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=6,
+        n=2,
+        temperature=0.7,
+        seed=5,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(stream)
     roles = [c.choices[0].delta.role for c in chunks if c.choices and c.choices[0].delta.role]
     assert roles == ["assistant", "assistant"]
@@ -241,8 +318,9 @@ def test_prompt_lists_and_token_ids_give_one_choice_per_prompt(client, model_dir
 
     ids = AutoTokenizer.from_pretrained(model_dirs["a"])("def f():")["input_ids"]
     kw = dict(model="tiny-a", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
-    single = [client.completions.create(prompt=p, **kw).choices[0].text
-              for p in ("def f():", "import os")]  # fmt: skip
+    single = [
+        client.completions.create(prompt=p, **kw).choices[0].text for p in ("def f():", "import os")
+    ]
     both = client.completions.create(prompt=["def f():", "import os"], n=2, **kw)
     assert [c.index for c in both.choices] == [0, 1, 2, 3]  # prompt by prompt, n each
     assert [c.text for c in both.choices] == [single[0], single[0], single[1], single[1]]
@@ -271,8 +349,9 @@ def test_logprobs_and_echo_match_transformers(client, model_dirs):
 
     tok = AutoTokenizer.from_pretrained(model_dirs["a"])
     ids = tok("def add(a, b): return a + b")["input_ids"]
-    out = client.completions.create(model="tiny-a", prompt=ids, max_tokens=1, temperature=0,
-                                    logprobs=1, echo=True)  # fmt: skip
+    out = client.completions.create(
+        model="tiny-a", prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True
+    )
     lp = out.choices[0].logprobs
     assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None
     assert out.choices[0].text.startswith(tok.decode(ids))
@@ -282,13 +361,19 @@ def test_logprobs_and_echo_match_transformers(client, model_dirs):
         assert abs(max(lp.top_logprobs[t].values()) - float(ref[t - 1].max())) < 2e-3, t
     greedy = int(ref[-1].argmax())
     assert out.choices[0].logprobs.tokens[-1] == tok.decode([greedy])  # the generated token
-    scored = client.completions.create(model="tiny-a", prompt=ids, max_tokens=0, echo=True,
-                                       logprobs=0)  # fmt: skip
+    scored = client.completions.create(
+        model="tiny-a", prompt=ids, max_tokens=0, echo=True, logprobs=0
+    )
     assert scored.usage.completion_tokens == 0
     assert scored.choices[0].logprobs.token_logprobs[1:] == lp.token_logprobs[1:-1]
-    gen = client.completions.create(model="tiny-a", prompt="import os", max_tokens=5,
-                                    temperature=0, logprobs=3,
-                                    extra_body={"ignore_eos": True})  # fmt: skip
+    gen = client.completions.create(
+        model="tiny-a",
+        prompt="import os",
+        max_tokens=5,
+        temperature=0,
+        logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     glp = gen.choices[0].logprobs
     assert len(glp.tokens) == len(glp.token_logprobs) == 5
     assert all(3 <= len(top) <= 4 for top in glp.top_logprobs)  # 3 (+ the chosen one)
@@ -296,10 +381,15 @@ def test_logprobs_and_echo_match_transformers(client, model_dirs):
         abs(t - max(top.values())) < 1e-4
         for t, top in zip(glp.token_logprobs, glp.top_logprobs, strict=True)
     )  # greedy: the best
-    chat = client.chat.completions.create(model="tiny-b", max_tokens=3, temperature=0,
-                                          logprobs=True, top_logprobs=2, extra_body={
-                                              "ignore_eos": True},
-                                          messages=[{"role": "user", "content": "hi"}])  # fmt: skip
+    chat = client.chat.completions.create(
+        model="tiny-b",
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": "hi"}],
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == 3 and all(len(c.top_logprobs) == 2 for c in content)
 
@@ -340,8 +430,9 @@ def test_context_overflow_and_auth_and_chat_errors(client, base_url):
 
     for stream in (False, True):
         with pytest.raises(BadRequestError) as e:
-            client.completions.create(model="tiny-a", prompt="x " * 300, max_tokens=10,
-                                      stream=stream)  # fmt: skip
+            client.completions.create(
+                model="tiny-a", prompt="x " * 300, max_tokens=10, stream=stream
+            )
         assert e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(BadRequestError) as e:
         client.chat.completions.create(model="tiny-a", messages=[], max_tokens=3)
@@ -366,8 +457,11 @@ def test_context_overflow_and_auth_and_chat_errors(client, base_url):
 
 def test_timeout_gets_408_and_frees_the_engine(client, base_url):
     started = time.monotonic()
-    resp = post(base_url, "/completions", {"model": "slow", "prompt": "x", "max_tokens":
-                                           SLOW_LIMIT, "ignore_eos": True})  # fmt: skip
+    resp = post(
+        base_url,
+        "/completions",
+        {"model": "slow", "prompt": "x", "max_tokens": SLOW_LIMIT, "ignore_eos": True},
+    )
     assert resp.status_code == 408, resp.text
     assert resp.json()["error"]["type"] == "timeout"
     assert TIMEOUT_S <= time.monotonic() - started < TIMEOUT_S + 5
@@ -401,11 +495,21 @@ def test_overload_beyond_the_queue_gets_503(base_url):
 
 def test_client_disconnect_cancels_generation(base_url):
     before = quiet_stats("slow")
-    body = {"model": "slow", "prompt": "x", "max_tokens": SLOW_LIMIT, "ignore_eos": True,
-            "stream": True}  # fmt: skip
+    body = {
+        "model": "slow",
+        "prompt": "x",
+        "max_tokens": SLOW_LIMIT,
+        "ignore_eos": True,
+        "stream": True,
+    }
     started = time.monotonic()
-    with httpx.stream("POST", f"{base_url}/completions", json=body, timeout=30,
-                      headers={"Authorization": f"Bearer {KEY}"}) as resp:  # fmt: skip
+    with httpx.stream(
+        "POST",
+        f"{base_url}/completions",
+        json=body,
+        timeout=30,
+        headers={"Authorization": f"Bearer {KEY}"},
+    ) as resp:
         assert resp.status_code == 200
         got = 0
         for line in resp.iter_lines():
@@ -481,8 +585,11 @@ def test_dead_vllm_engine_gets_503_and_the_replica_is_replaced(engine, client, b
     result: dict = {}
 
     def long_request():
-        result["resp"] = post(base_url, "/completions", {"model": "tiny-a", "prompt": "x",
-                              "max_tokens": 250, "ignore_eos": True})  # fmt: skip
+        result["resp"] = post(
+            base_url,
+            "/completions",
+            {"model": "tiny-a", "prompt": "x", "max_tokens": 250, "ignore_eos": True},
+        )
 
     thread = threading.Thread(target=long_request)
     thread.start()
@@ -516,14 +623,22 @@ def test_prometheus_metrics_are_exported(client, ray_session, engine):
     before = _counter(urllib.request.urlopen(url, timeout=10).read().decode(), "tiny-a")
     client.completions.create(model="tiny-a", prompt="x", max_tokens=4)
     client.completions.create(model="tiny-a", prompt="y", max_tokens=4)
-    wanted = ["ray_aigc_ray_requests_total", "ray_aigc_ray_request_errors_total",
-              "ray_aigc_ray_time_to_first_token_seconds_bucket",
-              "ray_aigc_ray_inter_token_latency_seconds_bucket",
-              "ray_aigc_ray_generated_tokens_total", "ray_aigc_ray_running_requests",
-              "ray_aigc_ray_queued_requests"]  # fmt: skip
+    wanted = [
+        "ray_aigc_ray_requests_total",
+        "ray_aigc_ray_request_errors_total",
+        "ray_aigc_ray_time_to_first_token_seconds_bucket",
+        "ray_aigc_ray_inter_token_latency_seconds_bucket",
+        "ray_aigc_ray_generated_tokens_total",
+        "ray_aigc_ray_running_requests",
+        "ray_aigc_ray_queued_requests",
+    ]
     if engine == "vllm":  # vLLM's own series too, through Ray's metrics agent
-        wanted += ["ray_aigc_ray_kv_cache_usage", "ray_vllm_kv_cache_usage_perc",
-                   "ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting"]  # fmt: skip
+        wanted += [
+            "ray_aigc_ray_kv_cache_usage",
+            "ray_vllm_kv_cache_usage_perc",
+            "ray_vllm_num_requests_running",
+            "ray_vllm_num_requests_waiting",
+        ]
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:
         text = urllib.request.urlopen(url, timeout=10).read().decode()
@@ -540,7 +655,10 @@ def _counter(text: str, model: str) -> float:
     """Sum of ray_aigc_ray_requests_total over the 200 series of ``model``."""
     total = 0.0
     for line in text.splitlines():
-        if line.startswith("ray_aigc_ray_requests_total{") and f'model="{model}"' in line \
-                and 'status="200"' in line:  # fmt: skip
+        if (
+            line.startswith("ray_aigc_ray_requests_total{")
+            and f'model="{model}"' in line
+            and 'status="200"' in line
+        ):
             total += float(line.rsplit(" ", 1)[1])
     return total

@@ -162,9 +162,12 @@ def test_serve_openai_client_completion(endpoint, cfg):
     client = OpenAI(base_url=f"{endpoint}/v1", api_key=KEY)
     assert [m.id for m in client.models.list().data] == [cfg.serve.model_name]
     out = client.completions.create(
-        model=cfg.serve.model_name, prompt="def add(a, b):", max_tokens=8, temperature=0,
+        model=cfg.serve.model_name,
+        prompt="def add(a, b):",
+        max_tokens=8,
+        temperature=0,
         extra_body={"ignore_eos": True},
-    )  # fmt: skip
+    )
     assert out.usage.completion_tokens == 8 and out.choices[0].text
     assert out.usage.prompt_tokens > 0
     assert out.choices[0].finish_reason in ("stop", "length")
@@ -197,8 +200,9 @@ def test_serve_errors_use_openai_shape_and_server_stays_up(endpoint, cfg):
         "param",
         "code",
     }
-    ok = client.completions.create(model=cfg.serve.model_name, prompt="x", max_tokens=2,
-                                   extra_body={"ignore_eos": True})  # fmt: skip
+    ok = client.completions.create(
+        model=cfg.serve.model_name, prompt="x", max_tokens=2, extra_body={"ignore_eos": True}
+    )
     assert ok.usage.completion_tokens == 2
 
 
@@ -222,9 +226,13 @@ def test_serve_concurrent_requests_are_batched(endpoint, cfg):
 
     def one(i):
         return client.completions.create(
-            model=cfg.serve.model_name, prompt=f"x = {i}", max_tokens=24, temperature=0.8,
-            seed=i, extra_body={"ignore_eos": True},
-        )  # fmt: skip
+            model=cfg.serve.model_name,
+            prompt=f"x = {i}",
+            max_tokens=24,
+            temperature=0.8,
+            seed=i,
+            extra_body={"ignore_eos": True},
+        )
 
     before = steps()
     with ThreadPoolExecutor(8) as pool:

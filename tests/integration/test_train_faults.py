@@ -17,13 +17,25 @@ from aigc_ray.config import load_config
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 OVERRIDES = [
-    "data.vocab_size=512", "data.seq_len=64", "train.seq_len=64", "data.val_fraction=0.1",
-    "data.near_dedup=false", "data.batch_size=32",
-    "model.hidden_size=64", "model.num_layers=2", "model.num_heads=2",
+    "data.vocab_size=512",
+    "data.seq_len=64",
+    "train.seq_len=64",
+    "data.val_fraction=0.1",
+    "data.near_dedup=false",
+    "data.batch_size=32",
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.num_heads=2",
     "model.max_position_embeddings=128",
-    "train.batch_size=4", "train.max_steps=60", "train.checkpoint_every=5", "train.eval_every=30",
-    "train.eval_batches=1", "train.warmup_steps=5", "train.shuffle_buffer=64", "train.ledger=true",
-]  # fmt: skip
+    "train.batch_size=4",
+    "train.max_steps=60",
+    "train.checkpoint_every=5",
+    "train.eval_every=30",
+    "train.eval_batches=1",
+    "train.warmup_steps=5",
+    "train.shuffle_buffer=64",
+    "train.ledger=true",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +43,9 @@ def data_cfg(ray_session, tmp_path_factory):
     from aigc_ray.data import run_preprocess
 
     root = tmp_path_factory.mktemp("faults")
-    cfg = load_config("configs/tiny.yaml", [*OVERRIDES, f"data.output_dir={root / 'data'}",
-                                            "data.max_docs=150"])  # fmt: skip
+    cfg = load_config(
+        "configs/tiny.yaml", [*OVERRIDES, f"data.output_dir={root / 'data'}", "data.max_docs=150"]
+    )
     m = run_preprocess(cfg.data)
     rows = m["splits"]["train"]["blocks"]
     assert rows >= 60 * 8, "corpus too small for 60 steps of 2 x 4 rows in one epoch"
@@ -148,11 +161,20 @@ def test_lora_run_exports_a_merged_plain_model(data_cfg, s3_server):
     cfg, root = data_cfg
     model_cfg = cfg.model.model_copy(update={"lora_r": 4})
     export = "s3://aigc-test/runs/lora/model"
-    r = fit(_train_cfg(cfg, root, "lora", max_steps=8, eval_every=8, ledger=False, lr=0.01,
-                       export_dir=export), model_cfg, cfg.data.output_dir)  # fmt: skip
+    r = fit(
+        _train_cfg(
+            cfg, root, "lora", max_steps=8, eval_every=8, ledger=False, lr=0.01, export_dir=export
+        ),
+        model_cfg,
+        cfg.data.output_dir,
+    )
     assert r.exported_to == r.serving_dir == export and f"exported   {export}" in r.summary()
-    keys = {o["Key"] for o in s3_server.list_objects_v2(Bucket="aigc-test",
-                                                         Prefix="runs/lora/model/")["Contents"]}  # fmt: skip
+    keys = {
+        o["Key"]
+        for o in s3_server.list_objects_v2(Bucket="aigc-test", Prefix="runs/lora/model/")[
+            "Contents"
+        ]
+    }
     local = {f"runs/lora/model/{p.name}" for p in Path(r.model_dir).iterdir()}
     assert keys - {"runs/lora/model/"} == local  # (pyarrow may leave a directory marker)
     check_model_dir(export)

@@ -117,8 +117,11 @@ def test_main_train_without_shards(tmp_path, capsys):
 
 
 def write_manifest(d: Path, seq_len: int = 128, blocks: int = 100) -> None:
-    manifest = {"seq_len": seq_len, "tokenizer_dir": str(d / "tok"),
-                "splits": {"train": {"blocks": blocks}, "val": {"blocks": 1}}}  # fmt: skip
+    manifest = {
+        "seq_len": seq_len,
+        "tokenizer_dir": str(d / "tok"),
+        "splits": {"train": {"blocks": blocks}, "val": {"blocks": 1}},
+    }
     (d / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -200,9 +203,18 @@ def test_check_learned_without_validation():
 
 
 def make_result(**kw) -> TrainResult:
-    base = dict(model_dir="runs/x/train/model", run_dir="runs/x/train", steps=300, tokens=1234567,
-                first_loss=9.01, last_loss=3.21, val_loss_initial=9.05, val_loss_final=3.5,
-                seconds=61.2, params=4_980_000)  # fmt: skip
+    base = dict(
+        model_dir="runs/x/train/model",
+        run_dir="runs/x/train",
+        steps=300,
+        tokens=1234567,
+        first_loss=9.01,
+        last_loss=3.21,
+        val_loss_initial=9.05,
+        val_loss_final=3.5,
+        seconds=61.2,
+        params=4_980_000,
+    )
     return TrainResult(**{**base, **kw})
 
 
@@ -212,19 +224,37 @@ MANIFEST = {
     "tokens": 2345678,
     "vocab_size": 8192,
     "seq_len": 128,
-    "splits": {"train": {"blocks": 17500, "shards": ["a", "b"]},
-               "val": {"blocks": 812, "shards": ["c"]}},
-}  # fmt: skip
+    "splits": {
+        "train": {"blocks": 17500, "shards": ["a", "b"]},
+        "val": {"blocks": 812, "shards": ["c"]},
+    },
+}
 
 
 def test_format_summary_contains_the_counts():
-    text = format_summary(MANIFEST, make_result(), "http://127.0.0.1:8000",
-                          [("def f():", " return 1\n")], 95.4)  # fmt: skip
-    for part in ("674 read", "660 kept", "2,345,678", "8192", "17500 train", "812 val",
-                 "of 128", "3 parquet files", "300 steps", "1,234,567", "5.0M params",
-                 "9.010 -> 3.210", "9.050 untrained -> 3.500 trained",
-                 "runs/x/train/model", "http://127.0.0.1:8000/v1", "'def f():'",
-                 "def f(): return 1", "wall time      95 s"):  # fmt: skip
+    text = format_summary(
+        MANIFEST, make_result(), "http://127.0.0.1:8000", [("def f():", " return 1\n")], 95.4
+    )
+    for part in (
+        "674 read",
+        "660 kept",
+        "2,345,678",
+        "8192",
+        "17500 train",
+        "812 val",
+        "of 128",
+        "3 parquet files",
+        "300 steps",
+        "1,234,567",
+        "5.0M params",
+        "9.010 -> 3.210",
+        "9.050 untrained -> 3.500 trained",
+        "runs/x/train/model",
+        "http://127.0.0.1:8000/v1",
+        "'def f():'",
+        "def f(): return 1",
+        "wall time      95 s",
+    ):
         assert part in text, part
 
 
@@ -271,8 +301,15 @@ def test_main_generate_fails_fast_without_inputs_or_model(tmp_path, capsys, no_r
     assert rc == 2 and "generate.inputs is empty" in capsys.readouterr().err
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "x"}\n')
-    rc = main(["generate", "--config", TINY, f"generate.inputs=[{prompts}]",
-               f"generate.model_dir={tmp_path}"])  # fmt: skip
+    rc = main(
+        [
+            "generate",
+            "--config",
+            TINY,
+            f"generate.inputs=[{prompts}]",
+            f"generate.model_dir={tmp_path}",
+        ]
+    )
     assert rc == 2 and str(tmp_path) in capsys.readouterr().err
     if not no_ray:
         assert ray.is_initialized() is False

@@ -115,8 +115,10 @@ def _check_start_commands(prepared: dict[str, Any]) -> list[str]:
             if not _AUTH_EXPORT.search(before_start):
                 errors.append(f"{key}: `ray start` without RAY_AUTH_MODE=token before it: {cmd!r}")
             if not _VENV_PATH.search(before_start):
-                errors.append(f"{key}: `ray start` without the venv first on PATH (jobs' `python` "
-                              f"would be the system's): {cmd!r}")  # fmt: skip
+                errors.append(
+                    f"{key}: `ray start` without the venv first on PATH (jobs' `python` "
+                    f"would be the system's): {cmd!r}"
+                )
     head_starts = [c for c in prepared.get("head_start_ray_commands", []) if "--head" in c]
     for cmd in head_starts:
         hosts = _DASHBOARD_HOST.findall(cmd)

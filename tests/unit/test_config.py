@@ -33,7 +33,7 @@ def test_tiny_yaml_loads_with_its_values():
     cfg = load_config(TINY)
     assert isinstance(cfg, PipelineConfig)
     assert cfg.data.inputs == ["stdlib"]
-    assert cfg.data.seq_len == cfg.train.seq_len == 128
+    assert cfg.data.seq_len == 128 and cfg.train.seq_len is None  # the shards' own
     assert cfg.train.max_steps == 300
     assert cfg.train.lr == pytest.approx(0.002)
     assert cfg.model.hidden_size == 256
@@ -216,10 +216,10 @@ def test_write_resolved_section_with_name(tmp_path):
 def test_resolved_dirs():
     cfg = load_config(None, ["train.run_dir=r/train", "data.output_dir=d"])
     assert cfg.resolved_data_dir() == "d"
-    assert cfg.resolved_model_dir() == str(Path("r/train") / "model")
+    assert cfg.serve_model_dir() == str(Path("r/train") / "model")
     cfg = load_config(None, ["train.data_dir=other", "serve.model_dir=m"])
     assert cfg.resolved_data_dir() == "other"
-    assert cfg.resolved_model_dir() == "m"
+    assert cfg.serve_model_dir() == "m"
 
 
 @pytest.mark.parametrize(

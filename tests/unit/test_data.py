@@ -148,7 +148,7 @@ def test_list_column_variable_lengths():
     assert list_column([]).to_pylist() == []
 
 
-# ---------------------------------------------------------------- readers: documents or quarantine rows
+# ------------------------------------------------------- readers: documents or quarantine rows
 
 
 def only(cfg_inputs: list[str]) -> InputFile:
@@ -210,7 +210,7 @@ def test_read_parquet_column(tmp_path):
     assert "missing column 'text'" in missing["reason"][0]
 
 
-# ---------------------------------------------------------------- clean -> keep -> tokenize/pack (no Ray)
+# ------------------------------------------------- clean -> keep -> tokenize/pack (no Ray)
 
 
 SEQ_LEN = 32

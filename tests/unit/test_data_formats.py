@@ -76,8 +76,14 @@ def test_corrupt_parquet_and_csv_and_text_modes(tmp_path):
 
 
 def test_quality_filters_count_first_failure():
-    rules = QualityRules(min_chars=5, max_chars=100, max_line_length=20, min_alnum_fraction=0.5,
-                         max_repeated_line_fraction=0.3, blocklist=("lorem ipsum",))  # fmt: skip
+    rules = QualityRules(
+        min_chars=5,
+        max_chars=100,
+        max_line_length=20,
+        min_alnum_fraction=0.5,
+        max_repeated_line_fraction=0.3,
+        blocklist=("lorem ipsum",),
+    )
     f = build_filters(rules)
     assert first_failure("abc", f) == "min_chars"
     assert first_failure("x" * 101, f) == "max_chars"
@@ -90,8 +96,11 @@ def test_quality_filters_count_first_failure():
 
 
 def test_sft_labels_mask_everything_but_assistant_content():
-    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "hello"}]  # fmt: skip
+    msgs = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    ]
     pieces = default_pieces(parse_messages(json.dumps(msgs)), "<eos>")
     ids, labels = encode_pieces(pieces, lambda t: [ord(c) for c in t])
     learned = "".join(chr(i) for i, lab in zip(ids, labels, strict=True) if lab != IGNORE)
@@ -114,8 +123,15 @@ def test_sft_pad_mode_truncates_and_pads():
 
 def test_tokenize_udf_sft_pack_keeps_labels_aligned(tiny_tokenizer):
     msgs = [{"role": "user", "content": "add 2 and 2"}, {"role": "assistant", "content": "4"}]
-    udf = TokenizePackUDF(tiny_tokenizer.backend_tokenizer.to_str(), tiny_tokenizer.eos_token,
-                          tiny_tokenizer.pad_token, 16, 0.0, 0, fmt="sft")  # fmt: skip
+    udf = TokenizePackUDF(
+        tiny_tokenizer.backend_tokenizer.to_str(),
+        tiny_tokenizer.eos_token,
+        tiny_tokenizer.pad_token,
+        16,
+        0.0,
+        0,
+        fmt="sft",
+    )
     out = udf(pa.table({"text": [json.dumps(msgs)] * 6}))
     ids = np.concatenate([np.asarray(x, np.int64) for x in out["input_ids"].to_pylist()])
     labels = np.concatenate([np.asarray(x, np.int64) for x in out["labels"].to_pylist()])

@@ -37,8 +37,10 @@ def test_requests_joining_mid_flight_match_hf_generate(model, tokenizer, own_cor
         long = eng.submit(PROMPTS[3], SamplingParams(max_tokens=40, temperature=0))
         wait_for(lambda: len(long.row.token_ids) >= 5)
         lengths = (7, 12, 3, 9)  # short ones finish and free slots while `long` keeps going
-        joiners = [eng.submit(p, SamplingParams(max_tokens=n, temperature=0))
-                   for p, n in zip(PROMPTS, lengths, strict=True)]  # fmt: skip
+        joiners = [
+            eng.submit(p, SamplingParams(max_tokens=n, temperature=0))
+            for p, n in zip(PROMPTS, lengths, strict=True)
+        ]
         assert long.result(30).token_ids == hf_greedy(model, tokenizer, PROMPTS[3], 40)
     for req, prompt, n in zip(joiners, PROMPTS, lengths, strict=True):
         assert req.result(30).token_ids == hf_greedy(model, tokenizer, prompt, n)
@@ -108,8 +110,9 @@ def test_ignore_eos_generates_exactly_max_tokens(model, tokenizer):  # noqa: F81
     try:
         eng = GenerationEngine(model, tokenizer)
         stopped = eng.generate([PROMPTS[2]], [SamplingParams(max_tokens=12, temperature=0)])
-        forced = eng.generate([PROMPTS[2]], [SamplingParams(max_tokens=12, temperature=0,
-                                                               ignore_eos=True)])  # fmt: skip
+        forced = eng.generate(
+            [PROMPTS[2]], [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)]
+        )
         eng.close()
     finally:
         model.generation_config.eos_token_id = original
@@ -169,8 +172,9 @@ def test_running_batch_merge_keep_and_trim():
         mask = torch.zeros((b, t), dtype=torch.long)
         for i, w in enumerate(widths):
             mask[i, t - w :] = 1
-        return RunningBatch(list(range(b)), cache, mask, torch.zeros(b, dtype=torch.long),
-                            torch.tensor(widths))  # fmt: skip
+        return RunningBatch(
+            list(range(b)), cache, mask, torch.zeros(b, dtype=torch.long), torch.tensor(widths)
+        )
 
     a, b = part([3, 2], 1.0), part([5], 2.0)
     a.rows, b.rows = ["a0", "a1"], ["b0"]

@@ -77,24 +77,43 @@ def test_auto_falls_back_when_vllm_fails_to_load(tmp_path, tiny_model_dir, monke
 
 
 def test_vllm_engine_args_pass_through():
-    args = engine_args("/m", dtype="bfloat16", max_model_len=512, max_batch_size=64,
-                       tensor_parallel_size=4, gpu_memory_utilization=0.8, quantization="fp8",
-                       enable_prefix_caching=True, engine_kwargs={"enforce_eager": True})  # fmt: skip
+    args = engine_args(
+        "/m",
+        dtype="bfloat16",
+        max_model_len=512,
+        max_batch_size=64,
+        tensor_parallel_size=4,
+        gpu_memory_utilization=0.8,
+        quantization="fp8",
+        enable_prefix_caching=True,
+        engine_kwargs={"enforce_eager": True},
+    )
     assert args["model"] == "/m" and args["dtype"] == "bfloat16"
     assert (args["max_model_len"], args["max_num_seqs"]) == (512, 64)
     assert args["tensor_parallel_size"] == 4 and args["distributed_executor_backend"] == "ray"
     assert (args["gpu_memory_utilization"], args["quantization"]) == (0.8, "fp8")
     assert args["enable_prefix_caching"] and args["enforce_eager"]
-    one = engine_args("/m", dtype="float32", max_model_len=None, max_batch_size=None,
-                      tensor_parallel_size=1, gpu_memory_utilization=0.9, quantization=None,
-                      enable_prefix_caching=True, engine_kwargs=None)  # fmt: skip
+    one = engine_args(
+        "/m",
+        dtype="float32",
+        max_model_len=None,
+        max_batch_size=None,
+        tensor_parallel_size=1,
+        gpu_memory_utilization=0.9,
+        quantization=None,
+        enable_prefix_caching=True,
+        engine_kwargs=None,
+    )
     assert "max_model_len" not in one and "max_num_seqs" not in one  # vLLM's own defaults
     assert "distributed_executor_backend" not in one and "quantization" not in one
 
 
 def test_vllm_settings_become_engine_options():
-    m = ServedModel(name="x", model_dir="/m", vllm={"kv_cache_memory_gb": 0.5,
-                                                    "engine_kwargs": {"enforce_eager": True}})  # fmt: skip
+    m = ServedModel(
+        name="x",
+        model_dir="/m",
+        vllm={"kv_cache_memory_gb": 0.5, "engine_kwargs": {"enforce_eager": True}},
+    )
     options = vllm_engine_options(m.vllm.model_dump())
     assert options["engine_kwargs"] == {"enforce_eager": True, "kv_cache_memory_bytes": 2**29}
     assert options["enable_prefix_caching"] is True  # on by default

@@ -21,8 +21,17 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def test_row_params_override_defaults_and_skip_nulls():
     cfg = GenerateConfig(max_tokens=10, temperature=0.5, seed=1)
-    p = row_params({"prompt": "x", "max_tokens": 3.0, "top_k": 5, "stop": "\n", "seed": None,
-                    "temperature": math.nan}, cfg)  # fmt: skip
+    p = row_params(
+        {
+            "prompt": "x",
+            "max_tokens": 3.0,
+            "top_k": 5,
+            "stop": "\n",
+            "seed": None,
+            "temperature": math.nan,
+        },
+        cfg,
+    )
     assert (p.max_tokens, p.top_k, p.stop, p.seed, p.temperature) == (3, 5, ["\n"], 1, 0.5)
     assert isinstance(p.max_tokens, int)
     assert row_params({"stop": ["a", "b"]}, cfg).stop == ["a", "b"]

@@ -110,8 +110,14 @@ def test_untied_model_has_more_params(tiny_model_cfg, tiny_tokenizer, tiny_model
 
 
 def test_gqa_and_intermediate_override(tiny_tokenizer):
-    cfg = ModelConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                      intermediate_size=48, max_position_embeddings=16)  # fmt: skip
+    cfg = ModelConfig(
+        hidden_size=32,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=16,
+    )
     m = build_model(cfg, tiny_tokenizer)
     assert m.config.num_key_value_heads == 2
     assert m.config.intermediate_size == 48

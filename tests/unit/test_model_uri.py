@@ -69,8 +69,8 @@ def test_bad_remote_model_dirs_are_clear_errors(tiny_model_dir, tmp_path):
 
 def test_export_dir_is_the_default_for_serve_and_generate():
     cfg = PipelineConfig(train={"export_dir": "s3://bucket/aigc/model"})
-    assert cfg.resolved_model_dir() == cfg.resolved_generate_model_dir() == "s3://bucket/aigc/model"
-    assert PipelineConfig().resolved_model_dir().endswith("train/model")
+    assert cfg.serve_model_dir() == cfg.generate_model_dir() == "s3://bucket/aigc/model"
+    assert PipelineConfig().serve_model_dir().endswith("train/model")
 
 
 def test_an_export_dir_overlapping_the_model_is_refused(tiny_model_dir, tmp_path):

@@ -59,8 +59,13 @@ def trained_model_dir(tmp_path_factory, tiny_model_cfg, tiny_tokenizer, data_dir
 
 
 def opt(tmp_path, **kw) -> OptimizeConfig:
-    base = {"output_dir": str(tmp_path / "out"), "benchmark": False, "eval_blocks": 16,
-            "held_prompts": 4, "agreement_tokens": 8}  # fmt: skip
+    base = {
+        "output_dir": str(tmp_path / "out"),
+        "benchmark": False,
+        "eval_blocks": 16,
+        "held_prompts": 4,
+        "agreement_tokens": 8,
+    }
     return OptimizeConfig(**{**base, **kw})
 
 
@@ -90,13 +95,17 @@ def test_mlp_channel_pruning_gives_a_smaller_model_that_still_runs(tiny_model, t
 
 
 @pytest.mark.parametrize("method", ["w8a8", "int8_weight_only", "int4_weight_only"])
-def test_quantized_directory_is_served_on_int_kernels_and_reported(tmp_path, tiny_model_dir,
-                                                                   data_dir, method):  # fmt: skip
+def test_quantized_directory_is_served_on_int_kernels_and_reported(
+    tmp_path, tiny_model_dir, data_dir, method
+):
     from aigc_ray.engine import GenerationEngine, SamplingParams
     from aigc_ray.engine.quant import Int4Linear, Int8Linear
 
-    report = run_optimize(opt(tmp_path, quantization=method, max_perplexity_increase=1.0),
-                          str(tiny_model_dir), data_dir)  # fmt: skip
+    report = run_optimize(
+        opt(tmp_path, quantization=method, max_perplexity_increase=1.0),
+        str(tiny_model_dir),
+        data_dir,
+    )
     out = Path(report["output_dir"])
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
@@ -123,8 +132,11 @@ def test_perplexity_gate_rejects_a_damaged_model(tmp_path, trained_model_dir, da
     assert "rejected" in str(e.value) and e.value.report["passed"] is False
     assert e.value.report["perplexity_increase"] > 0.01
     assert "magnitude pruning 95%" in e.value.report["steps"]
-    mild = run_optimize(opt(tmp_path, pruning="magnitude", sparsity=0.1,
-                            max_perplexity_increase=0.05), trained_model_dir, data_dir)  # fmt: skip
+    mild = run_optimize(
+        opt(tmp_path, pruning="magnitude", sparsity=0.1, max_perplexity_increase=0.05),
+        trained_model_dir,
+        data_dir,
+    )
     assert mild["passed"] and mild["perplexity_increase"] < 0.05  # a light touch passes
     assert mild["greedy_agreement"] > 0.5
 
@@ -156,8 +168,9 @@ def test_bf16_without_cpu_support_is_refused(tmp_path, tiny_model_dir, monkeypat
 def test_models_without_linear_layers_cannot_be_quantized(tmp_path, tiny_tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(
-        tiny_tokenizer)))  # fmt: skip
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tiny_tokenizer))
+    )
     src = tmp_path / "gpt2"
     model.save_pretrained(str(src))
     tiny_tokenizer.save_pretrained(str(src))

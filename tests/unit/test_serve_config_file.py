@@ -44,7 +44,7 @@ def test_serve_yaml_passes_rays_schema_with_no_unknown_keys(raw):
 def test_serve_yaml_args_are_serve_config_fields_matching_tiny_yaml(app):
     cfg = ServeConfig(**app["args"])  # extra="forbid": a typo raises here
     tiny = load_config(TINY)
-    assert cfg.model_dir == tiny.resolved_model_dir()
+    assert cfg.model_dir == tiny.serve_model_dir()
     assert cfg.model_name == tiny.serve.model_name
     assert cfg.max_tokens_limit == tiny.serve.max_tokens_limit
 

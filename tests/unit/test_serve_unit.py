@@ -109,8 +109,9 @@ def req(**kw) -> CompletionRequest:
 
 
 def chat(**kw) -> ChatCompletionRequest:
-    return ChatCompletionRequest(**{"model": "m", "messages": [{"role": "user", "content": "hi"}],
-                                    **kw})  # fmt: skip
+    return ChatCompletionRequest(
+        **{"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw}
+    )
 
 
 @pytest.mark.parametrize("max_tokens", [0, -1, 513])
@@ -122,8 +123,19 @@ def test_to_job_rejects_max_tokens_out_of_range(max_tokens):
 
 
 def test_to_job_maps_fields():
-    job = to_job(req(max_tokens=512, temperature=0.5, top_p=0.9, top_k=5, stop="\n", seed=7, n=3,
-                     ignore_eos=True), 512)  # fmt: skip
+    job = to_job(
+        req(
+            max_tokens=512,
+            temperature=0.5,
+            top_p=0.9,
+            top_k=5,
+            stop="\n",
+            seed=7,
+            n=3,
+            ignore_eos=True,
+        ),
+        512,
+    )
     p = job.params
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed) == (512, 0.5, 0.9, 5, 7)
     assert p.stop == ["\n"] and p.ignore_eos and job.n == 3 and job.kind == "completion"
@@ -191,8 +203,10 @@ def test_render_chat_default_template_and_own_template(tiny_tokenizer):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     assert not getattr(tiny_tokenizer, "chat_template", None)
     text, stop = render_chat(tiny_tokenizer, messages)
-    assert text == ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
-                    "<|im_start|>assistant\n")  # fmt: skip
+    assert text == (
+        "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     assert stop == ["<|im_end|>"]
     tiny_tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}>"
     try:
@@ -203,14 +217,22 @@ def test_render_chat_default_template_and_own_template(tiny_tokenizer):
 
 
 def test_response_bodies_usage_and_shape():
-    out = {"prompt_tokens": 7, "choices": [
-        {"text": " world", "finish_reason": "stop", "completion_tokens": 3},
-        {"text": "!", "finish_reason": "length", "completion_tokens": 4}]}  # fmt: skip
+    out = {
+        "prompt_tokens": 7,
+        "choices": [
+            {"text": " world", "finish_reason": "stop", "completion_tokens": 3},
+            {"text": "!", "finish_reason": "length", "completion_tokens": 4},
+        ],
+    }
     body = response_body("completion", "aigc-tiny", out)
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 7, "total_tokens": 14}
-    assert body["choices"][0] == {"index": 0, "text": " world", "logprobs": None,
-                                  "finish_reason": "stop"}  # fmt: skip
+    assert body["choices"][0] == {
+        "index": 0,
+        "text": " world",
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
     assert body["choices"][1]["index"] == 1
     chat_body = response_body("chat", "aigc-tiny", out)
     assert chat_body["object"] == "chat.completion" and chat_body["id"].startswith("chatcmpl-")
@@ -262,8 +284,10 @@ def test_parse_json_invalid(raw):
 def test_parse_json_not_an_object_and_valid():
     with pytest.raises(ApiError, match="JSON object"):
         parse_json(b"[1, 2]", CompletionRequest)
-    r = parse_json(json.dumps({"model": "m", "prompt": "x", "max_tokens": 3, "extra": 1}).encode(),
-                   CompletionRequest)  # fmt: skip
+    r = parse_json(
+        json.dumps({"model": "m", "prompt": "x", "max_tokens": 3, "extra": 1}).encode(),
+        CompletionRequest,
+    )
     assert r.max_tokens == 3
 
 
@@ -290,8 +314,10 @@ def test_parse_json_chat_messages():
         parse_json(b'{"model": "m", "messages": []}', ChatCompletionRequest)
     assert ei.value.param == "messages"
     with pytest.raises(ApiError) as ei:
-        parse_json(b'{"model": "m", "messages": [{"role": "robot", "content": "x"}]}',
-                   ChatCompletionRequest)  # fmt: skip
+        parse_json(
+            b'{"model": "m", "messages": [{"role": "robot", "content": "x"}]}',
+            ChatCompletionRequest,
+        )
     assert ei.value.param == "messages"
 
 
@@ -322,16 +348,32 @@ def test_build_app_rejects_unknown_arg(tiny_model_dir):
 def test_build_app_several_models(tiny_model_dir):
     from ray import serve
 
-    app = build_app({"models": [{"name": "a", "model_dir": str(tiny_model_dir)},
-                                {"name": "b", "model_dir": str(tiny_model_dir), "num_gpus": 1}]})  # fmt: skip
+    app = build_app(
+        {
+            "models": [
+                {"name": "a", "model_dir": str(tiny_model_dir)},
+                {"name": "b", "model_dir": str(tiny_model_dir), "num_gpus": 1},
+            ]
+        }
+    )
     assert isinstance(app, serve.Application)
 
 
 def test_served_models_inherit_section_settings():
-    cfg = ServeConfig(num_cpus=2, max_batch_size=8, models=[
-        {"name": "a", "model_dir": "/m/a"},
-        {"name": "b", "model_dir": "/m/b", "num_gpus": 1, "max_batch_size": 64,
-         "autoscaling": {"min_replicas": 0, "max_replicas": 4}}])  # fmt: skip
+    cfg = ServeConfig(
+        num_cpus=2,
+        max_batch_size=8,
+        models=[
+            {"name": "a", "model_dir": "/m/a"},
+            {
+                "name": "b",
+                "model_dir": "/m/b",
+                "num_gpus": 1,
+                "max_batch_size": 64,
+                "autoscaling": {"min_replicas": 0, "max_replicas": 4},
+            },
+        ],
+    )
     a, b = cfg.served_models()
     assert (a.name, a.num_cpus, a.max_batch_size, a.num_gpus) == ("a", 2, 8, 0)
     assert (b.num_cpus, b.max_batch_size, b.num_gpus) == (2, 64, 1)
@@ -352,8 +394,14 @@ def test_deployment_options_fixed_and_autoscaling():
     assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
     assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (16, 4)
     assert "autoscaling_config" not in opts
-    auto = ServeConfig(autoscaling={"min_replicas": 0, "max_replicas": 2,
-                                    "target_ongoing_requests": 8, "upscale_delay_s": 1})  # fmt: skip
+    auto = ServeConfig(
+        autoscaling={
+            "min_replicas": 0,
+            "max_replicas": 2,
+            "target_ongoing_requests": 8,
+            "upscale_delay_s": 1,
+        }
+    )
     opts = deployment_options(auto.served_models(default_model_dir="/m")[0])
     assert opts["num_replicas"] == "auto"
     ac = opts["autoscaling_config"]
@@ -385,8 +433,9 @@ def test_tensor_parallel_replica_reserves_its_gpus_in_a_placement_group():
     (bad,) = ServeConfig(num_gpus=1, vllm={"tensor_parallel_size": 2}).served_models("/m")
     with pytest.raises(ServeError, match=r"num_gpus \(1\) must equal vllm.tensor_parallel_size"):
         deployment_options(bad)
-    (builtin,) = ServeConfig(engine="builtin", num_gpus=2,
-                             vllm={"tensor_parallel_size": 2}).served_models("/m")  # fmt: skip
+    (builtin,) = ServeConfig(
+        engine="builtin", num_gpus=2, vllm={"tensor_parallel_size": 2}
+    ).served_models("/m")
     with pytest.raises(ServeError, match="engine vllm or auto"):
         deployment_options(builtin)
     (single,) = ServeConfig(num_gpus=1).served_models("/m")

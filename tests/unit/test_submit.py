@@ -20,8 +20,12 @@ def test_repo_upload_is_small_and_leaves_out_outputs_and_history():
     # every package of the project travels (an unanchored "data/" once dropped aigc_ray/data)
     for init in (ROOT_PKG / "aigc_ray").rglob("__init__.py"):
         assert init.relative_to(ROOT_PKG).as_posix() in names
-    assert {"aigc_ray/data/stage.py", "jobs/pipeline.py", "configs/tiny.yaml",
-            "constraints.txt"} <= names  # fmt: skip
+    assert {
+        "aigc_ray/data/stage.py",
+        "jobs/pipeline.py",
+        "configs/tiny.yaml",
+        "constraints.txt",
+    } <= names
     for top in (".git/", ".venv/", "runs/", "data/", ".pytest_cache/"):
         assert not any(n.startswith(top) for n in names), top
     assert not any("__pycache__/" in n for n in names)
@@ -101,15 +105,41 @@ def test_cli_execs_the_real_ray_job_submit(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(os, "execvp", lambda exe, argv: calls.append(argv))
     env_json = '{"excludes": ["big/"], "env_vars": {"A": "1"}}'
-    rc = cli.main(["submit", "--address", "http://127.0.0.1:8265", f"--working-dir={wd}",
-                   "--runtime-env-json", env_json, "--no-wait", "--",
-                   "python", "jobs/x.py", "--config", "c.yaml"])  # fmt: skip
+    rc = cli.main(
+        [
+            "submit",
+            "--address",
+            "http://127.0.0.1:8265",
+            f"--working-dir={wd}",
+            "--runtime-env-json",
+            env_json,
+            "--no-wait",
+            "--",
+            "python",
+            "jobs/x.py",
+            "--config",
+            "c.yaml",
+        ]
+    )
     assert rc == 0
     [argv] = calls
     assert argv[0] == str(Path(sys.executable).parent / "ray")
-    assert argv[1:] == ["job", "submit", "--working-dir", str(wd), "--address",
-                        "http://127.0.0.1:8265", "--runtime-env-json", env_json, "--no-wait",
-                        "--", "python", "jobs/x.py", "--config", "c.yaml"]  # fmt: skip
+    assert argv[1:] == [
+        "job",
+        "submit",
+        "--working-dir",
+        str(wd),
+        "--address",
+        "http://127.0.0.1:8265",
+        "--runtime-env-json",
+        env_json,
+        "--no-wait",
+        "--",
+        "python",
+        "jobs/x.py",
+        "--config",
+        "c.yaml",
+    ]
 
 
 def test_a_runtime_env_file_names_the_dir_and_its_excludes(tmp_path, monkeypatch):

@@ -16,11 +16,6 @@ from aigc_ray.train import (
     METRICS_FILE,
     STATE_FILE,
     TrainError,
-    _all_mean,
-    _eval,
-    _export,
-    _save_checkpoint,
-    _State,
     build_optimizer,
     build_scheduler,
     collate,
@@ -33,6 +28,8 @@ from aigc_ray.train import (
     train_step,
     worker_cpus,
 )
+from aigc_ray.train.fit import _export
+from aigc_ray.train.loop import _all_mean, _eval, _save_checkpoint, _State
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -296,8 +293,11 @@ def test_load_val_batches_without_val(tmp_path):
 
 def write_manifest(d, seq_len=32, train_blocks=10):
     d.mkdir(parents=True, exist_ok=True)
-    m = {"seq_len": seq_len, "tokenizer_dir": str(d / "tokenizer"),
-         "splits": {"train": {"blocks": train_blocks}, "val": {"blocks": 1}}}  # fmt: skip
+    m = {
+        "seq_len": seq_len,
+        "tokenizer_dir": str(d / "tokenizer"),
+        "splits": {"train": {"blocks": train_blocks}, "val": {"blocks": 1}},
+    }
     (d / "manifest.json").write_text(json.dumps(m))
     return m
 
@@ -383,9 +383,11 @@ def test_checkpoint_is_a_model_dir_and_exports(tmp_path, tiny_model, tiny_tokeni
     cfg = TrainConfig(run_dir=str(tmp_path / "run"), max_steps=20)
     opt = build_optimizer(tiny_model, cfg)
     sched = build_scheduler(opt, cfg)
-    history = [{"step": 0, "val_loss": 6.0},
-               {"step": 10, "loss": 5.5, "tokens": 100},
-               {"step": 20, "loss": 4.0, "tokens": 200, "val_loss": 4.5}]  # fmt: skip
+    history = [
+        {"step": 0, "val_loss": 6.0},
+        {"step": 10, "loss": 5.5, "tokens": 100},
+        {"step": 20, "loss": 4.0, "tokens": 200, "val_loss": 4.5},
+    ]
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     _save_checkpoint(
