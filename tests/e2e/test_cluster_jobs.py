@@ -18,11 +18,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-GCS_PORT, DASHBOARD_PORT, SERVE_PORT, S3_PORT = 6391, 8266, 8013, 5125
+GCS_PORT, DASHBOARD_PORT, SERVE_PORT, S3_PORT = (free_port() for _ in range(4))
 BUCKET = "aigc-e2e"
 # An S3-compatible server (moto) on loopback stands in for the bucket of the README's workflow:
 # the job gets its endpoint and credentials through the runtime env, as it would get AWS's.

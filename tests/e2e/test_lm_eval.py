@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ports import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,6 +137,7 @@ def test_lm_eval_scores_agree_with_vllms_own_server(tmp_path, model_dir, task_di
     }
     os.environ.update({"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
     exe = str(Path(sys.executable).with_name("aigc-ray"))
+    ours_port, vllm_port = free_port(), free_port()
     ours = start(
         [
             exe,
@@ -145,15 +147,15 @@ def test_lm_eval_scores_agree_with_vllms_own_server(tmp_path, model_dir, task_di
             "--keep-serving",
             f"serve.model_dir={model_dir}",
             "serve.model_name=tiny",
-            "serve.port=8023",
+            f"serve.port={ours_port}",
             "serve.engine=builtin",
             "serve.sample_prompts=[]",
         ],
         env,
     )
     try:
-        wait_ready("http://127.0.0.1:8023/health", ours)
-        mine = evaluate("http://127.0.0.1:8023", "tiny", model_dir, task_dir)
+        wait_ready(f"http://127.0.0.1:{ours_port}/health", ours)
+        mine = evaluate(f"http://127.0.0.1:{ours_port}", "tiny", model_dir, task_dir)
     finally:
         stop(ours)
     vllm = start(
@@ -171,13 +173,13 @@ def test_lm_eval_scores_agree_with_vllms_own_server(tmp_path, model_dir, task_di
             "512",
             "--enforce-eager",
             "--port",
-            "8024",
+            str(vllm_port),
         ],
         {**env, "VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     try:
-        wait_ready("http://127.0.0.1:8024/health", vllm)
-        theirs = evaluate("http://127.0.0.1:8024", "tiny", model_dir, task_dir)
+        wait_ready(f"http://127.0.0.1:{vllm_port}/health", vllm)
+        theirs = evaluate(f"http://127.0.0.1:{vllm_port}", "tiny", model_dir, task_dir)
     finally:
         stop(vllm)
     assert len(mine["loglikelihoods"]) == len(theirs["loglikelihoods"]) == 24

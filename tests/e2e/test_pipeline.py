@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +25,7 @@ def test_pipeline_command_end_to_end(tmp_path):
         "train.max_steps=60",
         "train.eval_every=30",
         "train.checkpoint_every=30",
-        "serve.port=8011",
+        f"serve.port={free_port()}",
         "serve.sample_max_tokens=16",
         # the optimize step between train and serve: W8A8 int8, served on the int kernels
         "optimize.enabled=true",

@@ -53,6 +53,9 @@ def s3_server():
             break
         except OSError:
             time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail(f"moto_server never listened on 127.0.0.1:{MOTO_PORT}")
     old = {k: os.environ.get(k) for k in S3_ENV}
     os.environ.update(S3_ENV)
     import boto3

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from s3env import free_port
 
 pytestmark = pytest.mark.integration
 
 KEY = "test-key-1"  # set for the replicas by the ray_session fixture (runtime_env)
-PORT = 8047
+PORT = free_port()
 TIMEOUT_S = 4.0
 SLOW_LIMIT = 8000  # the slow model cannot make this many tokens within TIMEOUT_S
 

@@ -9,12 +9,13 @@ import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from s3env import free_port
 
 from aigc_ray.config import load_config
 from aigc_ray.data import stdlib_files
 
 pytestmark = pytest.mark.integration
-PORT = 8123
+PORT = free_port()
 KEY = "test-key-1"
 
 
