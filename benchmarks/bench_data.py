@@ -206,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     docs = [Path(p).read_text(errors="replace") for p in stdlib_files(include_tests=True)]
     train_tokenizer(docs[:400], 8192, tok_dir)
 
+    # both sides' libraries imported before either timer (ours are imported at module load)
+    import datasets  # noqa: F401
+    from transformers import AutoTokenizer  # noqa: F401
+
     with PeakRSS() as ref_mem:
         t = time.perf_counter()
         ref_tokens = run_reference(files, tok_dir, work / "ref", procs)

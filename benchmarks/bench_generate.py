@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             "ours/vllm": lambda: ours(model_dir, src, args.output_tokens, work, "vllm"),
         }
         for r in range(args.runs):
-            for name in args.only:
+            order = args.only if r % 2 == 0 else args.only[::-1]  # alternate who goes first
+            for name in order:
                 t = time.perf_counter()
                 row = runners[name]()
                 assert row["tokens"] == expected, (name, row)
