@@ -134,8 +134,10 @@ def test_main_train_with_bad_pretrained(tmp_path, capsys):
 
 
 def test_main_train_seq_len_mismatch_fails_before_ray(tmp_path, capsys):
-    write_manifest(tmp_path, seq_len=64)
-    rc = main(["train", "--config", TINY, f"train.data_dir={tmp_path}"])
+    write_manifest(
+        tmp_path, seq_len=64
+    )  # train.seq_len unset means "the shards'"; set, it must agree
+    rc = main(["train", "--config", TINY, f"train.data_dir={tmp_path}", "train.seq_len=128"])
     assert rc == 2
     assert "train.seq_len" in capsys.readouterr().err
 
