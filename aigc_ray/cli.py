@@ -67,6 +67,8 @@ def preflight(cfg: PipelineConfig, stages: set[str]) -> None:
     from aigc_ray.data import read_manifest, resolve_inputs
     from aigc_ray.model import check_model_dir
 
+    if cfg.task == "image":
+        return _image_preflight(cfg, stages)
     if "preprocess" in stages:
         resolve_inputs(cfg.data)
     elif "train" in stages:
@@ -96,6 +98,38 @@ def preflight(cfg: PipelineConfig, stages: set[str]) -> None:
             raise ConfigError(str(e)) from None
         for model in served:
             check_model_dir(model.model_dir)
+
+
+def _image_preflight(cfg: PipelineConfig, stages: set[str]) -> None:
+    from aigc_ray.images.model import check_image_model_dir
+
+    if "preprocess" in stages:
+        from aigc_ray.data import DataError
+        from aigc_ray.images.data import DIGITS
+
+        for spec in cfg.images.data.inputs:
+            if spec != DIGITS and not is_uri(spec) and not Path(spec).exists():
+                raise DataError(f"images.data.inputs: {spec} does not exist")
+    elif "train" in stages:
+        from aigc_ray.images.train import image_preflight
+
+        image_preflight(cfg.images.train, cfg.images.data.output_dir)
+    if "serve" in stages:
+        from aigc_ray.serve import check_bind, load_api_keys
+
+        check_bind(cfg.serve.host, load_api_keys())
+        if "train" not in stages:
+            check_image_model_dir(cfg.serve_model_dir())
+    if "generate" in stages:
+        from aigc_ray.images.generate import image_generate_preflight
+
+        image_generate_preflight(cfg.images.generate, _image_generate_dir(cfg))
+    if "optimize" in stages:
+        raise ConfigError("aigc-ray optimize works on language models (task: text)")
+
+
+def _image_generate_dir(cfg: PipelineConfig) -> str:
+    return cfg.images.generate.model_dir or cfg.default_model_dir()
 
 
 def http_complete(
@@ -148,6 +182,9 @@ def cmd_serve(cfg: PipelineConfig, model_dir: str) -> tuple[str, list[tuple[str,
         version = f" {info['engine_version']}" if info["engine_version"] else ""
         print(f"serve: {name} on {info['engine']}{version} ({info['engine_reason']})", flush=True)
     samples = []
+    if cfg.task == "image":
+        print(f"serve: {cfg.serve.model_name} at {url}/v1/images/generations", flush=True)
+        return url, samples
     for prompt in cfg.serve.sample_prompts:
         body = http_complete(url, cfg.serve.model_name, prompt, cfg.serve.sample_max_tokens)
         samples.append((prompt, body["choices"][0]["text"]))
@@ -352,7 +389,44 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _dispatch_image(args, cfg: PipelineConfig) -> int:
+    """The same commands for ``task: image`` (configs/digits.yaml)."""
+    if args.command == "preprocess":
+        from aigc_ray.images.data import format_image_report, run_image_preprocess
+
+        m = run_image_preprocess(cfg.images.data)
+        print(f"preprocess ({m['seconds']} s) -> {cfg.images.data.output_dir}")
+        print(format_image_report(m), flush=True)
+    elif args.command == "train":
+        from aigc_ray.images.train import fit_images
+
+        r = fit_images(cfg.images.train, cfg.images.model, cfg.images.data.output_dir)
+        print(r.summary(), flush=True)
+    elif args.command == "generate":
+        from aigc_ray.images.generate import run_image_generate
+
+        s = run_image_generate(cfg.images.generate, _image_generate_dir(cfg))
+        print(
+            f"generate: {s['rows']} rows, {s['images']} images ({s['errors']} rows with errors, "
+            f"{s['quarantined']} unreadable rows quarantined) in {s['seconds']} s "
+            f"({s['images_per_s']} images/s) -> {s['output_dir']}/images, "
+            f"{s['output_dir']}/index",
+            flush=True,
+        )
+    elif args.command == "serve":
+        url, _ = cmd_serve(cfg, cfg.serve_model_dir())
+        _after_serving(url, args.keep_serving)
+    else:
+        from aigc_ray.images.flow import run_image_pipeline
+
+        url, _ = run_image_pipeline(cfg)
+        _after_serving(url, args.keep_serving)
+    return 0
+
+
 def _dispatch(args, cfg: PipelineConfig) -> int:
+    if cfg.task == "image":
+        return _dispatch_image(args, cfg)
     if args.command == "preprocess":
         cmd_preprocess(cfg)
     elif args.command == "train":

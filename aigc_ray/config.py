@@ -322,6 +322,15 @@ class ReplicaSettings(EngineSettings):
     max_queued_requests: int = Field(
         128, ge=-1, description="Requests queued for the replicas before 503s; -1 = no limit."
     )
+    num_inference_steps: int = Field(
+        25, ge=1, le=1000, description="Image models: denoising steps when a request names none."
+    )
+    guidance_scale: float = Field(
+        3.0, ge=0, description="Image models: classifier-free guidance when a request names none."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.05, ge=0, description="Image models: wait this long to batch concurrent requests."
+    )
     stream_chunks_per_s: float = Field(
         330,
         ge=0,
@@ -364,6 +373,9 @@ class ServeConfig(ReplicaSettings):
         description="Prompts the pipeline sends after deploying.",
     )
     sample_max_tokens: int = Field(48, ge=1, description="max_tokens of the sample requests.")
+    max_images_per_request: int = Field(
+        10, ge=1, description="Largest `n` an image request may ask."
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> ServeConfig:
@@ -468,7 +480,97 @@ class OptimizeConfig(_Section):
     agreement_tokens: int = Field(32, ge=1, description="Greedy tokens compared per prompt.")
 
 
+class ImageDataConfig(_Section):
+    inputs: list[str] = Field(
+        ["digits"],
+        description="'digits' (scikit-learn's bundled 8x8 digits), image folders (one "
+        "sub-folder per class), or .jsonl/.parquet files of image path or bytes + label/caption.",
+    )
+    image_column: str = Field("image", description="jsonl/parquet: image path or bytes column.")
+    label_column: str = Field("label", description="jsonl/parquet: class label column.")
+    caption_column: str = Field("caption", description="jsonl/parquet: caption column (kept).")
+    image_size: int = Field(16, ge=8, le=1024, description="Square training size (resize+crop).")
+    channels: Literal[1, 3] = Field(1, description="1 = grayscale, 3 = RGB.")
+    val_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of images held out.")
+    output_dir: str = Field("runs/digits/data", description="Parquet shards + manifest.json.")
+    quarantine_dir: str | None = Field(
+        None, description="Unreadable images (file and reason); empty = <output_dir>/quarantine."
+    )
+    seed: int = Field(0, description="Seed of the train/val split.")
+
+
+class ImageModelConfig(_Section):
+    block_out_channels: list[int] = Field(
+        [32, 64], min_length=1, description="UNet width per resolution level."
+    )
+    layers_per_block: int = Field(1, ge=1, description="ResNet blocks per UNet level.")
+    attention: bool = Field(True, description="Self-attention at the lowest resolution.")
+    num_train_timesteps: int = Field(1000, ge=10, description="DDPM noise steps.")
+
+
+class ImageTrainConfig(_Section):
+    run_dir: str = Field(
+        "runs/digits/train", description="Metrics, loss plot, sample grids, model."
+    )
+    storage_path: str | None = Field(
+        None, description="Ray Train storage (checkpoints); empty = <run_dir>/ray."
+    )
+    name: str = Field("digits", description="Run name; re-running with the same name resumes.")
+    num_workers: int = Field(2, ge=1, description="Training workers (DDP).")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL) instead of CPU (gloo).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
+    batch_size: int = Field(32, ge=1, description="Images per worker per step.")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    lr: float = Field(2e-3, gt=0, description="Peak learning rate (AdamW).")
+    warmup_steps: int = Field(50, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    cond_dropout: float = Field(
+        0.1, ge=0, lt=1, description="Share of labels dropped (classifier-free guidance)."
+    )
+    eval_every: int = Field(250, ge=1, description="Validation loss + sample grid every N steps.")
+    checkpoint_every: int = Field(250, ge=1, description="Checkpoint every N steps.")
+    num_to_keep: int = Field(2, ge=1, description="Checkpoints kept.")
+    max_failures: int = Field(2, ge=0, description="Worker-group failures to recover from.")
+    sample_steps: int = Field(25, ge=1, description="DDIM steps of the sample grids.")
+    guidance_scale: float = Field(3.0, ge=0, description="Guidance of the sample grids.")
+    seed: int = Field(0, description="Seed for init, noise and sampling.")
+
+
+class ImageGenerateConfig(_Section):
+    inputs: list[str] = Field(
+        [], description="jsonl/csv/parquet prompt files (a prompt per row, optional seed)."
+    )
+    output_dir: str = Field("runs/digits/generate", description="PNG files + index.parquet.")
+    model_dir: str | None = Field(None, description="Pipeline directory; empty = the trained one.")
+    prompt_column: str = Field("prompt", description="Column holding the prompt (or class).")
+    num_inference_steps: int = Field(25, ge=1, description="Denoising steps.")
+    guidance_scale: float = Field(3.0, ge=0, description="Classifier-free guidance.")
+    seed: int = Field(0, description="Seed of rows without one (row i gets seed + i).")
+    num_actors: int = Field(1, ge=1, description="Pipeline actors (one model copy each).")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per actor (also its torch threads).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (>0 runs on CUDA).")
+    batch_size: int = Field(16, ge=1, description="Rows per pipeline call.")
+
+
+class ImagesConfig(_Section):
+    data: ImageDataConfig = Field(default_factory=ImageDataConfig, description="Image data.")
+    model: ImageModelConfig = Field(default_factory=ImageModelConfig, description="UNet.")
+    train: ImageTrainConfig = Field(default_factory=ImageTrainConfig, description="Diffusion.")
+    generate: ImageGenerateConfig = Field(
+        default_factory=ImageGenerateConfig, description="Batch image generation."
+    )
+    sample_images: int = Field(
+        100, ge=10, description="Images the pipeline requests over HTTP for its grid and score."
+    )
+
+
 class PipelineConfig(_Section):
+    task: Literal["text", "image"] = Field(
+        "text", description="text: the language-model flow; image: the `images` section's."
+    )
+    images: ImagesConfig = Field(
+        default_factory=ImagesConfig, description="Image generation (task: image)."
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="Preprocess stage.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model architecture.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training stage.")
@@ -508,6 +610,8 @@ class PipelineConfig(_Section):
     def default_model_dir(self) -> str:
         """What serve and generate use by default: the optimized model when the optimize stage
         is enabled, else the trained one."""
+        if self.task == "image":
+            return str(Path(self.images.train.run_dir) / "model")
         return self.optimize.output_dir if self.optimize.enabled else self.trained_model_dir()
 
     def serve_model_dir(self) -> str:

@@ -12,7 +12,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-PACKAGES = ("ray", "torch", "transformers")
+PACKAGES = ("ray", "torch", "transformers", "diffusers")
 CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"
 
 

@@ -10,6 +10,7 @@ from ray import serve
 
 from aigc_ray.config import ServeConfig, ServedModel
 from aigc_ray.serve.deployments import ModelServer, Router
+from aigc_ray.serve.images import ImageServer
 from aigc_ray.serve.security import ServeError, check_bind, load_api_keys
 
 
@@ -69,6 +70,7 @@ def check_engine(m: ServedModel) -> None:
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Typed app builder: `args` are ServeConfig fields (model_dir or models required)."""
+    from aigc_ray.images.model import check_image_model_dir, is_image_model_dir
     from aigc_ray.model import check_model_dir
     from aigc_ray.storage import portable_location
 
@@ -77,13 +79,24 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         models = cfg.served_models()
     except ValueError as e:
         raise ServeError(str(e)) from None
-    handles = {}
+    handles, image_models = {}, []
     for m in models:
+        fields = {**m.model_dump(), "model_dir": portable_location(m.model_dir)}
+        if is_image_model_dir(m.model_dir):
+            check_image_model_dir(m.model_dir)
+            handles[m.name] = ImageServer.options(**deployment_options(m)).bind(fields)
+            image_models.append(m.name)
+            continue
         check_model_dir(m.model_dir)
         check_engine(m)
-        fields = {**m.model_dump(), "model_dir": portable_location(m.model_dir)}
         handles[m.name] = ModelServer.options(**deployment_options(m)).bind(fields)
-    return Router.bind(handles, cfg.max_tokens_limit, cfg.request_timeout_s)
+    return Router.bind(
+        handles,
+        cfg.max_tokens_limit,
+        cfg.request_timeout_s,
+        image_models=image_models,
+        max_images=cfg.max_images_per_request,
+    )
 
 
 def run_serve(cfg: ServeConfig, model_dir: str | None = None, app_name: str = "aigc") -> str:

@@ -41,6 +41,7 @@ from aigc_ray.engine import (
     load_engine,
 )
 from aigc_ray.engine.loader import cpu_threads, placed_device
+from aigc_ray.serve.images import ImageGenerationRequest, image_job, images_response
 from aigc_ray.serve.metrics import ModelMetrics, RouterMetrics
 from aigc_ray.serve.protocol import (
     ApiError,
@@ -375,8 +376,17 @@ def _auth_error() -> ApiError:
 class Router:
     """The OpenAI HTTP API in front of one ModelServer deployment per model."""
 
-    def __init__(self, models: dict, max_tokens_limit: int, request_timeout_s: float):
-        self.models = models  # name -> DeploymentHandle of its ModelServer
+    def __init__(
+        self,
+        models: dict,
+        max_tokens_limit: int,
+        request_timeout_s: float,
+        image_models: list[str] | None = None,
+        max_images: int = 10,
+    ):
+        self.models = models  # name -> DeploymentHandle of its ModelServer (or ImageServer)
+        self.image_models = set(image_models or [])
+        self.max_images = max_images
         self.limit, self.timeout = max_tokens_limit, request_timeout_s
         self.keys = load_api_keys()
         self.created = int(time.time())
@@ -411,6 +421,49 @@ class Router:
     async def chat_completions(self, request: Request):
         return await self._handle(request, ChatCompletionRequest, "chat")
 
+    @api.post("/v1/images/generations")
+    async def image_generations(self, request: Request):
+        deadline = time.monotonic() + self.timeout
+        model, route = "", "images"
+        try:
+            if not key_allowed(request.headers.get("authorization"), self.keys):
+                raise _auth_error()
+            req = parse_json(await request.body(), ImageGenerationRequest)
+            model = req.model
+            self._check_model(model, image=True)
+            job = image_job(req, self.max_images)
+            response = self.models[model].generate.remote(job)
+            try:
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    out = await response
+            except TimeoutError:
+                response.cancel()
+                raise
+            if "error" in out:
+                raise ApiError.from_dict(out["error"])
+            self.engines[model] = "diffusers"
+        except ApiError as e:
+            return self._record(model, route, e)
+        except Exception as e:  # noqa: BLE001 - every failure leaves in OpenAI's shape
+            return self._record(model, route, _failure(e))
+        self.metrics.record(model, route, 200)
+        return images_response(out)
+
+    def _check_model(self, model: str, image: bool) -> None:
+        """404 for a model not served; 400 for a text model on the images route or back."""
+        if model not in self.models:
+            raise ApiError(
+                404,
+                f"model {model!r} not found; available: {sorted(self.models)}",
+                "not_found_error",
+                "model",
+                "model_not_found",
+            )
+        if (model in self.image_models) != image:
+            kind, route = ("an image", "/v1/images/generations") if not image else ("a text", "")
+            route = route or "/v1/completions or /v1/chat/completions"
+            raise ApiError(400, f"model {model!r} is {kind} model: use {route}", param="model")
+
     async def _handle(self, request: Request, model_cls, route: str):
         deadline = time.monotonic() + self.timeout
         model = ""
@@ -419,14 +472,7 @@ class Router:
                 raise _auth_error()
             req = parse_json(await request.body(), model_cls)
             model = req.model
-            if model not in self.models:
-                raise ApiError(
-                    404,
-                    f"model {model!r} not found; available: {sorted(self.models)}",
-                    "not_found_error",
-                    "model",
-                    "model_not_found",
-                )
+            self._check_model(model, image=False)
             job = to_job(req, self.limit)
             handle = self.models[model]
             if req.stream:

@@ -90,3 +90,29 @@ class ModelMetrics:
         self.queued.set(stats["waiting"])
         if "kv_cache_usage" in stats:
             self.kv_cache.set(stats["kv_cache_usage"])
+
+
+class ImageMetrics:
+    """Image generation on one model's replica: latency per request, images made, batch sizes."""
+
+    def __init__(self, model: str):
+        from ray.serve import metrics
+
+        self.latency = metrics.Histogram(
+            "aigc_ray_image_request_seconds",
+            description="Image request latency in the model replica, queueing included.",
+            boundaries=LATENCY_BOUNDARIES,
+            tag_keys=("model",),
+        )
+        self.latency.set_default_tags({"model": model})
+        self.images = metrics.Counter(
+            "aigc_ray_generated_images", description="Images generated.", tag_keys=("model",)
+        )
+        self.images.set_default_tags({"model": model})
+        self.batch = metrics.Histogram(
+            "aigc_ray_image_batch_size",
+            description="Images per pipeline call (batched across requests).",
+            boundaries=[1, 2, 4, 8, 16, 32, 64],
+            tag_keys=("model",),
+        )
+        self.batch.set_default_tags({"model": model})

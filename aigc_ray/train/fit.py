@@ -101,7 +101,7 @@ def preflight(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> dict:
     return manifest
 
 
-def _plot_loss(history: list[dict], out: Path) -> None:
+def plot_loss(history: list[dict], out: Path, ylabel: str = "cross-entropy (nats/token)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,7 +115,7 @@ def _plot_loss(history: list[dict], out: Path) -> None:
     if va:
         ax.plot(*zip(*va, strict=True), "o-", label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -217,7 +217,7 @@ def _export(checkpoint, run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig,
     (model_dir / STATE_FILE).unlink()
     (model_dir / LORA_FILE).unlink(missing_ok=True)
     shutil.move(str(model_dir / METRICS_FILE), run_dir / METRICS_FILE)
-    _plot_loss(history, run_dir / "loss.png")
+    plot_loss(history, run_dir / "loss.png")
     write_resolved(cfg, run_dir, "train_config.resolved.json")
     write_resolved(model_cfg, run_dir, "model_config.resolved.json")
     losses = [r["loss"] for r in history if "loss" in r]

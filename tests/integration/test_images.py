@@ -1,0 +1,299 @@
+"""Image generation on the shared local Ray instance: the data stage (Ray Data), diffusion
+training (TorchTrainer, checkpoint and resume), the Images API (batching, errors, a killed
+replica) and batch generation."""
+
+import base64
+import io
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from s3env import free_port
+
+pytestmark = pytest.mark.integration
+
+KEY = "test-key-1"
+LABELS = [str(i) for i in range(10)]
+
+
+def _png(w, h, mode="L"):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, (w, h), color=200).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def image_dirs(tmp_path_factory):
+    import torch
+
+    from aigc_ray.config import ImageModelConfig
+    from aigc_ray.images.model import build_unet, noise_scheduler, save_pipeline, tiny_text_to_image
+
+    root = tmp_path_factory.mktemp("image-models")
+    torch.manual_seed(0)
+    unet = build_unet(ImageModelConfig(block_out_channels=[16, 32]), 16, 1, len(LABELS))
+    save_pipeline(unet, noise_scheduler(1000), LABELS, root / "digits")
+    tiny_text_to_image(root / "sd")
+    return {"digits": str(root / "digits"), "sd": str(root / "sd")}
+
+
+# ---------------------------------------------------------------- data and training
+
+
+def test_image_data_stage_quarantines_bad_files_and_keeps_every_good_image(ray_session, tmp_path):
+    import pyarrow.parquet as pq
+
+    from aigc_ray.config import ImageDataConfig
+    from aigc_ray.images.data import load_split, run_image_preprocess
+
+    folder = tmp_path / "folder"
+    for cls, n in (("cat", 5), ("dog", 4)):
+        (folder / cls).mkdir(parents=True)
+        for i in range(n):
+            (folder / cls / f"{i}.png").write_bytes(_png(10 + i, 12))
+    (folder / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "dog" / "notes.txt").write_text("not an image: ignored by suffix")
+    (tmp_path / "extra.png").write_bytes(_png(8, 8))
+    table = tmp_path / "more.jsonl"
+    table.write_text(
+        json.dumps({"image": "extra.png", "label": "cat"})
+        + "\n{oops\n"
+        + json.dumps({"image": "missing.png", "label": "dog"})
+        + "\n"
+    )
+    cfg = ImageDataConfig(
+        inputs=[str(folder), str(table)],
+        image_size=8,
+        val_fraction=0.2,
+        output_dir=str(tmp_path / "out"),
+    )
+    m = run_image_preprocess(cfg)
+    assert m["read"] == 13 and m["quarantined"] == 3
+    assert m["splits"]["train"]["images"] + m["splits"]["val"]["images"] == 10
+    assert m["splits"]["val"]["images"] >= 1 and m["labels"] == ["cat", "dog"]
+    q = pq.read_table(m["quarantine_dir"]).to_pylist()
+    reasons = {r["source"].rsplit("/", 1)[-1]: r["error"] for r in q}
+    assert reasons["broken.jpg"].startswith("unreadable image")
+    assert reasons["more.jsonl:2"].startswith("malformed JSON")
+    assert "FileNotFoundError" in reasons["missing.png"] or "missing.png" in str(reasons)
+    images, ids = load_split(cfg.output_dir, "train", m)
+    assert images.shape[1:] == (1, 8, 8) and images.min() >= -1 and images.max() <= 1
+    assert set(ids.tolist()) <= {0, 1}
+
+
+def test_diffusion_training_checkpoints_resumes_and_exports_a_diffusers_pipeline(
+    ray_session, tmp_path
+):
+    from diffusers import DDPMPipeline
+
+    from aigc_ray.config import ImageDataConfig, ImageModelConfig, ImageTrainConfig
+    from aigc_ray.images.data import run_image_preprocess
+    from aigc_ray.images.train import fit_images
+
+    data = ImageDataConfig(image_size=8, output_dir=str(tmp_path / "data"))
+    run_image_preprocess(data)
+    mcfg = ImageModelConfig(block_out_channels=[16, 32])
+    cfg = ImageTrainConfig(
+        run_dir=str(tmp_path / "run"),
+        name="t",
+        num_workers=2,
+        cpus_per_worker=0.5,
+        batch_size=16,
+        max_steps=20,
+        warmup_steps=2,
+        eval_every=10,
+        checkpoint_every=10,
+        sample_steps=2,
+    )
+    r = fit_images(cfg, mcfg, data.output_dir)
+    assert r.steps == 20 and r.val_loss_final is not None and len(r.grids) == 2
+    pipe = DDPMPipeline.from_pretrained(r.model_dir)  # diffusers alone loads it
+    assert pipe.unet.config.sample_size == 8
+    rows = [json.loads(x) for x in Path(r.run_dir, "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows if "val_loss" in x] == [0, 10, 20]
+    assert os.path.getsize(f"{r.run_dir}/loss.png") > 0
+    # the same name resumes from the step-20 checkpoint: 10 more steps, history kept
+    r2 = fit_images(cfg.model_copy(update={"max_steps": 30}), mcfg, data.output_dir)
+    rows2 = [json.loads(x) for x in Path(r2.run_dir, "metrics.jsonl").read_text().splitlines()]
+    assert r2.steps == 30 and rows2[: len(rows)] == rows
+    assert [x["step"] for x in rows2 if "val_loss" in x] == [0, 10, 20, 30]
+    assert len(r2.grids) == 3
+
+
+# ---------------------------------------------------------------- serving
+
+
+@pytest.fixture(scope="module")
+def image_url(ray_session, image_dirs):
+    from ray import serve
+
+    from aigc_ray.config import ServeConfig
+    from aigc_ray.serve import run_serve
+
+    cfg = ServeConfig(
+        port=free_port(),
+        num_cpus=0.5,
+        request_timeout_s=60,
+        max_images_per_request=4,
+        num_inference_steps=4,
+        models=[
+            {
+                "name": "digits",
+                "model_dir": image_dirs["digits"],
+                "max_batch_size": 8,
+                "batch_wait_timeout_s": 0.3,
+            },
+            {"name": "sd", "model_dir": image_dirs["sd"]},
+        ],
+    )
+    yield run_serve(cfg)
+    serve.shutdown()
+
+
+def post(url, body, key=KEY, path="/v1/images/generations"):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{url}{path}", json=body, headers=headers, timeout=120)
+
+
+def image_stats(model):
+    from ray import serve
+
+    return serve.get_deployment_handle(f"model-{model}", "aigc").stats.remote().result()
+
+
+def _decode(b64):
+    from aigc_ray.images.model import decode_png
+
+    return decode_png(base64.b64decode(b64))
+
+
+def test_openai_client_gets_seeded_pngs(image_url):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{image_url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    out = client.images.generate(
+        model="digits", prompt="7", n=3, response_format="b64_json", extra_body={"seed": 5}
+    )
+    images = [_decode(d.b64_json) for d in out.data]
+    assert [i.shape for i in images] == [(16, 16, 1)] * 3
+    assert not np.array_equal(images[0], images[1])  # image i gets seed + i
+    again = client.images.generate(
+        model="digits", prompt="7", n=1, response_format="b64_json", extra_body={"seed": 6}
+    )
+    assert np.array_equal(_decode(again.data[0].b64_json), images[1])
+    sd = client.images.generate(model="sd", prompt="a red cat", size="16x16")
+    assert _decode(sd.data[0].b64_json).shape == (16, 16, 3)
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {"digits", "sd"}
+
+
+@pytest.mark.parametrize(
+    "body,status,param",
+    [
+        ({"model": "digits", "prompt": "cat"}, 400, "prompt"),
+        ({"model": "digits", "prompt": "3", "size": "256x256"}, 400, "size"),
+        ({"model": "digits", "prompt": "3", "n": 5}, 400, "n"),
+        ({"model": "digits", "prompt": "3", "n": 0}, 400, "n"),
+        ({"model": "digits"}, 400, "prompt"),
+        ({"model": "digits", "prompt": "3", "response_format": "url"}, 400, "response_format"),
+        ({"model": "digits", "prompt": "3", "num_inference_steps": 0}, 400, "num_inference_steps"),
+        ({"model": "nope", "prompt": "3"}, 404, "model"),
+    ],
+)
+def test_bad_image_requests_get_openai_errors_naming_the_parameter(image_url, body, status, param):
+    resp = post(image_url, body)
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["param"] == param and err["message"]
+    if param == "prompt" and "prompt" in body:
+        assert "'9'" in err["message"]  # lists the classes
+
+
+def test_image_api_keys_and_routes(image_url):
+    assert post(image_url, {"model": "digits", "prompt": "3"}, key=None).status_code == 401
+    assert post(image_url, {"model": "digits", "prompt": "3"}, key="wrong").status_code == 401
+    resp = post(image_url, {"model": "digits", "prompt": "3"}, path="/v1/completions")
+    assert resp.status_code == 400 and "/v1/images/generations" in resp.json()["error"]["message"]
+
+
+def test_concurrent_image_requests_share_pipeline_calls(image_url):
+    before = image_stats("digits")
+    results = [None] * 8
+
+    def one(i):
+        results[i] = post(image_url, {"model": "digits", "prompt": str(i), "seed": i})
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.status_code for r in results] == [200] * 8
+    after = image_stats("digits")
+    assert after["images"] - before["images"] == 8
+    assert after["calls"] - before["calls"] <= 4, (before, after)  # batched, not 8 calls
+
+
+def test_killed_image_replica_is_replaced(image_url):
+    old = image_stats("sd")["pid"]
+    os.kill(old, signal.SIGKILL)
+    statuses, deadline = [], time.monotonic() + 120
+    while time.monotonic() < deadline:
+        resp = post(image_url, {"model": "sd", "prompt": "a dog"})
+        if resp.status_code == 200:
+            break
+        statuses.append(resp.status_code)
+        assert "error" in resp.json()
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"sd never recovered; saw {statuses}")
+    assert image_stats("sd")["pid"] != old
+    assert all(s in (503, 408) for s in statuses), statuses
+
+
+# ---------------------------------------------------------------- batch generation
+
+
+def test_batch_image_generation_writes_pngs_and_an_index(ray_session, tmp_path, image_dirs):
+    import pyarrow.parquet as pq
+
+    from aigc_ray.config import ImageGenerateConfig
+    from aigc_ray.images.generate import run_image_generate
+
+    src = tmp_path / "prompts.jsonl"
+    src.write_text(
+        "\n".join(
+            [
+                json.dumps({"prompt": "3", "seed": 1}),
+                json.dumps({"prompt": "4"}),
+                "{broken",
+                json.dumps({"prompt": "cat"}),
+                json.dumps({"no_prompt": 1}),
+                json.dumps({"prompt": "5", "seed": "x"}),
+            ]
+        )
+        + "\n"
+    )
+    cfg = ImageGenerateConfig(
+        inputs=[str(src)], output_dir=str(tmp_path / "gen"), num_inference_steps=3, num_cpus=0.5
+    )
+    s = run_image_generate(cfg, image_dirs["digits"])
+    assert (s["rows"], s["images"], s["errors"], s["quarantined"]) == (4, 2, 2, 2)
+    index = {r["line"]: r for r in pq.read_table(f"{tmp_path}/gen/index").to_pylist()}
+    assert index[1]["seed"] == 1 and index[2]["seed"] == 2  # default: seed 0 + line
+    for line in (1, 2):
+        from PIL import Image
+
+        assert Image.open(index[line]["path"]).size == (16, 16)
+    assert "unknown class" in index[4]["error"] and index[4]["path"] is None
+    assert "seed" in index[6]["error"]
+    q = pq.read_table(s["quarantine_dir"]).to_pylist()
+    assert sorted(r["line"] for r in q) == [3, 5]
