@@ -329,7 +329,9 @@ def run_generate(cfg: GenerateConfig, model_dir: str) -> dict:
         )
         .materialize()
     )
-    bad = read.map_batches(_reason_is(null=False), batch_format="pyarrow").materialize()
+    bad = read.map_batches(
+        _reason_is(null=False), batch_format="pyarrow", num_cpus=0.25
+    ).materialize()
     quarantined = bad.count()
     quarantine_dir = cfg.quarantine_dir or f"{cfg.output_dir.rstrip('/')}_quarantine"
     if quarantined:
@@ -339,9 +341,9 @@ def run_generate(cfg: GenerateConfig, model_dir: str) -> dict:
         resources["num_gpus"] = cfg.num_gpus  # one model copy per GPU share
     # Exact-size blocks: reads cut files into uneven blocks, and each block's remainder would
     # become an underfull batch (measured: 11-row batches between the 32-row ones).
-    good = read.map_batches(_reason_is(null=True), batch_format="pyarrow").repartition(
-        target_num_rows_per_block=cfg.batch_size, strict=True
-    )
+    good = read.map_batches(
+        _reason_is(null=True), batch_format="pyarrow", num_cpus=0.25
+    ).repartition(target_num_rows_per_block=cfg.batch_size, strict=True)
     out = good.map_batches(
         GenerateUDF,
         fn_constructor_kwargs={"model_dir": portable_location(model_dir), "cfg": cfg.model_dump()},

@@ -128,7 +128,9 @@ def run_image_generate(cfg: ImageGenerateConfig, model_dir: str) -> dict:
         )
         .materialize()
     )
-    bad = read.map_batches(_reason_is(null=False), batch_format="pyarrow").materialize()
+    bad = read.map_batches(
+        _reason_is(null=False), batch_format="pyarrow", num_cpus=0.25
+    ).materialize()
     quarantined = bad.count()
     quarantine_dir = f"{out_dir}_quarantine"
     if quarantined:
@@ -137,7 +139,7 @@ def run_image_generate(cfg: ImageGenerateConfig, model_dir: str) -> dict:
     if cfg.num_gpus:
         resources["num_gpus"] = cfg.num_gpus
     index = (
-        read.map_batches(_reason_is(null=True), batch_format="pyarrow")
+        read.map_batches(_reason_is(null=True), batch_format="pyarrow", num_cpus=0.25)
         .map_batches(
             ImageGenerateUDF,
             fn_constructor_kwargs={

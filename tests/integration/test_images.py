@@ -83,7 +83,9 @@ def test_image_data_stage_quarantines_bad_files_and_keeps_every_good_image(ray_s
     reasons = {r["source"].rsplit("/", 1)[-1]: r["error"] for r in q}
     assert reasons["broken.jpg"].startswith("unreadable image")
     assert reasons["more.jsonl:2"].startswith("malformed JSON")
-    assert "FileNotFoundError" in reasons["missing.png"] or "missing.png" in str(reasons)
+    assert (
+        "FileNotFoundError" in reasons["more.jsonl:3"] and "missing.png" in reasons["more.jsonl:3"]
+    )
     images, ids = load_split(cfg.output_dir, "train", m)
     assert images.shape[1:] == (1, 8, 8) and images.min() >= -1 and images.max() <= 1
     assert set(ids.tolist()) <= {0, 1}
@@ -188,7 +190,9 @@ def test_openai_client_gets_seeded_pngs(image_url):
     again = client.images.generate(
         model="digits", prompt="7", n=1, response_format="b64_json", extra_body={"seed": 6}
     )
-    assert np.array_equal(_decode(again.data[0].b64_json), images[1])
+    diff = np.abs(_decode(again.data[0].b64_json).astype(int) - images[1].astype(int))
+    # the same image batched alone or with others, up to float rounding of batched kernels
+    assert diff.mean() < 0.5 and diff.max() <= 4, (diff.mean(), diff.max())
     sd = client.images.generate(model="sd", prompt="a red cat", size="16x16")
     assert _decode(sd.data[0].b64_json).shape == (16, 16, 3)
     models = {m.id: m for m in client.models.list().data}
