@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200, help="images at concurrency 8")
     p.add_argument("--requests-c1", type=int, default=40, help="images one at a time")
     p.add_argument("--train-steps", type=int, default=800)
+    p.add_argument("--model-dir", help="a trained digits pipeline dir (skips training)")
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "aigc_bench_images"))
     args = p.parse_args(argv)
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     from aigc_ray.images.model import tiny_text_to_image
 
-    dirs = {"digits": train_digits(work, args.train_steps), "sd": str(work / "sd")}
+    digits = args.model_dir or train_digits(work, args.train_steps)
+    dirs = {"digits": digits, "sd": str(work / "sd")}
     if not (work / "sd" / "model_index.json").exists():
         tiny_text_to_image(work / "sd")
     rounds: list[dict] = []

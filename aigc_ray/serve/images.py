@@ -2,7 +2,7 @@
 and ``ImageServer``, one deployment per image model.
 
 Concurrent requests to a replica are batched into one pipeline call of up to ``max_batch_size``
-images (Ray Serve's ``@serve.batch``); images of different step counts or guidance run as
+images (``Batcher``); images of different step counts or guidance run as
 separate calls of the same batch. Image i of a request gets ``seed + i`` (a random seed when the
 request names none), so a seed reproduces an image whatever it was batched with.
 """
@@ -65,6 +65,58 @@ def image_job(req: ImageGenerationRequest, max_images: int) -> dict:
     }
 
 
+class Batcher:
+    """Dynamic batching whose wait for company starts when the replica is free, not when the
+    first request arrived (Ray Serve's ``@serve.batch``): requests that queued during a batch
+    would otherwise leave at once as a partial batch while the clients of the finished batch are
+    still sending their next requests. Measured with 8 closed-loop clients and batches of 8:
+    ``@serve.batch`` made 6.4 images per call, this makes full ones."""
+
+    def __init__(self, run, max_size: int, wait_s: float):
+        self.run, self.max_size, self.wait_s = run, max_size, wait_s
+        self.pending: list[tuple[object, asyncio.Future]] = []
+        self.wake: asyncio.Event | None = None
+        self.task: asyncio.Task | None = None
+
+    async def submit(self, item):
+        loop = asyncio.get_running_loop()
+        if self.task is None:
+            self.wake = asyncio.Event()
+            self.task = loop.create_task(self._loop())
+        entry = (item, loop.create_future())
+        self.pending.append(entry)
+        self.wake.set()
+        try:
+            return await entry[1]
+        except asyncio.CancelledError:
+            if entry in self.pending:  # not started: it leaves the queue
+                self.pending.remove(entry)
+            raise
+
+    async def _loop(self) -> None:
+        while True:
+            await self.wake.wait()
+            deadline = time.monotonic() + self.wait_s
+            while len(self.pending) < self.max_size and time.monotonic() < deadline:
+                await asyncio.sleep(0.002)
+            batch = [e for e in self.pending[: self.max_size] if not e[1].done()]
+            del self.pending[: self.max_size]
+            if not self.pending:
+                self.wake.clear()
+            if not batch:
+                continue
+            try:
+                results = await self.run([item for item, _ in batch])
+            except Exception as e:  # noqa: BLE001 - the batch's requests fail, the loop goes on
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for (_, fut), result in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
+
+
 @serve.deployment(health_check_period_s=5)
 class ImageServer:
     """One image model (ours or any diffusers pipeline) shared by all requests to this replica."""
@@ -96,8 +148,10 @@ class ImageServer:
         self.steps, self.guidance = cfg.num_inference_steps, cfg.guidance_scale
         self.metrics = ImageMetrics(cfg.name)
         self.made = self.calls = 0
-        self._batched.set_max_batch_size(cfg.max_batch_size or DEFAULT_IMAGE_BATCH)
-        self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.busy_s = 0.0  # time in pipeline calls (utilization = busy_s / wall time)
+        self.batcher = Batcher(
+            self._run_batch, cfg.max_batch_size or DEFAULT_IMAGE_BATCH, cfg.batch_wait_timeout_s
+        )
         log.info("image model %s ready from %s (%s)", cfg.name, cfg.model_dir, self.pipe.kind)
 
     async def generate(self, job: dict) -> dict:
@@ -113,7 +167,7 @@ class ImageServer:
         guidance = self.guidance if job["guidance"] is None else job["guidance"]
         items = [(job["prompt"], job["seed"] + i, steps, guidance) for i in range(job["n"])]
         try:
-            images = await asyncio.gather(*(self._batched(item) for item in items))
+            images = await asyncio.gather(*(self.batcher.submit(item) for item in items))
         except Exception as e:  # noqa: BLE001 - a failed pipeline call fails its requests only
             log.exception("image generation failed")
             return {"error": ApiError(500, f"generation failed: {e}", "server_error").to_dict()}
@@ -121,8 +175,7 @@ class ImageServer:
         self.metrics.images.inc(len(images))
         return {"images": images, "kind": self.pipe.kind}
 
-    @serve.batch(max_batch_size=DEFAULT_IMAGE_BATCH, batch_wait_timeout_s=0.05)
-    async def _batched(self, items: list[tuple]) -> list[bytes]:
+    async def _run_batch(self, items: list[tuple]) -> list[bytes]:
         """One pipeline call per (steps, guidance) group of the batch, off the event loop."""
         from aigc_ray.images.model import png_bytes
 
@@ -134,7 +187,9 @@ class ImageServer:
             prompts = [items[i][0] for i in idx]
             seeds = [items[i][1] for i in idx]
             call = functools.partial(self.pipe.generate, prompts, seeds, steps, guidance)
+            started = time.perf_counter()
             arrays = await asyncio.get_running_loop().run_in_executor(self._torch, call)
+            self.busy_s += time.perf_counter() - started
             self.calls += 1
             self.metrics.batch.observe(len(idx))
             for i, arr in zip(idx, arrays, strict=True):
@@ -153,7 +208,13 @@ class ImageServer:
         }
 
     async def stats(self) -> dict:
-        return {"pid": os.getpid(), "model": self.name, "images": self.made, "calls": self.calls}
+        return {
+            "pid": os.getpid(),
+            "model": self.name,
+            "images": self.made,
+            "calls": self.calls,
+            "busy_s": round(self.busy_s, 3),
+        }
 
 
 def _diffusers_version() -> str:
