@@ -32,7 +32,7 @@ demo: $(STAMP)
 	RAY_AUTH_MODE=disabled $(VENV)/bin/aigc-ray pipeline --config configs/tiny.yaml
 
 test: $(TSTAMP)
-	$(PY) -m pytest -q -ra --timeout=900
+	$(PY) -m pytest -q -ra --timeout=900 --durations=15
 
 lint: $(TSTAMP)
 	$(VENV)/bin/ruff check .

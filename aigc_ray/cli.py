@@ -132,27 +132,29 @@ def _image_generate_dir(cfg: PipelineConfig) -> str:
     return cfg.images.generate.model_dir or cfg.default_model_dir()
 
 
-def http_complete(
-    base_url: str, model: str, prompt: str, max_tokens: int, timeout: float = 120
-) -> dict:
-    """POST /v1/completions with the standard library (greedy), returning the JSON body."""
-    body = json.dumps(
-        {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-    ).encode()
-    headers = {"Content-Type": "application/json"}
+def http_post(base_url: str, path: str, body: dict, timeout: float = 120) -> dict:
+    """POST JSON to the endpoint with the standard library (the first API key, if any);
+    the JSON reply, or PipelineError naming the status and body."""
     from aigc_ray.serve import load_api_keys
 
+    headers = {"Content-Type": "application/json"}
     keys = load_api_keys()
     if keys:
         headers["Authorization"] = f"Bearer {keys[0]}"
-    req = urllib.request.Request(f"{base_url}/v1/completions", body, headers)
+    req = urllib.request.Request(f"{base_url}{path}", json.dumps(body).encode(), headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as e:
-        raise PipelineError(
-            f"POST {base_url}/v1/completions -> {e.code}: {e.read().decode()}"
-        ) from None
+        raise PipelineError(f"POST {base_url}{path} -> {e.code}: {e.read().decode()}") from None
+
+
+def http_complete(
+    base_url: str, model: str, prompt: str, max_tokens: int, timeout: float = 120
+) -> dict:
+    """POST /v1/completions (greedy), returning the JSON body."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    return http_post(base_url, "/v1/completions", body, timeout)
 
 
 # ---------------------------------------------------------------- stages

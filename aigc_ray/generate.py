@@ -309,41 +309,49 @@ def _reason_is(null: bool):
     return keep
 
 
-def run_generate(cfg: GenerateConfig, model_dir: str) -> dict:
-    """Generate for every readable row of cfg.inputs into cfg.output_dir (unreadable rows into
-    the quarantine directory); return a summary."""
+def read_prompts(inputs: list[str], column: str, quarantine_dir: str):
+    """(dataset of readable prompt rows, count of unreadable rows): Ray Data reads the prompt
+    files row by row; unreadable rows are written to ``quarantine_dir`` (file, line, reason)."""
     import ray.data
-    from ray.data import ActorPoolStrategy
 
-    preflight(cfg, model_dir)
-    t0 = time.perf_counter()
-    files = prompt_files(cfg.inputs)
     read = (
-        ray.data.from_items(files)
+        ray.data.from_items(prompt_files(inputs))
         .map_batches(
             read_prompt_files,
-            fn_kwargs={"column": cfg.prompt_column},
+            fn_kwargs={"column": column},
             batch_size=1,
             batch_format="pyarrow",
             num_cpus=0.25,
         )
         .materialize()
     )
+    # A quarter CPU: a full-CPU filter task never scheduled beside Serve replicas and an actor
+    # pool on 2 CPUs.
     bad = read.map_batches(
         _reason_is(null=False), batch_format="pyarrow", num_cpus=0.25
     ).materialize()
     quarantined = bad.count()
-    quarantine_dir = cfg.quarantine_dir or f"{cfg.output_dir.rstrip('/')}_quarantine"
     if quarantined:
         bad.drop_columns(["prompt", "params"]).write_parquet(quarantine_dir)
+    good = read.map_batches(_reason_is(null=True), batch_format="pyarrow", num_cpus=0.25)
+    return good, quarantined
+
+
+def run_generate(cfg: GenerateConfig, model_dir: str) -> dict:
+    """Generate for every readable row of cfg.inputs into cfg.output_dir (unreadable rows into
+    the quarantine directory); return a summary."""
+    from ray.data import ActorPoolStrategy
+
+    preflight(cfg, model_dir)
+    t0 = time.perf_counter()
+    quarantine_dir = cfg.quarantine_dir or f"{cfg.output_dir.rstrip('/')}_quarantine"
+    good, quarantined = read_prompts(cfg.inputs, cfg.prompt_column, quarantine_dir)
     resources = {"num_cpus": cfg.num_cpus}
     if cfg.num_gpus:
         resources["num_gpus"] = cfg.num_gpus  # one model copy per GPU share
     # Exact-size blocks: reads cut files into uneven blocks, and each block's remainder would
     # become an underfull batch (measured: 11-row batches between the 32-row ones).
-    good = read.map_batches(
-        _reason_is(null=True), batch_format="pyarrow", num_cpus=0.25
-    ).repartition(target_num_rows_per_block=cfg.batch_size, strict=True)
+    good = good.repartition(target_num_rows_per_block=cfg.batch_size, strict=True)
     out = good.map_batches(
         GenerateUDF,
         fn_constructor_kwargs={"model_dir": portable_location(model_dir), "cfg": cfg.model_dump()},

@@ -4,42 +4,21 @@ a sample grid PNG and (for the digits default) a classifier's score of the sampl
 from __future__ import annotations
 
 import base64
-import json
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from aigc_ray.config import PipelineConfig
-from aigc_ray.errors import AigcRayError
-
-
-class ImagePipelineError(AigcRayError, RuntimeError):
-    """The image pipeline ran but a sample request failed."""
 
 
 def http_images(
     base_url: str, model: str, prompt: str, n: int, seed: int, timeout: float = 300
 ) -> list:
-    """POST /v1/images/generations with the standard library; decoded HxWxC uint8 arrays."""
+    """POST /v1/images/generations; the images as decoded HxWxC uint8 arrays."""
+    from aigc_ray.cli import http_post
     from aigc_ray.images.model import decode_png
-    from aigc_ray.serve import load_api_keys
 
-    body = json.dumps(
-        {"model": model, "prompt": prompt, "n": n, "seed": seed, "response_format": "b64_json"}
-    ).encode()
-    headers = {"Content-Type": "application/json"}
-    keys = load_api_keys()
-    if keys:
-        headers["Authorization"] = f"Bearer {keys[0]}"
-    req = urllib.request.Request(f"{base_url}/v1/images/generations", body, headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            data = json.loads(resp.read())["data"]
-    except urllib.error.HTTPError as e:
-        raise ImagePipelineError(
-            f"POST {base_url}/v1/images/generations -> {e.code}: {e.read().decode()}"
-        ) from None
+    body = {"model": model, "prompt": prompt, "n": n, "seed": seed, "response_format": "b64_json"}
+    data = http_post(base_url, "/v1/images/generations", body, timeout)["data"]
     return [decode_png(base64.b64decode(d["b64_json"])) for d in data]
 
 

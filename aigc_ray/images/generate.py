@@ -17,7 +17,7 @@ import time
 import pyarrow as pa
 
 from aigc_ray.config import ImageGenerateConfig
-from aigc_ray.generate import GenerateError, _reason_is, prompt_files, read_prompt_files
+from aigc_ray.generate import GenerateError, prompt_files, read_prompts
 from aigc_ray.storage import is_uri, portable_location, write_bytes
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,6 @@ def image_generate_preflight(cfg: ImageGenerateConfig, model_dir: str) -> None:
 
 def run_image_generate(cfg: ImageGenerateConfig, model_dir: str) -> dict:
     """Generate an image per readable prompt row; return a summary."""
-    import ray.data
     from ray.data import ActorPoolStrategy
 
     image_generate_preflight(cfg, model_dir)
@@ -117,42 +116,22 @@ def run_image_generate(cfg: ImageGenerateConfig, model_dir: str) -> dict:
         import shutil
 
         shutil.rmtree(out_dir, ignore_errors=True)
-    read = (
-        ray.data.from_items(prompt_files(cfg.inputs))
-        .map_batches(
-            read_prompt_files,
-            fn_kwargs={"column": cfg.prompt_column},
-            batch_size=1,
-            batch_format="pyarrow",
-            num_cpus=0.25,
-        )
-        .materialize()
-    )
-    bad = read.map_batches(
-        _reason_is(null=False), batch_format="pyarrow", num_cpus=0.25
-    ).materialize()
-    quarantined = bad.count()
     quarantine_dir = f"{out_dir}_quarantine"
-    if quarantined:
-        bad.drop_columns(["prompt", "params"]).write_parquet(quarantine_dir)
+    good, quarantined = read_prompts(cfg.inputs, cfg.prompt_column, quarantine_dir)
     resources = {"num_cpus": cfg.num_cpus}
     if cfg.num_gpus:
         resources["num_gpus"] = cfg.num_gpus
-    index = (
-        read.map_batches(_reason_is(null=True), batch_format="pyarrow", num_cpus=0.25)
-        .map_batches(
-            ImageGenerateUDF,
-            fn_constructor_kwargs={
-                "model_dir": portable_location(model_dir),
-                "cfg": {**cfg.model_dump(), "output_dir": portable_location(out_dir)},
-            },
-            compute=ActorPoolStrategy(size=cfg.num_actors),
-            batch_size=cfg.batch_size,
-            batch_format="pyarrow",
-            **resources,
-        )
-        .materialize()
-    )
+    index = good.map_batches(
+        ImageGenerateUDF,
+        fn_constructor_kwargs={
+            "model_dir": portable_location(model_dir),
+            "cfg": {**cfg.model_dump(), "output_dir": portable_location(out_dir)},
+        },
+        compute=ActorPoolStrategy(size=cfg.num_actors),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        **resources,
+    ).materialize()
     index.write_parquet(f"{out_dir}/index")
     rows = errors = 0
     for block in index.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -28,6 +28,7 @@ import torch
 from aigc_ray.config import ImageModelConfig, ImageTrainConfig, write_resolved
 from aigc_ray.images.data import load_split, read_image_manifest
 from aigc_ray.images.model import build_unet, image_grid, noise_scheduler, save_pipeline
+from aigc_ray.train.loop import all_mean
 from aigc_ray.train.steps import METRICS_FILE, TrainError, lr_factor
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,7 @@ def image_train_loop(config: dict) -> None:
         do_ckpt = do_eval or step % cfg.checkpoint_every == 0
         if not (do_ckpt or step % 10 == 0):
             continue
-        (mean_loss,) = _all_mean([float(np.mean(window))], device)
+        (mean_loss,) = all_mean([float(np.mean(window))], device)
         dt = time.time() - started
         row = {
             "step": step,
@@ -224,16 +225,6 @@ def image_train_loop(config: dict) -> None:
         window, started = [], time.time()
         if do_ckpt:
             _report(row, rank, unet, scheduler, labels, opt, lr_sched, step, history, grids)
-
-
-def _all_mean(values: list[float], device) -> list[float]:
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t.tolist()
 
 
 def _report(row, rank, unet, scheduler, labels, opt, lr_sched, step, history, grids) -> None:

@@ -432,15 +432,7 @@ class Router:
             model = req.model
             self._check_model(model, image=True)
             job = image_job(req, self.max_images)
-            response = self.models[model].generate.remote(job)
-            try:
-                async with asyncio.timeout(deadline - time.monotonic()):
-                    out = await response
-            except TimeoutError:
-                response.cancel()
-                raise
-            if "error" in out:
-                raise ApiError.from_dict(out["error"])
+            out = await self._call(self.models[model].generate, job, deadline)
             self.engines[model] = "diffusers"
         except ApiError as e:
             return self._record(model, route, e)
@@ -480,7 +472,7 @@ class Router:
                 writer = ChunkWriter(job.kind, model, include_usage)
                 response = await self._open_stream(handle, job, writer, deadline)
             else:
-                out = await self._call(handle, job, deadline)
+                out = await self._call(handle.complete, job, deadline)
                 self.engines[model] = out["engine"]
                 response = response_body(job.kind, model, out)
         except ApiError as e:
@@ -494,8 +486,10 @@ class Router:
         self.metrics.record(model, route, err.status, err.type)
         return err.response()
 
-    async def _call(self, handle, job: Job, deadline: float) -> dict:
-        response = handle.complete.remote(job)
+    async def _call(self, method, job, deadline: float) -> dict:
+        """A model deployment's method (a handle's ``complete`` or ``generate``) within the
+        deadline: past it the call is cancelled downstream; an error dict becomes an ApiError."""
+        response = method.remote(job)
         try:
             async with asyncio.timeout(deadline - time.monotonic()):
                 out = await response

@@ -70,7 +70,7 @@ class _LogWindow:
     steps: list = field(default_factory=list)
 
 
-def _all_mean(values: list[float], device) -> list[float]:
+def all_mean(values: list[float], device) -> list[float]:
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -246,7 +246,7 @@ def _after_step(w: _Worker, window: _LogWindow) -> bool:
     do_ckpt = last or state.step % cfg.checkpoint_every == 0
     if not (do_eval or do_ckpt or state.step % 10 == 0):
         return False
-    loss_avg, norm_avg = _all_mean(
+    loss_avg, norm_avg = all_mean(
         [np.mean([s[0] for s in window.steps]), np.mean([s[1] for s in window.steps])], w.device
     )
     dt = time.time() - window.started

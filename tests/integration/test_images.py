@@ -263,6 +263,37 @@ def test_killed_image_replica_is_replaced(image_url):
     assert all(s in (503, 408) for s in statuses), statuses
 
 
+def _images_made(text: str, model: str) -> float:
+    """Sum of ray_aigc_ray_generated_images_total over ``model``'s series."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("ray_aigc_ray_generated_images_total{") and f'model="{model}"' in line
+    )
+
+
+def test_image_metrics_move_with_requests(image_url, ray_session):
+    import urllib.request
+
+    node = ray_session._private.worker.global_worker.node
+    url = f"http://127.0.0.1:{node.metrics_export_port}/metrics"
+    before = _images_made(urllib.request.urlopen(url, timeout=10).read().decode(), "digits")
+    assert post(image_url, {"model": "digits", "prompt": "1", "n": 3}).status_code == 200
+    wanted = [
+        "ray_aigc_ray_image_request_seconds_bucket",
+        "ray_aigc_ray_image_batch_size_bucket",
+        'route="images"',
+    ]
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        if all(w in text for w in wanted) and _images_made(text, "digits") >= before + 3:
+            break
+        time.sleep(2)
+    assert [w for w in wanted if w not in text] == []
+    assert _images_made(text, "digits") >= before + 3  # moved with our three images
+
+
 # ---------------------------------------------------------------- batch generation
 
 

@@ -29,7 +29,7 @@ from aigc_ray.train import (
     worker_cpus,
 )
 from aigc_ray.train.fit import _export
-from aigc_ray.train.loop import _all_mean, _eval, _save_checkpoint, _State
+from aigc_ray.train.loop import _eval, _save_checkpoint, _State, all_mean
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -204,7 +204,7 @@ def test_eval_empty():
 
 
 def test_all_mean_without_process_group():
-    assert _all_mean([1.5, 2.0], "cpu") == [1.5, 2.0]
+    assert all_mean([1.5, 2.0], "cpu") == [1.5, 2.0]
 
 
 def test_to_tensor_stacks_object_array():
