@@ -126,4 +126,13 @@ def engine_report(app_name: str = "aigc") -> dict[str, dict]:
         calls = [serve.get_deployment_handle(n, app_name).info.remote() for n in names]
         return [await asyncio.wait_for(c, 60) for c in calls]
 
-    return {info["model"]: info for info in asyncio.run(ask())}
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # the usual case: no loop in this thread
+        infos = asyncio.run(ask())
+    else:  # called from a running loop (a notebook): run ours on a thread of its own
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            infos = pool.submit(asyncio.run, ask()).result()
+    return {info["model"]: info for info in infos}

@@ -102,14 +102,14 @@ def preflight(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> dict:
 
 
 def plot_loss(history: list[dict], out: Path, ylabel: str = "cross-entropy (nats/token)") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """loss.png. Drawn on a bare Figure, not pyplot: the process's matplotlib backend (e.g. a
+    notebook's inline one) stays as it was."""
+    from matplotlib.figure import Figure
 
     tr = [(r["step"], r["loss"]) for r in history if "loss" in r]
     va = [(r["step"], r["val_loss"]) for r in history if r.get("val_loss") is not None]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     if tr:
         ax.plot(*zip(*tr, strict=True), label="train loss")
     if va:
@@ -119,7 +119,6 @@ def plot_loss(history: list[dict], out: Path, ylabel: str = "cross-entropy (nats
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
 
 
 def worker_cpus(cfg: TrainConfig, cluster_cpus: float) -> float:

@@ -104,13 +104,14 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
         "batch generation   5 rows, 1 errors",
         "'x = 1'",
         "one request: 2 images",
-        "40 digits over HTTP",
+        "samples        40 over HTTP",
+        "aigc_ray image pipeline summary",
     ):
         assert expected in text, f"notebook output lacks {expected!r}"
     plots = [o for c in code for o in c.outputs if o.get("data", {}).get("image/png")]
     assert len(plots) == 2, "the loss plot and the digits grid"
     assert (work / "digits-train" / "model" / "model_index.json").is_file()
-    assert (work / "digits_grid.png").stat().st_size > 0
+    assert (work / "digits-train" / "served_samples.png").stat().st_size > 0
     assert "Ray stopped" in _text_of(code[-1])
     assert (work / "train" / "model" / "config.json").is_file()
     assert (work / "data" / "manifest.json").is_file()
