@@ -130,18 +130,12 @@ class ImagePipeline:
         if meta_path.is_file():
             from diffusers import DDIMScheduler, UNet2DModel
 
-            meta = json.loads(meta_path.read_text())
-            self.kind = "class"
-            self.labels: list[str] | None = meta["labels"]
-            self.null_class = meta["null_class"]
-            self.unet = UNet2DModel.from_pretrained(
+            unet = UNet2DModel.from_pretrained(
                 f"{model_dir}/unet", dtype=self.dtype, local_files_only=True
             )
-            self.unet.to(device).eval()
-            self.scheduler = DDIMScheduler.from_pretrained(f"{model_dir}/scheduler")
-            self.channels = meta["channels"]
-            self.native = (meta["image_size"], meta["image_size"])
-            self.pipe = None
+            scheduler = DDIMScheduler.from_pretrained(f"{model_dir}/scheduler")
+            labels = json.loads(meta_path.read_text())["labels"]
+            self._use_class_model(unet.to(device).eval(), scheduler, labels)
         else:
             from diffusers import DiffusionPipeline
 
@@ -157,6 +151,26 @@ class ImagePipeline:
             side = unet.config.sample_size * scale
             self.native = (side, side)
             self.channels = 3
+
+    @classmethod
+    def from_unet(cls, unet, scheduler, labels: list[str]) -> ImagePipeline:
+        """Our sampler over an in-memory class-conditioned UNet (training's sample grids), with
+        the DDIM scheduler an exported directory gets, on the UNet's device and dtype."""
+        from diffusers import DDIMScheduler
+
+        pipe = cls.__new__(cls)
+        param = next(unet.parameters())
+        pipe.device, pipe.dtype = param.device, param.dtype
+        pipe._use_class_model(unet, DDIMScheduler.from_config(scheduler.config), labels)
+        return pipe
+
+    def _use_class_model(self, unet, scheduler, labels: list[str]) -> None:
+        self.kind, self.pipe = "class", None
+        self.unet, self.scheduler = unet, scheduler
+        self.labels: list[str] | None = list(labels)
+        self.null_class = len(labels)  # the extra "no class" embedding (guidance)
+        self.channels = unet.config.in_channels
+        self.native = (unet.config.sample_size, unet.config.sample_size)
 
     @property
     def sizes(self) -> list[str]:

@@ -118,11 +118,7 @@ def sample_grid(unet, scheduler, labels: list[str], steps: int, guidance: float,
     """A GRID_ROWS x classes grid (HxWxC uint8) from the model as it is now."""
     from aigc_ray.images.model import ImagePipeline
 
-    pipe = ImagePipeline.__new__(ImagePipeline)  # the loaded pipeline's sampler, on this unet
-    pipe.unet, pipe.scheduler, pipe.pipe, pipe.labels = unet, scheduler, None, labels
-    pipe.null_class, pipe.channels = len(labels), unet.config.in_channels
-    pipe.native = (unet.config.sample_size, unet.config.sample_size)
-    pipe.device, pipe.dtype = next(unet.parameters()).device, torch.float32
+    pipe = ImagePipeline.from_unet(unet, scheduler, labels)  # sampled as when served
     cols = min(len(labels), 10)
     prompts = [labels[c] for _ in range(GRID_ROWS) for c in range(cols)]
     seeds = [seed + i for i in range(len(prompts))]
