@@ -33,6 +33,7 @@ from aigc_ray.engine.params import (
     GenerationResult,
     InvalidParamError,
     SamplingParams,
+    new_counters,
     resolve_device,
     resolve_dtype,
     validate_params,
@@ -115,15 +116,7 @@ class GenerationEngine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._tok_lock = threading.Lock()
-        self.counters = {
-            "finished": 0,
-            "cancelled": 0,
-            "failed": 0,
-            "prompt_tokens": 0,
-            "generated_tokens": 0,
-            "steps": 0,
-            "busy_s": 0.0,
-        }
+        self.counters = new_counters(busy_s=0.0)
         # Measured on 2 cores (torch 2.13 CPU, libgomp): the thread that runs torch's parallel
         # ops first gets OpenMP workers that spin between ops; threads after it get throttled
         # ones (a [64x512]x[512x512] matmul: 190 us on the first thread, 280 us on a later

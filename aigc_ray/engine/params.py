@@ -102,6 +102,13 @@ class EngineUnavailableError(AigcRayError, RuntimeError):
     its load failed); the message names the model and the reason."""
 
 
+def new_counters(**extra) -> dict:
+    """The counters every engine's ``stats()`` reports (the serve metrics read them), plus its
+    own ``extra`` ones, all at zero."""
+    base = ("finished", "cancelled", "failed", "prompt_tokens", "generated_tokens", "steps")
+    return {**dict.fromkeys(base, 0), **extra}
+
+
 def validate_params(params: SamplingParams) -> None:
     """Raise InvalidParamError naming the first out-of-range field of ``params``."""
     if not isinstance(params.max_tokens, int) or params.max_tokens < 1:

@@ -29,6 +29,7 @@ from aigc_ray.engine.params import (
     InvalidParamError,
     SamplingParams,
     TokenLogprob,
+    new_counters,
     validate_params,
 )
 from aigc_ray.engine.request import EngineRequest
@@ -145,17 +146,7 @@ class VllmEngine:
             enable_prefix_caching=enable_prefix_caching,
             engine_kwargs=engine_kwargs,
         )
-        self.counters = {
-            "finished": 0,
-            "cancelled": 0,
-            "failed": 0,
-            "prompt_tokens": 0,
-            "generated_tokens": 0,
-            "steps": 0,
-            "running": 0,
-            "waiting": 0,
-            "kv_cache_usage": 0.0,
-        }
+        self.counters = new_counters(running=0, waiting=0, kv_cache_usage=0.0)
         loggers = [stats_logger_factory(self.counters), *(stat_loggers or [])]
         if _on_cpu(args):
             # Ray sets OMP_NUM_THREADS to an actor's CPUs; vLLM then keeps that many torch
