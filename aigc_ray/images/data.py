@@ -172,6 +172,21 @@ def decode_batch(batch: pa.Table, size: int, channels: int) -> pa.Table:
     )
 
 
+def shard_rows(batch: pa.Table, split: str, labels: list[str], cfg: ImageDataConfig) -> pa.Table:
+    """Ray Data map_batches: the batch's readable images of one split, with their label ids."""
+    sources = batch.column("source").to_pylist()
+    keep = pa.array(
+        [
+            err is None and _split_of(src, cfg.seed, cfg.val_fraction) == split
+            for src, err in zip(sources, batch.column("error").to_pylist(), strict=True)
+        ]
+    )
+    rows = batch.filter(keep).drop_columns(["error"])
+    index = {name: i for i, name in enumerate(labels)}
+    ids = [index.get(x, -1) for x in rows.column("label").to_pylist()]
+    return rows.append_column("label_id", pa.array(ids, pa.int32()))
+
+
 def _split_of(source: str, seed: int, val_fraction: float) -> str:
     h = int.from_bytes(hashlib.blake2b(f"{seed}:{source}".encode(), digest_size=8).digest())
     return "val" if (h % 1_000_000) < val_fraction * 1_000_000 else "train"
@@ -196,27 +211,28 @@ def run_image_preprocess(cfg: ImageDataConfig) -> dict:
         )
         .materialize()
     )
-    result = pa.concat_tables(
-        [ray.get(ref) for ref in decoded.to_arrow_refs()]  # small: pixels of small images
+    # Only sources, labels and errors come to the driver; the pixels stay in the object store.
+    meta = pa.concat_tables(
+        ray.get(decoded.select_columns(["source", "label", "error"]).to_arrow_refs())
     )
-    errors = result.column("error").to_pylist()
-    good = result.filter(pa.compute.is_null(result.column("error")))
-    bad = result.filter(pa.compute.is_valid(result.column("error")))
+    good = meta.filter(pa.compute.is_null(meta.column("error")))
+    bad = meta.filter(pa.compute.is_valid(meta.column("error")))
     labels = sorted({x for x in good.column("label").to_pylist() if x is not None}, key=_label_key)
     if good.num_rows == 0:
-        raise DataError(f"no readable image in {cfg.inputs} ({len(errors)} quarantined)")
+        raise DataError(f"no readable image in {cfg.inputs} ({bad.num_rows} quarantined)")
     out = cfg.output_dir.rstrip("/")
     _clear(out)
-    index = {name: i for i, name in enumerate(labels)}
-    ids = [index.get(x, -1) for x in good.column("label").to_pylist()]
     split = [_split_of(s, cfg.seed, cfg.val_fraction) for s in good.column("source").to_pylist()]
-    good = good.drop_columns(["error"]).append_column("label_id", pa.array(ids, pa.int32()))
     splits = {}
     for name in ("train", "val"):
-        part = good.filter(pa.array([s == name for s in split]))
-        splits[name] = {"images": part.num_rows}
-        if part.num_rows:
-            ray.data.from_arrow(part).write_parquet(f"{out}/{name}")
+        splits[name] = {"images": split.count(name)}
+        if splits[name]["images"]:
+            decoded.map_batches(
+                shard_rows,
+                batch_format="pyarrow",
+                num_cpus=0.25,
+                fn_kwargs={"split": name, "labels": labels, "cfg": cfg},
+            ).write_parquet(f"{out}/{name}")
     quarantine = cfg.quarantine_dir or f"{out}/quarantine"
     if bad.num_rows:
         ray.data.from_arrow(bad.select(["source", "error"])).write_parquet(quarantine)
