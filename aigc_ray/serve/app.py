@@ -70,7 +70,7 @@ def check_engine(m: ServedModel) -> None:
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Typed app builder: `args` are ServeConfig fields (model_dir or models required)."""
-    from aigc_ray.images.model import check_image_model_dir, is_image_model_dir
+    from aigc_ray.images.model import is_image_model_dir
     from aigc_ray.model import check_model_dir
     from aigc_ray.storage import portable_location
 
@@ -83,7 +83,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     for m in models:
         fields = {**m.model_dump(), "model_dir": portable_location(m.model_dir)}
         if is_image_model_dir(m.model_dir):
-            check_image_model_dir(m.model_dir)
             handles[m.name] = ImageServer.options(**deployment_options(m)).bind(fields)
             image_models.append(m.name)
             continue
