@@ -28,6 +28,7 @@ import torch
 from aigc_ray.config import ImageModelConfig, ImageTrainConfig, write_resolved
 from aigc_ray.images.data import load_split, read_image_manifest
 from aigc_ray.images.model import build_unet, image_grid, noise_scheduler, save_pipeline
+from aigc_ray.train import metrics as train_metrics
 from aigc_ray.train.loop import all_mean
 from aigc_ray.train.steps import METRICS_FILE, TrainError, lr_factor
 
@@ -178,6 +179,7 @@ def image_train_loop(config: dict) -> None:
         step, history = saved["step"], saved["history"]
     else:
         history.append({"step": 0, "val_loss": val_loss(unet, scheduler, x_val, y_val, 0, device)})
+    train_metrics.start(cfg.name, history)
     null = len(labels)
     window, started = [], time.time()
     while step < cfg.max_steps:
@@ -218,9 +220,11 @@ def image_train_loop(config: dict) -> None:
                     _save_png(grid, f.name)
                     grids[f"step_{step:06d}.png"] = Path(f.name).read_bytes()
         history.append(row)
+        train_metrics.record(cfg.name, row, dt / len(window))
         window, started = [], time.time()
         if do_ckpt:
             _report(row, rank, unet, scheduler, labels, opt, lr_sched, step, history, grids)
+            train_metrics.checkpointed(cfg.name)
 
 
 def _report(row, rank, unet, scheduler, labels, opt, lr_sched, step, history, grids) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from aigc_ray.config import ModelConfig, TrainConfig
 from aigc_ray.model import perplexity
+from aigc_ray.train import metrics as train_metrics
 from aigc_ray.train.checkpoint import (
     _gather_for_save,
     _load_optimizer,
@@ -127,6 +128,7 @@ def _report(w: _Worker, metrics: dict, with_checkpoint: bool) -> None:
     with tempfile.TemporaryDirectory() as d:
         _save_checkpoint(w.model, w.tok, opt_state, model_state, w.sched, w.state, d)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    train_metrics.checkpointed(w.cfg.name)
 
 
 def _restore(cfg: dict, tok):
@@ -182,6 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
     if state.step == 0:
         state.history.append({"step": 0, "val_loss": _eval(model, val, device)})
     feed = _Feed(cfg, rank, world, config["train_rows"])
+    train_metrics.start(cfg.name, state.history)
     _run_steps(_Worker(cfg, model, tok, opt, sched, state, val, device), feed)
 
 
@@ -263,6 +266,7 @@ def _after_step(w: _Worker, window: _LogWindow) -> bool:
         row["val_loss"] = _eval(w.model, w.val, w.device)
         row["val_ppl"] = round(perplexity(row["val_loss"]), 3) if row["val_loss"] else None
     state.history.append(row)
+    train_metrics.record(cfg.name, row, dt / len(window.steps))
     if do_ckpt and cfg.ledger:
         _commit_ledger(state)
     if do_eval or do_ckpt:
