@@ -280,6 +280,21 @@ def format_summary(
     return "\n".join(lines)
 
 
+def cmd_dashboards(grafana_dir: str | None) -> int:
+    from aigc_ray.dashboards import DashboardError, install_dashboards
+
+    try:
+        written = install_dashboards(grafana_dir)
+    except DashboardError as e:
+        print(f"aigc-ray: error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(f"wrote {p}" for p in written))
+    ini = written[-1].parents[2] / "grafana.ini"
+    if ini.is_file():  # Ray's setup; a stock Grafana reloads its provisioning on restart
+        print(f"start Grafana with: grafana-server --config {ini} web")
+    return 0
+
+
 def _indent(text: str) -> str:
     return "\n".join("      " + line for line in text.splitlines()[:12])
 
@@ -336,6 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor", help="versions, GPUs, token auth, cluster resources; warns on mismatches (exit 1)"
     )
     doc.add_argument("--verbose", action="store_true", help="show Ray's logs")
+    dash = sub.add_parser(
+        "dashboards",
+        help="install the Grafana dashboards into Ray's Grafana setup (docs/monitoring.md)",
+    )
+    dash.add_argument(
+        "--grafana-dir",
+        help="Grafana config dir to install into (default: the latest Ray session's, "
+        "<ray temp dir>/session_latest/metrics/grafana)",
+    )
     sub.add_parser(
         "submit",
         add_help=False,
@@ -366,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"aigc-ray: error: {e}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
+    if args.command == "dashboards":
+        return cmd_dashboards(args.grafana_dir)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
