@@ -207,7 +207,9 @@ class TrainConfig(_Section):
         "bf16", description="Autocast dtype on GPU (fp16 adds a GradScaler); CPU always runs fp32."
     )
     strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="DDP, or FSDP for models that do not fit one device."
+        "ddp",
+        description="DDP, or FSDP2 (fully_shard per block; CPU/gloo or GPU/NCCL) for models "
+        "that do not fit one device.",
     )
     ledger: bool = Field(
         False,
@@ -225,16 +227,11 @@ class TrainConfig(_Section):
     seed: int = Field(0, description="Seed for init and data order.")
 
     @model_validator(mode="after")
-    def _strategy_needs_gpu(self) -> TrainConfig:
+    def _check_workers(self) -> TrainConfig:
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise ValueError(
                 f"train.min_workers ({self.min_workers}) must be <= train.num_workers "
                 f"({self.num_workers})"
-            )
-        if self.strategy == "fsdp" and not self.use_gpu:
-            raise ValueError(
-                "train.strategy=fsdp needs train.use_gpu=true "
-                "(Ray Train's FSDP wrapper is GPU-only)"
             )
         return self
 

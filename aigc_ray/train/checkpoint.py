@@ -19,8 +19,11 @@ def save_model(model, tok, directory: str, state_dict: dict | None = None) -> No
     """A plain Hugging Face model directory; a LoRA model is saved merged, plus its adapter
     weights (LORA_FILE) so training can resume with the adapters separate."""
     from aigc_ray.model import is_lora, merge_lora
+    from aigc_ray.train.fsdp import is_fsdp, plain_model
 
     unwrapped = getattr(model, "module", model)
+    if is_fsdp(unwrapped):
+        unwrapped, state_dict = plain_model(unwrapped, state_dict), None
     if is_lora(unwrapped):
         from peft import get_peft_model_state_dict
 
@@ -62,22 +65,20 @@ def restore_model(model_cfg: ModelConfig, tok, seed: int, directory: str):
 def _gather_for_save(model, opt) -> tuple[dict | None, dict]:
     """FSDP: full model and optimizer state dicts gathered to rank 0 (a collective: every rank
     calls it). DDP/single: (None, opt.state_dict()) and the model saves itself."""
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from aigc_ray.train.fsdp import full_state, is_fsdp
 
-    if not isinstance(model, FSDP):
+    if not is_fsdp(model):
         return None, opt.state_dict()
-    full = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, full):
-        return model.state_dict(), FSDP.optim_state_dict(model, opt)
+    return full_state(model, opt)
 
 
 def _load_optimizer(model, opt, saved: dict) -> None:
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from aigc_ray.train.fsdp import is_fsdp, load_optimizer
 
-    if isinstance(model, FSDP):
-        saved = FSDP.optim_state_dict_to_load(model, opt, saved)
-    opt.load_state_dict(saved)
+    if is_fsdp(model):
+        load_optimizer(model, opt, saved)
+    else:
+        opt.load_state_dict(saved)
 
 
 def latest_complete_checkpoint(run_storage: Path) -> str | None:
