@@ -26,6 +26,40 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class PiiConfig(_Section):
+    """PII redaction in the text data stage (docs/privacy.md says what counts as each kind)."""
+
+    enabled: bool = Field(True, description="Look for personal data and secrets in every row.")
+    action: Literal["replace", "drop"] = Field(
+        "replace",
+        description="replace: each finding becomes its placeholder; drop: rows holding any "
+        "finding are left out (counted as filtered: pii).",
+    )
+    kinds: list[Literal["email", "phone", "ip", "credit_card", "secret", "private_key"]] = Field(
+        default_factory=lambda: ["email", "phone", "ip", "credit_card", "secret", "private_key"],
+        description="Kinds to find: email, phone, ip, credit_card, secret (API keys, tokens), "
+        "private_key (PEM blocks).",
+    )
+    placeholder: str = Field(
+        "<{KIND}>", description="What replaces a finding; {KIND} / {kind} name its kind."
+    )
+    phone_region: str = Field(
+        "US",
+        pattern="^[A-Z]{2}$",
+        description="Region (ISO 3166) of phone numbers written without a +country code.",
+    )
+
+    @model_validator(mode="after")
+    def _placeholder_formats(self) -> PiiConfig:
+        try:
+            self.placeholder.format(KIND="EMAIL", kind="email")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(
+                f"data.pii.placeholder ({self.placeholder!r}) may only use {{KIND}} or {{kind}}"
+            ) from None
+        return self
+
+
 class DataConfig(_Section):
     inputs: list[str] = Field(
         default_factory=lambda: [STDLIB_SOURCE],
@@ -123,6 +157,9 @@ class DataConfig(_Section):
     )
     seed: int = Field(
         0, description="Seed of the deterministic train/validation split and MinHash."
+    )
+    pii: PiiConfig = Field(
+        default_factory=PiiConfig, description="PII and secret redaction (before dedup)."
     )
 
     @model_validator(mode="after")

@@ -1,8 +1,8 @@
-"""Data stage (Ray Data): read -> clean -> deduplicate -> tokenize -> pack -> parquet shards.
+"""Data stage (Ray Data): read -> clean/redact -> deduplicate -> tokenize -> pack -> parquet shards.
 
 Modules: readers (discovery, fault-tolerant parsing, quarantine rows), quality (cleaning and
-filters), dedup (exact hash, MinHash + LSH), formats (SFT chat rendering and label masks),
-pack (tokenize/pack UDF), stage (the Ray Data wiring and the manifest).
+filters), pii (PII and secret redaction), dedup (exact hash, MinHash + LSH), formats (SFT chat
+rendering and label masks), pack (tokenize/pack UDF), stage (the Ray Data wiring and the manifest).
 """
 
 from aigc_ray.data.dedup import MinHashParams, exact_duplicates, near_duplicates, true_jaccard

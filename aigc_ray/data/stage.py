@@ -1,6 +1,7 @@
-"""The data stage on Ray Data: read -> clean/filter -> dedup -> tokenize/pack -> parquet.
+"""The data stage on Ray Data: read -> clean/redact/filter -> dedup -> tokenize/pack -> parquet.
 
-    files --read_files--> rows (document or quarantine) --clean_batch--> status, hash, signature
+    files --read_files--> rows (document or quarantine) --clean_batch--> redacted text, status,
+          hash, signature, PII counts per kind
           --materialize--> driver: exact + near duplicate masks (by order key, deterministic)
           --keep rows--> TokenizePackUDF (actor pool) --materialize--> shards per split + tails
 
@@ -30,6 +31,7 @@ from aigc_ray.data.dedup import (
     text_hash,
 )
 from aigc_ray.data.pack import SPLITS, TokenizePackUDF, check_sft_row, list_column, split_blocks
+from aigc_ray.data.pii import PiiRules, redact_batch
 from aigc_ray.data.quality import QualityRules, build_filters, clean_text, first_failure
 from aigc_ray.data.readers import DataError, InputFile, read_files, resolve_inputs
 from aigc_ray.storage import filesystem_for, is_uri, scheme_prefix, upload_dir
@@ -48,6 +50,13 @@ def quality_rules(cfg: DataConfig) -> QualityRules:
     )
 
 
+def pii_rules(cfg: DataConfig) -> PiiRules | None:
+    p = cfg.pii
+    if not p.enabled or not p.kinds:
+        return None
+    return PiiRules(tuple(p.kinds), p.action, p.placeholder, p.phone_region)
+
+
 def minhash_params(cfg: DataConfig) -> MinHashParams:
     return MinHashParams(
         cfg.minhash_num_perm,
@@ -63,11 +72,14 @@ def minhash_params(cfg: DataConfig) -> MinHashParams:
 
 
 def clean_batch(
-    batch: pa.Table, rules: QualityRules, sft: bool, minhash: MinHashParams | None
+    batch: pa.Table,
+    rules: QualityRules,
+    sft: bool,
+    minhash: MinHashParams | None,
+    pii: PiiRules | None = None,
 ) -> pa.Table:
-    """Ray Data batch fn: clean text; set `status` (ok | malformed | filtered:<name>), hash and
-    signature."""
-    filters = build_filters(rules)
+    """Ray Data batch fn: clean text, redact PII (``pii``); set `status` (ok | malformed |
+    filtered:<name>), hash, signature and, with ``pii``, a `pii_<kind>` count column per kind."""
     texts, status, reasons = [], [], []
     for text, reason in zip(
         batch.column("text").to_pylist(), batch.column("reason").to_pylist(), strict=True
@@ -77,24 +89,44 @@ def clean_batch(
         if reason is not None:
             texts.append(text if sft else None)
             status.append("malformed")
-        elif sft:
-            texts.append(text)
-            status.append("ok")
         else:
-            cleaned = clean_text(text)
-            fail = first_failure(cleaned, filters)
-            texts.append(cleaned)
-            status.append(f"filtered:{fail}" if fail else "ok")
+            texts.append(text if sft else clean_text(text))
+            status.append("ok")
         reasons.append(reason)
+    found = _redact(texts, status, pii, sft) if pii is not None else {}
+    if not sft:
+        filters = build_filters(rules)
+        for i, (text, s) in enumerate(zip(texts, status, strict=True)):
+            fail = first_failure(text, filters) if s == "ok" else None
+            if fail:
+                status[i] = f"filtered:{fail}"
     hashes = [text_hash(t) if s == "ok" else 0 for t, s in zip(texts, status, strict=True)]
     out = batch.drop(["text", "reason"]).append_column("text", pa.array(texts, pa.string()))
     out = out.append_column("reason", pa.array(reasons, pa.string()))
     out = out.append_column("status", pa.array(status, pa.string()))
     out = out.append_column("hash", pa.array(hashes, pa.int64()))
+    for kind, counts in found.items():
+        out = out.append_column(f"pii_{kind}", pa.array(counts, pa.int32()))
     if minhash is not None:
         ok = [t if s == "ok" else "" for t, s in zip(texts, status, strict=True)]
         out = out.append_column("sig", list_column(signatures(ok, minhash).view(np.int32)))
     return out
+
+
+def _redact(texts: list, status: list[str], pii: PiiRules, sft: bool) -> dict[str, np.ndarray]:
+    """Redact the well-formed rows of ``texts`` in place (or, with action drop, mark the rows
+    holding PII filtered:pii); return the findings per kind and row."""
+    ok = [t if s == "ok" else None for t, s in zip(texts, status, strict=True)]
+    redacted, found = redact_batch(pa.array(ok, pa.string()), pii, messages=sft)
+    holds = np.zeros(len(texts), bool)
+    for counts in found.values():
+        holds |= counts > 0
+    for i in np.flatnonzero(holds):
+        if pii.action == "drop":
+            status[i] = "filtered:pii"
+        else:
+            texts[i] = redacted[i]
+    return found
 
 
 def keep_rows(batch: pa.Table, drop_orders: np.ndarray) -> pa.Table:
@@ -218,20 +250,32 @@ def _clear_outputs(cfg: DataConfig) -> None:
 
 
 def _tokenizer_corpus(files: list[InputFile], cfg: DataConfig):
-    """Good documents for tokenizer training, read in the driver up to tokenizer_train_mb."""
+    """Good documents for tokenizer training, read in the driver up to tokenizer_train_mb, with
+    PII redacted as in the shards (else a frequent address could become a vocabulary entry)."""
     from aigc_ray.data.readers import read_file_rows
 
     column = cfg.messages_column if cfg.format == "sft" else cfg.text_column
+    pii = pii_rules(cfg)
     seen, limit = 0, cfg.tokenizer_train_mb * 1e6
     for f in files:
         for table in read_file_rows(f, column, cfg.text_mode, strict=False):
-            for text in table.column("text").to_pylist():
+            texts = table.column("text").combine_chunks()
+            for text in _redacted(texts, pii) if pii else texts.to_pylist():
                 if text is None:
                     continue
                 yield text
                 seen += len(text)
                 if seen >= limit:
                     return
+
+
+def _redacted(texts: pa.Array, pii: PiiRules) -> list[str | None]:
+    """Texts with PII redacted, or None for a row holding some when the action is drop.
+    (Rows are redacted as plain text: SFT rows are not validated yet here.)"""
+    redacted, found = redact_batch(texts, pii)
+    holds = sum(found.values()) > 0
+    drop = holds & (pii.action == "drop")
+    return [None if d else t for t, d in zip(redacted, drop, strict=True)]
 
 
 def prepare_tokenizer(cfg: DataConfig, files: list[InputFile]):
@@ -312,6 +356,24 @@ def _counts(meta: pa.Table) -> dict:
     }
 
 
+def _pii_counts(meta: pa.Table, cfg: DataConfig) -> dict:
+    """Findings per kind among the rows read (before filters and dedup), and how many rows
+    held any."""
+    pii = pii_rules(cfg)
+    if pii is None:
+        return {"enabled": False, "action": cfg.pii.action, "found": {}, "rows": 0}
+    per_kind = {k: meta[f"pii_{k}"].to_numpy() for k in pii.kinds}
+    rows = np.zeros(meta.num_rows, bool)
+    for v in per_kind.values():
+        rows |= v > 0
+    return {
+        "enabled": True,
+        "action": pii.action,
+        "found": {k: int(v.sum()) for k, v in per_kind.items()},
+        "rows": int(rows.sum()),
+    }
+
+
 def run_preprocess(cfg: DataConfig) -> dict:
     """Run the whole data stage; write shards, quarantine, tokenizer and manifest.json.
 
@@ -344,16 +406,24 @@ def _run(cfg: DataConfig, files: list[InputFile], tok, t0: float) -> dict:
     try:
         cleaned = rows.map_batches(
             clean_batch,
-            fn_kwargs={"rules": quality_rules(cfg), "sft": cfg.format == "sft", "minhash": mh},
+            fn_kwargs={
+                "rules": quality_rules(cfg),
+                "sft": cfg.format == "sft",
+                "minhash": mh,
+                "pii": pii_rules(cfg),
+            },
             batch_format="pyarrow",
             batch_size=256,
         ).materialize()
     except Exception as e:  # Ray wraps the UDF's DataError in a task error
         raise _data_error_behind(e) from None
     timings["read_clean_s"], tick = round(time.perf_counter() - tick, 2), time.perf_counter()
-    meta_cols = ["order", "status", "hash"] + (["sig"] if mh else [])
+    pii = pii_rules(cfg)
+    pii_cols = [f"pii_{k}" for k in pii.kinds] if pii else []
+    meta_cols = ["order", "status", "hash", *pii_cols] + (["sig"] if mh else [])
     meta = pa.concat_tables(ray.get(cleaned.select_columns(meta_cols).to_arrow_refs()))
     counts = _counts(meta)
+    counts["pii"] = _pii_counts(meta, cfg)
     drops, counts["exact_duplicates"], counts["near_duplicates"] = _dedup(meta, cfg)
     timings["dedup_s"], tick = round(time.perf_counter() - tick, 2), time.perf_counter()
     packed = _tokenized(
@@ -440,6 +510,7 @@ def format_report(m: dict) -> str:
             f"  malformed {m['malformed']} (quarantined: {m['quarantine_dir'] or '-'})",
             f"  filtered  {sum(m['filtered'].values())} ({filtered})",
             f"  exact duplicates {m['exact_duplicates']}, near duplicates {m['near_duplicates']}",
+            f"  pii {_pii_line(m.get('pii'))}",
             f"  kept {m['docs_kept']} -> {m['tokens']:,} tokens",
             f"  train {tr['blocks']} blocks ({len(tr['shards'])} shards, "
             f"{tr['dropped_tail_tokens']} tail tokens dropped)",
@@ -447,3 +518,11 @@ def format_report(m: dict) -> str:
             f"{va['dropped_tail_tokens']} tail tokens dropped)",
         ]
     )
+
+
+def _pii_line(pii: dict | None) -> str:
+    if not pii or not pii["enabled"]:
+        return "not looked for (data.pii.enabled: false)"
+    found = ", ".join(f"{k} {v}" for k, v in pii["found"].items() if v) or "none found"
+    verb = "replaced" if pii["action"] == "replace" else "rows dropped"
+    return f"{found} in {pii['rows']} rows ({verb})"

@@ -68,13 +68,20 @@ def manifest(ray_session, cfg):
     return run_preprocess(cfg.data)
 
 
-def test_preprocess_counts_are_exact(manifest, cfg):
+def _cleaned(doc: str) -> str:
+    """What the clean step makes of a document: cleaned, PII redacted (on by default)."""
     from aigc_ray.data import clean_text
+    from aigc_ray.data.pii import PiiRules, redact_text
+
+    return redact_text(clean_text(doc), PiiRules())[0]
+
+
+def test_preprocess_counts_are_exact(manifest, cfg):
     from aigc_ray.model import load_tokenizer
 
     docs = cfg.__dict__["_docs"]
     tok = load_tokenizer(manifest["tokenizer_dir"])
-    kept = list(dict.fromkeys(clean_text(d) for d in docs if clean_text(d)))  # exact dedup
+    kept = list(dict.fromkeys(_cleaned(d) for d in docs if _cleaned(d)))  # exact dedup
     expected_tokens = sum(len(tok(d, add_special_tokens=False)["input_ids"]) + 1 for d in kept)
     assert manifest["docs_read"] == len(docs)
     assert manifest["docs_kept"] == len(kept)
@@ -94,7 +101,6 @@ def test_preprocess_counts_are_exact(manifest, cfg):
 
 def test_preprocess_blocks_hold_the_documents(manifest, cfg):
     """A block decodes to real text: the start of one of the input documents."""
-    from aigc_ray.data import clean_text
     from aigc_ray.model import load_tokenizer
 
     tok = load_tokenizer(manifest["tokenizer_dir"])
@@ -102,7 +108,7 @@ def test_preprocess_blocks_hold_the_documents(manifest, cfg):
     block = table.column("input_ids")[0].as_py()
     assert len(block) == cfg.data.seq_len
     text = tok.decode(block)
-    starts = [clean_text(d)[:80] for d in cfg.__dict__["_docs"]]
+    starts = [_cleaned(d)[:80] for d in cfg.__dict__["_docs"]]
     assert text[:80] in starts
 
 
