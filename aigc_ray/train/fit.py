@@ -75,6 +75,8 @@ def preflight(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> dict:
 
     if model_cfg.pretrained:
         check_model_dir(model_cfg.pretrained)
+    if cfg.strategy == "fsdp" and model_cfg.lora_r:
+        raise TrainError("train.strategy=fsdp with model.lora_r is not supported: use ddp")
     if cfg.export_dir:
         try:
             check_export_dir(Path(cfg.run_dir) / "model", cfg.export_dir)

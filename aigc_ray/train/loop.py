@@ -163,7 +163,7 @@ def train_loop_per_worker(config: dict) -> None:
     tok = load_tokenizer(local_model_dir(config["tokenizer_dir"]))  # s3:// -> this node's cache
     model, saved = _restore(config, tok)
     device = ray.train.torch.get_device()
-    model = _prepare(model, cfg)
+    model = _prepare(model, cfg, device)
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, cfg)
     state = _State(history=[], ledger=[])
@@ -188,14 +188,15 @@ def train_loop_per_worker(config: dict) -> None:
     _run_steps(_Worker(cfg, model, tok, opt, sched, state, val, device), feed)
 
 
-def _prepare(model, cfg: TrainConfig):
+def _prepare(model, cfg: TrainConfig, device: torch.device):
+    """DDP through Ray Train's prepare_model, or FSDP2's fully_shard (CPU/gloo or GPU/NCCL)."""
     import ray.train.torch
 
-    # use_orig_params keeps per-parameter requires_grad (LoRA) and the decay groups under FSDP
-    kwargs = {"use_orig_params": True} if cfg.strategy == "fsdp" else {}
-    return ray.train.torch.prepare_model(
-        model, parallel_strategy=cfg.strategy, parallel_strategy_kwargs=kwargs
-    )
+    if cfg.strategy == "fsdp":
+        from aigc_ray.train.fsdp import shard_model
+
+        return shard_model(model, device, precision(cfg, device)[0])
+    return ray.train.torch.prepare_model(model)
 
 
 def _commit_ledger(state: _State) -> None:
@@ -217,6 +218,8 @@ def _run_steps(w: _Worker, feed: _Feed) -> None:
     shard = ray.train.get_dataset_shard("train")
     cfg, state = w.cfg, w.state
     amp, scaler = precision(cfg, w.device)
+    if cfg.strategy == "fsdp":
+        amp = None  # FSDP's mixed-precision policy casts the parameters instead of autocast
     window = _LogWindow(time.time(), state.tokens)
     while state.step < cfg.max_steps:
         for n, (epoch, positions, micro) in enumerate(

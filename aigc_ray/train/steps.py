@@ -76,14 +76,17 @@ def accumulate_step(
 ) -> tuple[float, float]:
     """One optimizer step over gradient-accumulation micro-batches [(input_ids, labels|None)].
 
-    DDP gradients are all-reduced once, on the last micro-batch (no_sync before it). With
+    DDP gradients are all-reduced once, on the last micro-batch (no_sync before it); FSDP2's are
+    reduce-scattered once the same way. With
     `amp_dtype` the forward runs under autocast (bf16/fp16 on GPU); `scaler` is fp16's GradScaler.
     """
     model.train()
     total = 0.0
     for i, (ids, labels) in enumerate(micro_batches):
-        sync = i == len(micro_batches) - 1 or not hasattr(model, "no_sync")
-        ctx = contextlib.nullcontext() if sync else model.no_sync()
+        last = i == len(micro_batches) - 1
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last
+            model.set_requires_gradient_sync(last)
+        ctx = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with (
             ctx,
             torch.autocast(
@@ -97,6 +100,8 @@ def accumulate_step(
     if scaler:
         scaler.unscale_(opt)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor over the shards
+        norm = norm.full_tensor()
     if scaler:
         scaler.step(opt)
         scaler.update()
@@ -107,7 +112,7 @@ def accumulate_step(
     return total / len(micro_batches), float(norm)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 reuses its all-gather buffers in training steps
 def eval_loss_sum(model, batches: list) -> tuple[float, int]:
     """Sum of per-token losses and count of predicted tokens over `batches`.
 
@@ -148,8 +153,10 @@ def load_val_batches(data_dir: str, rank: int, world: int, batch_size: int, n_ba
         return []
     if "input_ids" not in table.column_names:
         return []
+    # The same number of rows on every rank: FSDP ranks must run the same forward passes.
+    per_rank = min(len(table) // world, batch_size * n_batches)
     cols = {
-        c: table.column(c).to_numpy(zero_copy_only=False)[rank::world][: batch_size * n_batches]
+        c: table.column(c).to_numpy(zero_copy_only=False)[rank::world][:per_rank]
         for c in ("input_ids", "labels")
         if c in table.column_names
     }

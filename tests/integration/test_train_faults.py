@@ -102,11 +102,22 @@ def _ledger(run_dir) -> list:
     return [tuple(x) for x in json.loads((Path(run_dir) / "ledger.json").read_text())]
 
 
-def test_sigkill_worker_resumes_exactly_once_with_same_loss(data_cfg):
+@pytest.fixture(scope="module")
+def clean(data_cfg):
+    """An uninterrupted DDP run: the reference for the fault and FSDP runs."""
     from aigc_ray.train import fit
 
     cfg, root = data_cfg
-    clean = fit(_train_cfg(cfg, root, "clean"), cfg.model, cfg.data.output_dir)
+    return fit(_train_cfg(cfg, root, "clean"), cfg.model, cfg.data.output_dir)
+
+
+def _losses(run_dir) -> dict:
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r.get("val_loss") or r.get("loss") for r in rows}
+
+
+def test_sigkill_worker_resumes_exactly_once_with_same_loss(data_cfg, clean):
+    cfg, root = data_cfg
     box, killed, restarted = _fit_killing_a_worker(cfg, root, _train_cfg(cfg, root, "fault"))
     assert "error" not in box, box.get("error")
     assert restarted, "no new worker group started after the kill: nothing was recovered"
@@ -118,6 +129,36 @@ def test_sigkill_worker_resumes_exactly_once_with_same_loss(data_cfg):
     assert len(ledger_fault) == len(set(ledger_fault)) == 60 * 2 * 4, "a sample was repeated"
     assert sorted(ledger_fault) == [(0, p) for p in range(60 * 8)], "a sample was skipped"
     assert ledger_fault == ledger_clean
+
+
+def test_fsdp2_on_gloo_resumes_exactly_once_and_matches_ddp(data_cfg, clean):
+    """train.strategy=fsdp: FSDP2 fully_shard over 2 CPU workers (gloo). A worker is killed after
+    the first checkpoint; the run resumes from the gathered full checkpoint, consumes every
+    position once, follows DDP's loss curve, and exports a plain Hugging Face directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg, root = data_cfg
+    box, _, restarted = _fit_killing_a_worker(
+        cfg, root, _train_cfg(cfg, root, "fsdp", strategy="fsdp")
+    )
+    assert "error" not in box, box.get("error")
+    assert restarted, "no new worker group started after the kill"
+    run = box["result"]
+    assert run.steps == 60
+    ledger = _ledger(run.run_dir)
+    assert sorted(ledger) == [(0, p) for p in range(60 * 8)] and len(ledger) == len(set(ledger))
+    ddp, fsdp = _losses(clean.run_dir), _losses(run.run_dir)
+    for step in (0, 30, 60):  # evaluations: the same model on the same validation rows
+        assert abs(fsdp[step] - ddp[step]) <= 0.02 * ddp[step], (step, fsdp[step], ddp[step])
+    assert abs(run.last_loss - clean.last_loss) <= 0.02 * clean.last_loss
+    model = AutoModelForCausalLM.from_pretrained(run.model_dir)
+    assert not type(model).__name__.startswith("FSDP")
+    assert not model.config.architectures[0].startswith("FSDP")
+    with torch.no_grad():  # a trained model: far below the uniform-guess loss ln(512) = 6.24
+        ids = torch.randint(0, 512, (2, 32))
+        assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+    assert run.val_loss_final < 6.0
 
 
 def test_exceeding_max_failures_is_a_clear_error_with_a_loadable_checkpoint(data_cfg):
