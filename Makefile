@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip install -q -c constraints.txt
 STAMP  := $(VENV)/.installed
 TSTAMP := $(VENV)/.installed-test
 
-.PHONY: demo test lint format install clean bench
+.PHONY: demo test test-tools lint format install clean bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	RAY_AUTH_MODE=disabled $(VENV)/bin/aigc-ray pipeline --config configs/tiny.yaml
 
-test: $(TSTAMP)
+# tests/integration/test_monitoring.py scrapes Ray with a real Prometheus (Debian's package; the
+# test runs its own process, so the service the package installs is stopped and disabled).
+test-tools:
+	@command -v prometheus >/dev/null || { apt-get update -q && \
+		apt-get install -y -q --no-install-recommends prometheus && \
+		{ ! command -v systemctl >/dev/null || systemctl disable --now prometheus || true; }; }
+
+test: $(TSTAMP) test-tools
 	$(PY) -m pytest -q -ra --timeout=900 --durations=15
 
 lint: $(TSTAMP)
