@@ -410,6 +410,11 @@ class ServeConfig(ReplicaSettings):
     max_images_per_request: int = Field(
         10, ge=1, description="Largest `n` an image request may ask."
     )
+    log_prompts: bool = Field(
+        False,
+        description="Log each request's prompt and completion text (debugging only); off, no "
+        "log line or error message holds them.",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> ServeConfig:

@@ -186,7 +186,7 @@ class ImagePipeline:
             )
         if self.labels is not None and prompt.strip() not in self.labels:
             raise ImageRequestError(
-                f"unknown class {prompt!r}: this model generates one of {self.labels}", "prompt"
+                f"unknown class: the prompt must be one of {self.labels}", "prompt"
             )
 
     @torch.inference_mode()

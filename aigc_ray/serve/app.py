@@ -95,6 +95,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         cfg.request_timeout_s,
         image_models=image_models,
         max_images=cfg.max_images_per_request,
+        log_prompts=cfg.log_prompts,
     )
 
 

@@ -42,7 +42,8 @@ from aigc_ray.engine import (
 )
 from aigc_ray.engine.loader import cpu_threads, placed_device
 from aigc_ray.serve.images import ImageGenerationRequest, image_job, images_response
-from aigc_ray.serve.metrics import ModelMetrics, RouterMetrics
+from aigc_ray.serve.metrics import KeyUsageMetrics, ModelMetrics, RouterMetrics
+from aigc_ray.serve.privacy import PromptGuard
 from aigc_ray.serve.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -52,13 +53,12 @@ from aigc_ray.serve.protocol import (
     StreamEvent,
     chat_logprobs,
     completion_logprobs,
-    parse_json,
     render_chat,
     response_body,
     to_job,
     usage,
 )
-from aigc_ray.serve.security import key_allowed, load_api_keys
+from aigc_ray.serve.security import key_allowed, key_fingerprint, load_api_keys, request_key
 
 log = logging.getLogger(__name__)
 
@@ -327,8 +327,9 @@ async def _on_http_error(request, exc):
     return ApiError(exc.status_code, str(exc.detail), type_).response()
 
 
-def _failure(e: BaseException) -> ApiError:
-    """An exception from a model deployment call, as the error the client gets."""
+def _failure(e: BaseException, guard: PromptGuard) -> ApiError:
+    """An exception from a model deployment call, as the error the client gets (an unexpected
+    one is logged without the request's texts)."""
     if isinstance(e, ApiError):
         return e
     if isinstance(e, BackPressureError):
@@ -353,7 +354,7 @@ def _failure(e: BaseException) -> ApiError:
             "server_unavailable",
             code="replica_unavailable",
         )
-    log.error("unexpected error from a model deployment", exc_info=e)
+    guard.log_failure("unexpected error from a model deployment", e)
     return ApiError(500, f"internal error: {type(e).__name__}", "server_error")
 
 
@@ -383,6 +384,7 @@ class Router:
         request_timeout_s: float,
         image_models: list[str] | None = None,
         max_images: int = 10,
+        log_prompts: bool = False,
     ):
         self.models = models  # name -> DeploymentHandle of its ModelServer (or ImageServer)
         self.image_models = set(image_models or [])
@@ -391,6 +393,8 @@ class Router:
         self.keys = load_api_keys()
         self.created = int(time.time())
         self.metrics = RouterMetrics()
+        self.usage = KeyUsageMetrics()
+        self.log_prompts = log_prompts
         self.engines: dict[str, str] = {}  # model -> engine, learnt from its responses
 
     @api.get("/health")
@@ -425,20 +429,20 @@ class Router:
     async def image_generations(self, request: Request):
         deadline = time.monotonic() + self.timeout
         model, route = "", "images"
+        guard = PromptGuard(self.log_prompts, route)
         try:
-            if not key_allowed(request.headers.get("authorization"), self.keys):
-                raise _auth_error()
-            req = parse_json(await request.body(), ImageGenerationRequest)
+            guard.key = self._caller(request)
+            req = guard.parse(await request.body(), ImageGenerationRequest)
             model = req.model
             self._check_model(model, image=True)
             job = image_job(req, self.max_images)
             out = await self._call(self.models[model].generate, job, deadline)
             self.engines[model] = "diffusers"
         except ApiError as e:
-            return self._record(model, route, e)
+            return self._record(model, route, e, guard)
         except Exception as e:  # noqa: BLE001 - every failure leaves in OpenAI's shape
-            return self._record(model, route, _failure(e))
-        self.metrics.record(model, route, 200)
+            return self._record(model, route, _failure(e, guard), guard)
+        self._record_ok(model, route, guard)
         return images_response(out)
 
     def _check_model(self, model: str, image: bool) -> None:
@@ -459,10 +463,10 @@ class Router:
     async def _handle(self, request: Request, model_cls, route: str):
         deadline = time.monotonic() + self.timeout
         model = ""
+        guard = PromptGuard(self.log_prompts, route)
         try:
-            if not key_allowed(request.headers.get("authorization"), self.keys):
-                raise _auth_error()
-            req = parse_json(await request.body(), model_cls)
+            guard.key = self._caller(request)
+            req = guard.parse(await request.body(), model_cls)
             model = req.model
             self._check_model(model, image=False)
             job = to_job(req, self.limit)
@@ -470,21 +474,49 @@ class Router:
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
                 writer = ChunkWriter(job.kind, model, include_usage)
-                response = await self._open_stream(handle, job, writer, deadline)
+                response = await self._open_stream(handle, job, writer, deadline, guard)
             else:
                 out = await self._call(handle.complete, job, deadline)
                 self.engines[model] = out["engine"]
                 response = response_body(job.kind, model, out)
+                self._answered(model, guard, response)
         except ApiError as e:
-            return self._record(model, route, e)
+            return self._record(model, route, e, guard)
         except Exception as e:  # noqa: BLE001 - every failure leaves in OpenAI's shape
-            return self._record(model, route, _failure(e))
-        self.metrics.record(model, route, 200)
+            return self._record(model, route, _failure(e, guard), guard)
+        self._record_ok(model, route, guard)
         return response
 
-    def _record(self, model: str, route: str, err: ApiError) -> JSONResponse:
+    def _caller(self, request: Request) -> str:
+        """The fingerprint of the request's API key ("none" when the server has no keys); a 401
+        when it presents none of ours."""
+        key = request_key(request.headers.get("authorization"), self.keys)
+        if self.keys and key is None:
+            raise _auth_error()
+        return key_fingerprint(key)
+
+    def _record(
+        self, model: str, route: str, err: ApiError, guard: PromptGuard | None = None
+    ) -> JSONResponse:
+        """Count a failed request (per key too, once its key was accepted); the error leaves
+        without the request's texts."""
         self.metrics.record(model, route, err.status, err.type)
-        return err.response()
+        if guard is None:
+            return err.response()
+        if guard.key is not None:
+            self.usage.record(guard.key, model, err.status)
+        return guard.clean(err).response()
+
+    def _record_ok(self, model: str, route: str, guard: PromptGuard) -> None:
+        self.metrics.record(model, route, 200)
+        self.usage.record(guard.key, model, 200)
+
+    def _answered(self, model: str, guard: PromptGuard, response: dict) -> None:
+        """A whole response: its tokens per key; its texts logged only with log_prompts."""
+        u = response["usage"]
+        self.usage.add_tokens(guard.key, model, u["prompt_tokens"], u["completion_tokens"])
+        choices = response["choices"]
+        guard.answered([c["message"]["content"] if "message" in c else c["text"] for c in choices])
 
     async def _call(self, method, job, deadline: float) -> dict:
         """A model deployment's method (a handle's ``complete`` or ``generate``) within the
@@ -500,7 +532,9 @@ class Router:
             raise ApiError.from_dict(out["error"])
         return out
 
-    async def _open_stream(self, handle, job: Job, writer: ChunkWriter, deadline: float):
+    async def _open_stream(
+        self, handle, job: Job, writer: ChunkWriter, deadline: float, guard: PromptGuard
+    ):
         """Wait for the model server's first event (so validation errors keep their status),
         then stream the rest as server-sent events."""
         events = handle.options(stream=True).stream.remote(job)
@@ -512,12 +546,23 @@ class Router:
             raise
         if first.kind == "error":
             raise ApiError.from_dict(first.error)
-        sse = self._sse(events, writer, first.tokens, max(1, len(job.prompts)) * job.n, deadline)
+        n = max(1, len(job.prompts)) * job.n
+        sse = self._sse(events, writer, first.tokens, n, deadline, guard)
         return StreamingResponse(sse, media_type="text/event-stream")
 
-    async def _sse(self, events, writer: ChunkWriter, prompt_tokens: int, n: int, deadline: float):
-        """Chunks until every choice finished; a disconnect cancels generation downstream."""
+    async def _sse(
+        self,
+        events,
+        writer: ChunkWriter,
+        prompt_tokens: int,
+        n: int,
+        deadline: float,
+        guard: PromptGuard,
+    ):
+        """Chunks until every choice finished; a disconnect cancels generation downstream.
+        Tokens count for the key when the stream ends (however it ends)."""
         done_tokens, finished = 0, 0
+        texts: dict[int, list[str]] = {}  # kept only for log_prompts
         try:
             yield writer.role(n)
             while True:
@@ -530,6 +575,8 @@ class Router:
                 except StopAsyncIteration:
                     break
                 if event.kind == "delta":
+                    if guard.log_prompts:
+                        texts.setdefault(event.index, []).append(event.text)
                     yield writer.delta(event.index, event.text)
                 elif event.kind == "finish":
                     done_tokens += event.tokens
@@ -540,6 +587,8 @@ class Router:
                     raise ApiError.from_dict(event.error)
             yield writer.end(usage(prompt_tokens, done_tokens))
         except Exception as e:  # noqa: BLE001 - mid-stream failures become an error event
-            yield writer.error(_failure(e))
+            yield writer.error(guard.clean(_failure(e, guard)))
         finally:
             events.cancel()
+            self.usage.add_tokens(guard.key, writer.model, prompt_tokens, done_tokens)
+            guard.answered(["".join(texts[i]) for i in sorted(texts)])

@@ -116,3 +116,32 @@ class ImageMetrics:
             tag_keys=("model",),
         )
         self.batch.set_default_tags({"model": model})
+
+
+class KeyUsageMetrics:
+    """Usage per API key (recorded by the ingress): requests by status and tokens by kind
+    (prompt, completion), labelled by the key's fingerprint (security.key_fingerprint), never by
+    the key."""
+
+    def __init__(self):
+        from ray.serve import metrics
+
+        self.requests = metrics.Counter(
+            "aigc_ray_key_requests",
+            description="Requests per API key fingerprint, model and status code.",
+            tag_keys=("key_fingerprint", "model", "status"),
+        )
+        self.tokens = metrics.Counter(
+            "aigc_ray_key_tokens",
+            description="Prompt and completion tokens per API key fingerprint and model.",
+            tag_keys=("key_fingerprint", "model", "kind"),
+        )
+
+    def record(self, fingerprint: str, model: str, status: int) -> None:
+        tags = {"key_fingerprint": fingerprint, "model": model or "-", "status": str(status)}
+        self.requests.inc(1, tags)
+
+    def add_tokens(self, fingerprint: str, model: str, prompt: int, completion: int) -> None:
+        for kind, n in (("prompt", prompt), ("completion", completion)):
+            if n:
+                self.tokens.inc(n, {"key_fingerprint": fingerprint, "model": model, "kind": kind})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from pathlib import Path
@@ -34,13 +35,30 @@ def load_api_keys() -> list[str]:
 
 def key_allowed(header: str | None, keys: list[str]) -> bool:
     """Constant-time check of an `Authorization: Bearer <key>` header against `keys`."""
-    if not keys:
-        return True
+    return not keys or request_key(header, keys) is not None
+
+
+def request_key(header: str | None, keys: list[str]) -> str | None:
+    """The configured key an `Authorization: Bearer <key>` header presents, or None; compared
+    in constant time with every key (no early exit tells which one came close)."""
     scheme, _, token = (header or "").partition(" ")
     if scheme.lower() != "bearer" or not token:
-        return False
+        return None
     given = token.strip().encode()
-    return any(hmac.compare_digest(given, k.encode()) for k in keys)
+    found = None
+    for k in keys:
+        if hmac.compare_digest(given, k.encode()):
+            found = k
+    return found
+
+
+def key_fingerprint(key: str | None) -> str:
+    """What metrics and logs name a key by: the first 8 hex digits of its SHA-256 ("none" when
+    the server has no keys). It identifies a key among a deployment's few; it cannot be turned
+    back into the key."""
+    if key is None:
+        return "none"
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 def check_bind(host: str, keys: list[str]) -> None:
