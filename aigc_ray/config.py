@@ -225,6 +225,17 @@ class TrainConfig(_Section):
         ge=1,
         description="Elastic training: run with any count in [min_workers, num_workers].",
     )
+    elastic_resize_interval_s: float = Field(
+        60.0,
+        gt=0,
+        description="Elastic training: how often a healthy run checks whether more workers fit "
+        "(it then restarts from its latest checkpoint at the larger size).",
+    )
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom resources each worker also reserves (e.g. {trainer: 1} to place "
+        "workers only on nodes that declare it).",
+    )
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL) instead of CPU (gloo).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
     batch_size: int = Field(16, ge=1, description="Blocks per worker per step.")
@@ -284,6 +295,9 @@ class AutoscalingSettings(_Section):
     )
     upscale_delay_s: float = Field(10.0, ge=0, description="Sustained load before adding.")
     downscale_delay_s: float = Field(300.0, ge=0, description="Sustained idle before removing.")
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="Window over which ongoing requests are averaged."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSettings:
@@ -356,6 +370,14 @@ class ReplicaSettings(EngineSettings):
     max_queued_requests: int = Field(
         128, ge=-1, description="Requests queued for the replicas before 503s; -1 = no limit."
     )
+    rollout_surge_percent: int = Field(
+        100,
+        ge=0,
+        le=100,
+        description="Extra replicas (percent of the count) while a new model version rolls out: "
+        "replacements start before old replicas stop, so no request waits for a load; 0 = "
+        "stop, then start (no spare capacity needed).",
+    )
     num_inference_steps: int = Field(
         25, ge=1, le=1000, description="Image models: denoising steps when a request names none."
     )
@@ -384,6 +406,11 @@ class ServedModel(ReplicaSettings):
 
     name: str = Field(description="Name clients pass as `model`.")
     model_dir: str = Field(description="Hugging Face model directory (ours or any other).")
+    version: str | None = Field(
+        None,
+        description="Label of this model's version, shown in /v1/models and as each response's "
+        "system_fingerprint; empty = a fingerprint of the model directory's files.",
+    )
 
 
 class ServeConfig(ReplicaSettings):
@@ -393,6 +420,11 @@ class ServeConfig(ReplicaSettings):
         "train.run_dir/model.",
     )
     model_name: str = Field("aigc-tiny", description="Name clients pass as `model`.")
+    model_version: str | None = Field(
+        None,
+        description="Version label of model_dir (see serve.models[].version); empty = a "
+        "fingerprint of its files.",
+    )
     models: list[ServedModel] = Field(
         default_factory=list,
         description="Several models in one app: entries of {name, model_dir, replica settings}; "
@@ -429,7 +461,8 @@ class ServeConfig(ReplicaSettings):
             model_dir = self.model_dir or default_model_dir
             if not model_dir:
                 raise ValueError("serve.model_dir (or serve.models) is required")
-            return [self._inherit({"name": self.model_name, "model_dir": model_dir})]
+            fields = {"name": self.model_name, "model_dir": model_dir}
+            return [self._inherit({**fields, "version": self.model_version})]
         return [self._inherit(m.model_dump(exclude_unset=True)) for m in self.models]
 
     def _inherit(self, fields: dict) -> ServedModel:

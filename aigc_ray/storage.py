@@ -161,6 +161,23 @@ def local_model_dir(path: str | Path) -> str:
     return str(dest)
 
 
+def model_version(path: str | Path) -> str:
+    """A short fingerprint of a model directory's files (names, sizes, mtimes; local or remote):
+    a model exported again, even to the same path, gets a new one. Serve shows it as the model's
+    version when none is configured."""
+    if is_uri(path):
+        _, base, files = remote_files(str(path))
+        listing = sorted((f.path[len(base) :], f.size, str(f.mtime)) for f in files)
+    else:
+        root = Path(path)
+        listing = sorted(
+            (str(f.relative_to(root)), st.st_size, st.st_mtime_ns)
+            for f in root.rglob("*")
+            if f.is_file() and (st := f.stat())
+        )
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:12]
+
+
 def check_export_dir(model_dir: str | Path, dest: str) -> None:
     """Refuse a local export dir that is, contains or lies inside the model dir it copies
     (exporting replaces the destination, which would delete the model)."""

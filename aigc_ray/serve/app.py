@@ -25,6 +25,7 @@ def deployment_options(m: ServedModel) -> dict:
         "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
         "max_ongoing_requests": m.max_ongoing_requests,
         "max_queued_requests": m.max_queued_requests,
+        "max_surge_percent": m.rollout_surge_percent,
     }
     tp = m.vllm.tensor_parallel_size
     if tp > 1:
@@ -72,16 +73,23 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """Typed app builder: `args` are ServeConfig fields (model_dir or models required)."""
     from aigc_ray.images.model import is_image_model_dir
     from aigc_ray.model import check_model_dir
-    from aigc_ray.storage import portable_location
+    from aigc_ray.storage import model_version, portable_location
 
     cfg = ServeConfig(**args)  # a pydantic ValidationError names any unknown or bad arg
     try:
         models = cfg.served_models()
     except ValueError as e:
         raise ServeError(str(e)) from None
-    handles, image_models = {}, []
+    handles, image_models, versions = {}, [], {}
     for m in models:
-        fields = {**m.model_dump(), "model_dir": portable_location(m.model_dir)}
+        # A new version (or the same path with new files) changes the deployment's arguments:
+        # Serve replaces its replicas one by one, starting each new one before stopping an old.
+        versions[m.name] = m.version or model_version(m.model_dir)
+        fields = {
+            **m.model_dump(),
+            "model_dir": portable_location(m.model_dir),
+            "version": versions[m.name],
+        }
         if is_image_model_dir(m.model_dir):
             handles[m.name] = ImageServer.options(**deployment_options(m)).bind(fields)
             image_models.append(m.name)
@@ -89,7 +97,14 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         check_model_dir(m.model_dir)
         check_engine(m)
         handles[m.name] = ModelServer.options(**deployment_options(m)).bind(fields)
-    return Router.bind(
+    # The versions reach the Router as user_config: deployed from a config file (`serve deploy`,
+    # a stable code version), a new one reconfigures the running Router in place. `serve.run`
+    # gives every changed deployment a new code version, so there the Router is replaced, new
+    # replica first (max_surge_percent), like the models.
+    router = Router.options(
+        user_config={"versions": versions}, max_surge_percent=cfg.rollout_surge_percent
+    )
+    return router.bind(
         handles,
         cfg.max_tokens_limit,
         cfg.request_timeout_s,

@@ -88,7 +88,7 @@ class ModelServer:
         threads = cpu_threads(cfg.num_cpus, cfg.num_gpus)
         if threads:
             torch.set_num_threads(threads)
-        self.name = cfg.name
+        self.name, self.version = cfg.name, cfg.version
         device = placed_device(cfg.device, cfg.num_gpus)
         self.engine, self.choice = load_engine(
             cfg.model_dir,
@@ -164,6 +164,7 @@ class ModelServer:
             "prompt_tokens": sum(len(p) for p in prompts),
             "choices": choices,
             "engine": self.choice.name,
+            "version": self.version,
         }
 
     def _choice(self, job: Job, prompt_ids: list[int], r) -> dict:
@@ -205,7 +206,7 @@ class ModelServer:
             yield StreamEvent("error", error=e.to_dict())
             return
         try:
-            yield StreamEvent("start", tokens=sum(len(p) for p in prompts))
+            yield StreamEvent("start", tokens=sum(len(p) for p in prompts), version=self.version)
             async for event in _merge(reqs, self._stream_interval):
                 yield event
         except EngineError as e:
@@ -226,6 +227,7 @@ class ModelServer:
         """The engine serving this model and why (aigc-ray serve prints it; /v1/models shows it)."""
         return {
             "model": self.name,
+            "version": self.version,
             **self.choice.as_dict(),
             "context_window": self.engine.context_window,
         }
@@ -396,6 +398,14 @@ class Router:
         self.usage = KeyUsageMetrics()
         self.log_prompts = log_prompts
         self.engines: dict[str, str] = {}  # model -> engine, learnt from its responses
+        # model -> version: as deployed, then as its responses say (during a rolling update,
+        # whichever replica answered last)
+        self.versions: dict[str, str] = {}
+
+    def reconfigure(self, config: dict) -> None:
+        """Serve's user_config: the deployed models' versions (a rollout updates them here, in
+        place, without restarting the ingress)."""
+        self.versions.update(config.get("versions") or {})
 
     @api.get("/health")
     async def health(self) -> dict:
@@ -412,6 +422,7 @@ class Router:
                 "created": self.created,
                 "owned_by": "aigc_ray",
                 "engine": self.engines.get(name),
+                "version": self.versions.get(name),
             }
             for name in self.models
         ]
@@ -478,6 +489,7 @@ class Router:
             else:
                 out = await self._call(handle.complete, job, deadline)
                 self.engines[model] = out["engine"]
+                self.versions[model] = out.get("version") or self.versions.get(model)
                 response = response_body(job.kind, model, out)
                 self._answered(model, guard, response)
         except ApiError as e:
@@ -546,6 +558,7 @@ class Router:
             raise
         if first.kind == "error":
             raise ApiError.from_dict(first.error)
+        writer.fingerprint = first.version
         n = max(1, len(job.prompts)) * job.n
         sse = self._sse(events, writer, first.tokens, n, deadline, guard)
         return StreamingResponse(sse, media_type="text/event-stream")

@@ -302,6 +302,7 @@ class StreamEvent(NamedTuple):
     finish_reason: str | None = None
     tokens: int = 0  # start: prompt tokens; finish: the choice's completion tokens
     error: dict | None = None
+    version: str | None = None  # start: the model version answering (system_fingerprint)
 
 
 # ---------------------------------------------------------------- responses and chunks
@@ -338,6 +339,7 @@ def response_body(kind: str, model: str, out: dict) -> dict:
         "model": model,
         "choices": choices,
         "usage": usage(out["prompt_tokens"], completion_tokens),
+        "system_fingerprint": out.get("version"),
     }
 
 
@@ -348,6 +350,7 @@ class ChunkWriter:
         self.kind, self.model, self.include_usage = kind, model, include_usage
         self.id, self.created = new_id(kind), int(time.time())
         self.object = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        self.fingerprint: str | None = None  # the model version, once the stream started
 
     def _line(self, choices: list[dict], **extra) -> str:
         chunk = {
@@ -355,6 +358,7 @@ class ChunkWriter:
             "object": self.object,
             "created": self.created,
             "model": self.model,
+            "system_fingerprint": self.fingerprint,
             "choices": choices,
             **extra,
         }

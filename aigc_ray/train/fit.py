@@ -179,7 +179,8 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
         scaling_config=ScalingConfig(
             num_workers=(cfg.min_workers, cfg.num_workers) if cfg.min_workers else cfg.num_workers,
             use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cpus},
+            resources_per_worker={**cfg.worker_resources, "CPU": cpus},
+            elastic_resize_monitor_interval_s=cfg.elastic_resize_interval_s,
         ),
         run_config=RunConfig(
             name=cfg.name,

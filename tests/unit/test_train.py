@@ -257,8 +257,10 @@ def test_load_val_batches_slices_by_rank(tmp_path):
         firsts = [r[0] for b in batches for r in b.tolist()]
         seen.append(firsts)
     assert not set(seen[0]) & set(seen[1])
-    assert sorted(seen[0] + seen[1]) == list(range(11))
-    assert len(seen[0]) == 6 and len(seen[1]) == 5
+    # the same row count on every rank (FSDP ranks must run the same forward passes): the odd
+    # last row is left out
+    assert sorted(seen[0] + seen[1]) == list(range(10))
+    assert len(seen[0]) == len(seen[1]) == 5
 
 
 def test_load_val_batches_limits_count(tmp_path):
