@@ -17,6 +17,10 @@ def ray_session(tmp_path_factory):
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Serve's handles and replicas report their load every 1 s instead of 10 s (the node's
+    # processes inherit this environment): autoscaling and cold-start tests take seconds less.
+    for who in ("HANDLE", "REPLICA"):
+        os.environ[f"RAY_SERVE_{who}_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "1"
     cache = str(tmp_path_factory.mktemp("model-cache"))  # remote model dirs are copied here
     ray.init(
         num_cpus=2,
