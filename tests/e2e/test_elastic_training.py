@@ -1,7 +1,7 @@
 """Live elastic training on a real multi-node Ray (two `ray start` nodes on this machine): a run
 with train.min_workers=1, num_workers=2 starts with the one worker that fits, grows to two when a
 second node joins, shrinks back to one when that node leaves, and still consumes every
-(epoch, position) exactly once, ending within 2% of a fixed-size run's loss."""
+(epoch, position) exactly once, ending no worse than 2% above a fixed-size run's loss."""
 
 import json
 import os
@@ -208,7 +208,9 @@ def test_elastic_run_grows_and_shrinks_with_the_nodes_exactly_once(cluster, meas
     fixed = _train(tmp, "fixed", "train.num_workers=1", f"train.checkpoint_every={STEPS}")
     assert fixed.wait(timeout=600) == 0, (tmp / "fixed.log").read_text()[-3000:]
     elastic_loss, fixed_loss = _last_loss(tmp / "elastic"), _last_loss(tmp / "fixed")
-    assert abs(elastic_loss - fixed_loss) <= 0.02 * fixed_loss, (elastic_loss, fixed_loss)
+    # One-sided: the elastic run's steps at two workers hold twice the rows, so it ends lower
+    # (CI measured 4.411 vs 4.511); a lost optimizer state or a repeated batch ends higher.
+    assert elastic_loss <= 1.02 * fixed_loss, (elastic_loss, fixed_loss)
     measured(
         "elastic training 1 -> 2 -> 1 workers",
         f"grew {grow:.0f} s after the node joined, went on with one worker "
