@@ -270,7 +270,10 @@ class TrainConfig(_Section):
     num_to_keep: int = Field(2, ge=1, description="Checkpoints kept.")
     max_failures: int = Field(2, ge=0, description="Worker-group failures to recover from.")
     shuffle_buffer: int = Field(
-        2048, ge=0, description="Rows in each worker's local shuffle buffer (0 = corpus order)."
+        2048,
+        ge=0,
+        description="Rows shuffled together within each epoch, after a seeded shuffle of the "
+        "shards' row groups (0 = corpus order).",
     )
     seed: int = Field(0, description="Seed for init and data order.")
 

@@ -1,8 +1,17 @@
-"""Exactly-once data positions for the training loop (no Ray imports)."""
+"""Exactly-once data positions for the training loop, read by each rank itself (no Ray).
+
+Each rank reads the train shards with pyarrow on a thread of its own, in an epoch order that
+every rank derives from the seed alone: a seeded permutation of the shards' row groups, rows
+shuffled within windows of ``train.shuffle_buffer`` rows. No Ray Data executor runs beside the
+training step (it took CPU from it), and a rank only turns the rows at its own positions into
+tensors.
+"""
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import zlib
 
 import numpy as np
@@ -20,34 +29,123 @@ class _Feed:
     steps consumed, so no sample is skipped or repeated within an epoch. The epoch's last
     partial global batch (< batch_size x grad_accum x world rows) is not used."""
 
-    def __init__(self, cfg: TrainConfig, rank: int, world: int, rows: int):
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, rows: int, source):
+        """`source(epoch)` yields the epoch's rows as numpy batches, the same on every rank
+        (a ShardReader)."""
         self.cfg, self.rank, self.world, self.rows = cfg, rank, world, rows
+        self.source = source
         self.per_step = cfg.batch_size * cfg.grad_accum * world
         if rows < self.per_step:
             raise TrainError(f"{rows} training rows cannot fill one step of {self.per_step}")
 
-    def steps(self, shard, epoch: int, start: int):
+    def steps(self, epoch: int, start: int):
         """Yield (epoch, positions, micro_batches) per optimizer step, from epoch position
         `start` to the epoch's end. Positions, not step counts, mark progress, so a resume
         with a different number of workers (elastic) still consumes each sample once."""
         limit = start + (self.rows - start) // self.per_step * self.per_step
-        stream = shard.iter_batches(
-            batch_size=1024,
-            batch_format="numpy",
-            local_shuffle_buffer_size=self.cfg.shuffle_buffer or None,
-            local_shuffle_seed=self.cfg.seed + epoch,
-        )
         self.probe: list[int] = []
         micro = rank_micro_batches(
-            stream, self.rank, self.world, start, limit, self.cfg.batch_size, self.probe
+            self.source(epoch), self.rank, self.world, start, limit, self.cfg.batch_size, self.probe
         )
         group: list = []
-        for item in micro:
+        for item in prefetch(micro, depth=4):
             group.append(item)
             if len(group) == self.cfg.grad_accum:
                 positions = np.concatenate([g[0] for g in group])
                 yield epoch, positions, [(g[1], g[2]) for g in group]
                 group = []
+
+
+class ShardReader:
+    """The epoch order of a split's parquet shards (local or s3://), read with pyarrow.
+
+    Units are (file, row group); an epoch visits them in a permutation seeded by seed + epoch,
+    and rows are shuffled within windows of at least `window` rows (0 = corpus order). The
+    order depends on the shards and the seed only, so every rank sees the same one."""
+
+    def __init__(self, split_dir: str, columns: list[str], seed: int, window: int):
+        import pyarrow.parquet as pq
+
+        from aigc_ray.storage import filesystem_for, list_files, scheme_prefix
+
+        self.filesystem, _ = filesystem_for(split_dir)
+        cut = len(scheme_prefix(split_dir))
+        self.columns, self.seed, self.window = columns, seed, window
+        self.units: list[tuple[str, int]] = []
+        for uri, _ in list_files(split_dir, keep=lambda p: p.endswith(".parquet")):
+            path = uri[cut:]
+            with self.filesystem.open_input_file(path) as f:
+                groups = pq.ParquetFile(f).metadata.num_row_groups
+            self.units += [(path, g) for g in range(groups)]
+
+    def __call__(self, epoch: int):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.units)) if self.window else range(len(self.units))
+        pending: list = []
+        rows = 0
+        files: dict = {}
+        for k in order:
+            path, group = self.units[k]
+            if path not in files:
+                files = {path: pq.ParquetFile(self.filesystem.open_input_file(path))}
+            table = files[path].read_row_group(group, columns=self.columns)
+            pending.append(table)
+            rows += table.num_rows
+            if rows >= max(self.window, 1):
+                yield _window(pa.concat_tables(pending), rng if self.window else None)
+                pending, rows = [], 0
+        if pending:
+            yield _window(pa.concat_tables(pending), rng if self.window else None)
+
+
+def _window(table, rng) -> dict:
+    """A numpy batch {column: [rows, T] array} of `table`, rows permuted by `rng` (if any)."""
+    out = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        flat = col.flatten().to_numpy(zero_copy_only=False)
+        out[name] = flat.reshape(len(col), -1) if len(col) else flat.reshape(0, 0)
+    if rng is not None:
+        perm = rng.permutation(table.num_rows)
+        out = {k: v[perm] for k, v in out.items()}
+    return out
+
+
+def prefetch(items, depth: int):
+    """Iterate `items` on a background thread, `depth` ahead (reading and collating overlap
+    the training step; pyarrow and numpy release the GIL for most of it). An exception in the
+    thread is raised here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def run():
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(item)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(e)
+        q.put(done)
+
+    t = threading.Thread(target=run, name="aigc-ray-prefetch", daemon=True)
+    t.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.05)
 
 
 def rank_micro_batches(

@@ -124,20 +124,18 @@ def plot_loss(history: list[dict], out: Path, ylabel: str = "cross-entropy (nats
 
 
 def worker_cpus(cfg: TrainConfig, cluster_cpus: float) -> float:
-    """CPUs to reserve per worker so that Ray Data's read tasks keep at least one CPU.
-
-    `cluster_cpus` is what is free now (a Serve replica may hold some). Ray Train takes the
-    workers' CPUs out of Ray Data's budget; on a small box (2 workers x 1 CPU on 2 cores) the
-    ingest would get none and the run would hang. GPU runs keep the config.
-    """
+    """CPUs to reserve per worker so that the workers fit in what is free now (a Serve replica
+    may hold some). The ingest needs none of its own: each worker reads its shards on a thread
+    (see feed.ShardReader). GPU runs keep the config."""
     need = cfg.num_workers * cfg.cpus_per_worker
-    if cfg.use_gpu or cluster_cpus - need >= 1:
+    if cfg.use_gpu or cluster_cpus >= need:
         return cfg.cpus_per_worker
-    fitted = max(0.1, round((cluster_cpus - 1) / cfg.num_workers, 2))
+    fitted = max(0.1, round(cluster_cpus / cfg.num_workers, 2))
     log.warning(
-        "train.cpus_per_worker %.2f -> %.2f so data ingest keeps 1 of %g CPUs",
+        "train.cpus_per_worker %.2f -> %.2f so %d workers fit in %g free CPUs",
         cfg.cpus_per_worker,
         fitted,
+        cfg.num_workers,
         cluster_cpus,
     )
     return fitted
@@ -146,9 +144,7 @@ def worker_cpus(cfg: TrainConfig, cluster_cpus: float) -> float:
 def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
     """Train with a TorchTrainer; export the final model to `run_dir/model`; write metrics."""
     import ray
-    import ray.data
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     manifest = preflight(cfg, model_cfg, data_dir)
@@ -156,22 +152,15 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
     run_dir = Path(cfg.run_dir).resolve()
     storage = cfg.storage_path or str(run_dir / "ray")
     cpus = worker_cpus(cfg, ray.available_resources().get("CPU", 0))
-    ray.data.DataContext.get_current().enable_progress_bars = False
     data_dir = portable_location(data_dir)
     columns = ["input_ids", "labels"] if manifest.get("format") == "sft" else ["input_ids"]
-    # Shards are written in corpus order; without shuffling, the first steps would see one
-    # corner of the corpus only (e.g. all of encodings/*.py). Both shuffles are seeded.
-    # Reads ask for a quarter CPU: parquet decode is light, and a full-CPU read task could
-    # not be scheduled next to the workers on a small or busy cluster (the ingest would hang).
-    train_ds = ray.data.read_parquet(
-        f"{data_dir}/train", columns=columns, num_cpus=0.25
-    ).randomize_block_order(seed=cfg.seed)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "train": cfg.model_dump(),
             "model": model_cfg.model_dump(),
             "data_dir": data_dir,
+            "columns": columns,
             # a URI stays a URI: each worker copies it on its own node (see train_loop)
             "tokenizer_dir": portable_location(manifest["tokenizer_dir"]),
             "train_rows": manifest["splits"]["train"]["blocks"],
@@ -188,12 +177,9 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
         ),
-        datasets={"train": train_ds},
-        # Not split: every rank iterates the same deterministic order and takes positions
-        # p % world == rank, so a resume can skip exactly what was consumed (see _Feed).
-        dataset_config=DataConfig(
-            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
-        ),
+        # No Ray Data dataset: every rank reads the shards in the same seeded order itself and
+        # takes positions p % world == rank, so a resume skips exactly what was consumed
+        # (see feed.ShardReader and _Feed).
     )
     try:
         result = trainer.fit()

@@ -22,7 +22,7 @@ from aigc_ray.train.checkpoint import (
     restore_model,
     save_model,
 )
-from aigc_ray.train.feed import _Feed, check_same_order
+from aigc_ray.train.feed import ShardReader, _Feed, check_same_order
 from aigc_ray.train.steps import (
     METRICS_FILE,
     STATE_FILE,
@@ -149,7 +149,7 @@ def _restore(cfg: dict, tok):
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. `config` holds small values only: train, model, data_dir,
-    tokenizer_dir, train_rows."""
+    tokenizer_dir, train_rows, columns."""
     import ray.train
     import ray.train.torch
 
@@ -183,7 +183,12 @@ def train_loop_per_worker(config: dict) -> None:
     val = load_val_batches(config["data_dir"], rank, world, cfg.batch_size, cfg.eval_batches)
     if state.step == 0:
         state.history.append({"step": 0, "val_loss": _eval(model, val, device)})
-    feed = _Feed(cfg, rank, world, config["train_rows"])
+    # Shards are written in corpus order; without shuffling, the first steps would see one
+    # corner of the corpus only (e.g. all of encodings/*.py): the order is seeded per epoch.
+    source = ShardReader(
+        f"{config['data_dir']}/train", config["columns"], cfg.seed, cfg.shuffle_buffer
+    )
+    feed = _Feed(cfg, rank, world, config["train_rows"], source)
     train_metrics.start(cfg.name, state.history)
     _run_steps(_Worker(cfg, model, tok, opt, sched, state, val, device), feed)
 
@@ -213,18 +218,13 @@ def _commit_ledger(state: _State) -> None:
 
 
 def _run_steps(w: _Worker, feed: _Feed) -> None:
-    import ray.train
-
-    shard = ray.train.get_dataset_shard("train")
     cfg, state = w.cfg, w.state
     amp, scaler = precision(cfg, w.device)
     if cfg.strategy == "fsdp":
         amp = None  # FSDP's mixed-precision policy casts the parameters instead of autocast
     window = _LogWindow(time.time(), state.tokens)
     while state.step < cfg.max_steps:
-        for n, (epoch, positions, micro) in enumerate(
-            feed.steps(shard, state.epoch, state.epoch_pos)
-        ):
+        for n, (epoch, positions, micro) in enumerate(feed.steps(state.epoch, state.epoch_pos)):
             if n == 0:
                 check_same_order(feed.probe[0], w.device)
             micro = [
