@@ -45,7 +45,13 @@ class _Feed:
         limit = start + (self.rows - start) // self.per_step * self.per_step
         self.probe: list[int] = []
         micro = rank_micro_batches(
-            self.source(epoch), self.rank, self.world, start, limit, self.cfg.batch_size, self.probe
+            self.source(epoch, start),
+            self.rank,
+            self.world,
+            start,
+            limit,
+            self.cfg.batch_size,
+            self.probe,
         )
         group: list = []
         for item in prefetch(micro, depth=4):
@@ -71,34 +77,54 @@ class ShardReader:
         self.filesystem, _ = filesystem_for(split_dir)
         cut = len(scheme_prefix(split_dir))
         self.columns, self.seed, self.window = columns, seed, window
-        self.units: list[tuple[str, int]] = []
+        self.units: list[tuple[str, int, int]] = []  # (path, row group, rows)
         for uri, _ in list_files(split_dir, keep=lambda p: p.endswith(".parquet")):
             path = uri[cut:]
             with self.filesystem.open_input_file(path) as f:
-                groups = pq.ParquetFile(f).metadata.num_row_groups
-            self.units += [(path, g) for g in range(groups)]
+                meta = pq.ParquetFile(f).metadata
+            self.units += [
+                (path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)
+            ]
 
-    def __call__(self, epoch: int):
+    def windows(self, epoch: int) -> list[list[int]]:
+        """The epoch's windows as lists of unit indices, from the shards' metadata alone."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.units)) if self.window else range(len(self.units))
+        out, pending, rows = [], [], 0
+        for k in order:
+            pending.append(int(k))
+            rows += self.units[k][2]
+            if rows >= max(self.window, 1):
+                out.append(pending)
+                pending, rows = [], 0
+        return out + ([pending] if pending else [])
+
+    def __call__(self, epoch: int, start: int = 0):
+        """The epoch's rows as numpy batches (one per window). Windows wholly before position
+        `start` (consumed before a resume) are not read: `{"skipped": rows}` stands for each."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.units)) if self.window else range(len(self.units))
-        pending: list = []
-        rows = 0
-        files: dict = {}
-        for k in order:
-            path, group = self.units[k]
-            if path not in files:
-                files = {path: pq.ParquetFile(self.filesystem.open_input_file(path))}
-            table = files[path].read_row_group(group, columns=self.columns)
-            pending.append(table)
-            rows += table.num_rows
-            if rows >= max(self.window, 1):
-                yield _window(pa.concat_tables(pending), rng if self.window else None)
-                pending, rows = [], 0
-        if pending:
-            yield _window(pa.concat_tables(pending), rng if self.window else None)
+        if self.window:
+            rng.permutation(len(self.units))  # the draw windows() made: same rng state after it
+        pos, files = 0, {}
+        for window in self.windows(epoch):
+            rows = sum(self.units[k][2] for k in window)
+            if pos + rows <= start:
+                if self.window:
+                    rng.permutation(rows)  # keep the rng where reading the window leaves it
+                yield {"skipped": rows}
+                pos += rows
+                continue
+            tables = []
+            for k in window:
+                path, group, _ = self.units[k]
+                if path not in files:
+                    files = {path: pq.ParquetFile(self.filesystem.open_input_file(path))}
+                tables.append(files[path].read_row_group(group, columns=self.columns))
+            yield _window(pa.concat_tables(tables), rng if self.window else None)
+            pos += rows
 
 
 def _window(table, rng) -> dict:
@@ -161,12 +187,15 @@ def rank_micro_batches(
 
     Position p of the epoch stream goes to rank p % world; p < start (already consumed) and
     p >= limit (the epoch's partial last global batch) are skipped. `probe` receives a digest
-    of the epoch's first rows (the same on every rank when orders agree).
+    of the first rows read (the same on every rank when orders agree).
     """
     pos, buf = 0, []
     for batch in stream:
+        if "skipped" in batch:  # a window before `start`, not read
+            pos += batch["skipped"]
+            continue
         ids, labels = batch["input_ids"], batch.get("labels")
-        if pos == 0 and probe is not None:
+        if probe is not None and not probe:
             head = np.concatenate([np.asarray(r, np.int64) for r in ids[:16]])
             probe.append(int(zlib.crc32(head.tobytes())))
         n = len(ids)

@@ -60,6 +60,7 @@ class _Worker:
     state: _State
     val: list  # this rank's validation batches
     device: torch.device
+    marks: dict = field(default_factory=dict)  # wall-clock times of the startup phases
 
 
 @dataclass
@@ -156,14 +157,17 @@ def train_loop_per_worker(config: dict) -> None:
     from aigc_ray.model import load_tokenizer
     from aigc_ray.storage import local_model_dir
 
+    marks = {"entered": time.time()}  # startup phases, in metrics.jsonl's step-0 row
     cfg = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed + rank)
     tok = load_tokenizer(local_model_dir(config["tokenizer_dir"]))  # s3:// -> this node's cache
     model, saved = _restore(config, tok)
+    marks["model"] = time.time()
     device = ray.train.torch.get_device()
     model = _prepare(model, cfg, device)
+    marks["prepare"] = time.time()
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, cfg)
     state = _State(history=[], ledger=[])
@@ -183,14 +187,17 @@ def train_loop_per_worker(config: dict) -> None:
     val = load_val_batches(config["data_dir"], rank, world, cfg.batch_size, cfg.eval_batches)
     if state.step == 0:
         state.history.append({"step": 0, "val_loss": _eval(model, val, device)})
+    marks["eval"] = time.time()
     # Shards are written in corpus order; without shuffling, the first steps would see one
     # corner of the corpus only (e.g. all of encodings/*.py): the order is seeded per epoch.
     source = ShardReader(
         f"{config['data_dir']}/train", config["columns"], cfg.seed, cfg.shuffle_buffer
     )
     feed = _Feed(cfg, rank, world, config["train_rows"], source)
+    marks["feed"] = time.time()
     train_metrics.start(cfg.name, state.history)
-    _run_steps(_Worker(cfg, model, tok, opt, sched, state, val, device), feed)
+    w = _Worker(cfg, model, tok, opt, sched, state, val, device, marks)
+    _run_steps(w, feed)
 
 
 def _prepare(model, cfg: TrainConfig, device: torch.device):
@@ -227,6 +234,7 @@ def _run_steps(w: _Worker, feed: _Feed) -> None:
         for n, (epoch, positions, micro) in enumerate(feed.steps(state.epoch, state.epoch_pos)):
             if n == 0:
                 check_same_order(feed.probe[0], w.device)
+                _record_startup(w)
             micro = [
                 (i.to(w.device), None if lab is None else lab.to(w.device)) for i, lab in micro
             ]
@@ -242,6 +250,21 @@ def _run_steps(w: _Worker, feed: _Feed) -> None:
             if state.step >= cfg.max_steps:
                 return
         state.epoch, state.epoch_pos = state.epoch + 1, 0
+
+
+def _record_startup(w: _Worker) -> None:
+    """Seconds of each startup phase (first batch = feed opened -> first batch on all ranks),
+    kept in the step-0 row of a fresh run: `entered` is when this worker's loop began."""
+    m = w.marks
+    if not m or w.state.step or not w.state.history or w.state.history[0].get("step") != 0:
+        return
+    m["first_batch"] = time.time()
+    names = list(m)
+    w.state.history[0]["startup"] = {
+        "entered": round(m["entered"], 3),
+        **{b: round(m[b] - m[a], 3) for a, b in zip(names, names[1:], strict=False)},
+    }
+    w.marks = {}
 
 
 def _after_step(w: _Worker, window: _LogWindow) -> bool:

@@ -193,10 +193,32 @@ def test_exactly_once_across_a_world_size_change_with_the_reader(tmp_path):
     seen = []
     for world, start, limit in ((2, 0, 64), (3, 64, 64 + 3 * 4 * 6)):  # 2 ranks, then 3
         for rank in range(world):
-            for pos, ids, _ in rank_micro_batches(reader(0), rank, world, start, limit, 4):
+            for pos, ids, _ in rank_micro_batches(reader(0, start), rank, world, start, limit, 4):
                 assert [order[p] for p in pos.tolist()] == ids[:, 0].tolist()
                 seen += pos.tolist()
     assert sorted(seen) == list(range(64 + 72)) and n >= 136
+
+
+def test_a_resume_reads_no_window_wholly_before_its_start(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from aigc_ray.train.feed import ShardReader
+
+    _shards(tmp_path / "train")
+    reader = ShardReader(str(tmp_path / "train"), ["input_ids"], seed=1, window=16)
+    full = _order(reader, 0)
+    reads = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(
+        pq.ParquetFile, "read_row_group", lambda f, g, **kw: reads.append(g) or real(f, g, **kw)
+    )
+    start = 100
+    batches = list(reader(0, start))
+    skipped = sum(b["skipped"] for b in batches if "skipped" in b)
+    assert 0 < skipped <= start, "windows before the start were read"
+    resumed = [int(r[0]) for b in batches if "input_ids" in b for r in b["input_ids"]]
+    assert resumed == full[skipped:], "skipping changed the order of what follows"
+    assert len(reads) < len(reader.units)
 
 
 def test_prefetch_keeps_order_and_raises_the_producers_error():
