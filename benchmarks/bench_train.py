@@ -13,7 +13,9 @@ One run, on this machine, one after the other (never both at once):
    `build_model` / seed / tokenizer, the same `build_optimizer`, `build_scheduler` and step
    function (`accumulate_step`, which `train_step` wraps: same grad_accum and precision), the same
    batch size per worker and seq_len, rows r::world of the same train shards in order, timed
-   after 10 warmup steps. Threads per process: the OMP_NUM_THREADS that Ray gives our
+   after 10 warmup steps; like ours it evaluates before the first step and after the last, and
+   saves the final model (so startup compares the frameworks, not different work). Threads
+   per process: the OMP_NUM_THREADS that Ray gives our
    workers (Ray sets it to floor(num_cpus) >= 1; probed with a task of the workers' num_cpus),
    unless `--ref-threads` says otherwise.
 
@@ -167,16 +169,22 @@ def steady_rate(rows: list[dict], warmup: int = WARMUP_STEPS) -> tuple[float, in
     return tokens / secs, tokens
 
 
-def startup_phases(rows: list[dict], fit_start: float, fit_end: float) -> dict:
+def startup_phases(rows: list[dict], fit_start: float, fit_end: float, export_s: float) -> dict:
     """Where ours spends the time that is not steady steps, from rank 0's step-0 row: Ray Train
-    up to the worker loop, the loop's own phases, and after the last step (final evaluation,
-    checkpoint, export)."""
+    up to the worker loop, the loop's own phases, then from the last step's row to
+    trainer.fit()'s return (final evaluation, checkpoint, Ray Train's teardown) and the driver's
+    export."""
     phases = dict(rows[0].get("startup", {}))
     entered = phases.pop("entered", None)
     if entered is None:
         return {}
     last = max(r["time"] for r in rows if "time" in r)
-    return {"ray_train_start": entered - fit_start, **phases, "after_last_step": fit_end - last}
+    return {
+        "ray_train_start": entered - fit_start,
+        **phases,
+        "last_step_to_fit_return": fit_end - export_s - last,
+        "export": export_s,
+    }
 
 
 def run_ours(cfg, data_dir: str, threads: int) -> dict:
@@ -197,7 +205,7 @@ def run_ours(cfg, data_dir: str, threads: int) -> dict:
         "threads": threads,
         "params": result.params,
         "last_loss": result.last_loss,
-        "phases": startup_phases(rows, start, start + wall),
+        "phases": startup_phases(rows, start, start + wall, result.export_s),
     }
 
 
@@ -221,6 +229,8 @@ def run_reference(cfg, data_dir: str, args, threads: int, work: Path) -> dict:
         str(args.steps),
         "--warmup",
         str(WARMUP_STEPS),
+        "--save-dir",
+        str(work / "ref_model"),
     ]
     if args.gpu:
         cmd.append("--gpu")

@@ -7,11 +7,16 @@ the autocast dtype of `precision(train, device)`, as our workers do). Data: the 
 listed in manifest.json, read with pyarrow in order; rank r takes rows r::world and cuts them
 into micro-batches of `train.batch_size` (wrapping around if the run needs more rows).
 
+Like our worker loop it evaluates the same validation batches (`load_val_batches`,
+`train.eval_batches` per rank) before the first step and after the last, and rank 0 saves the
+final model with `save_pretrained` (`--save-dir`): the work a user's own script does too, so
+that the startup difference bench_train.py reports is the frameworks', not extra work of ours.
+
 Times the steps after `--warmup` steps with time.perf_counter; rank 0 prints one JSON line
 (global tokens/s, steps, threads, ...) that bench_train.py parses.
 
     torchrun --standalone --nproc_per_node=2 benchmarks/torchrun_ddp.py \
-        --data-dir DIR --config cfg.json [--steps 60] [--warmup 10] [--gpu]
+        --data-dir DIR --config cfg.json [--steps 60] [--warmup 10] [--gpu] [--save-dir DIR]
 
 `cfg.json` holds {"train": TrainConfig dump, "model": ModelConfig dump}. With --gpu: NCCL, one
 GPU per process (LOCAL_RANK), autocast per `train.precision` (bf16 by default; CPU runs fp32).
@@ -35,6 +40,7 @@ from aigc_ray.config import ModelConfig, TrainConfig
 from aigc_ray.data import read_manifest
 from aigc_ray.model import build_model, count_params, load_tokenizer
 from aigc_ray.train import accumulate_step, build_optimizer, build_scheduler, precision
+from aigc_ray.train.steps import eval_loss_sum, load_val_batches
 
 log = logging.getLogger("torchrun_ddp")
 
@@ -88,12 +94,23 @@ def build(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer_dir: str, device, 
     return ddp, opt, build_scheduler(opt, cfg), params
 
 
+def evaluate(model, val: list, device) -> float:
+    """Mean validation loss over every rank's batches (no autograd, no DDP forward)."""
+    with torch.no_grad():
+        total, count = eval_loss_sum(model.module, [b.to(device) for b in val])
+    t = torch.tensor([total, count], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t[0] / t[1])
+
+
 def run(args, cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> dict:
     """Train `args.steps` steps; time those after `args.warmup`; return rank-local figures."""
     rank, world = dist.get_rank(), dist.get_world_size()
     manifest = read_manifest(args.data_dir)
     model, opt, sched, params = build(cfg, model_cfg, manifest["tokenizer_dir"], device, rank)
     rows = load_rows(manifest, cfg.seq_len, rank, world)
+    val = load_val_batches(args.data_dir, rank, world, cfg.batch_size, cfg.eval_batches)
+    val_initial = evaluate(model, val, device)
     amp, scaler = precision(cfg, device)
     steps = batches(rows, cfg.batch_size, cfg.grad_accum, args.steps)
     losses, t0 = [], None
@@ -104,6 +121,10 @@ def run(args, cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) ->
         if step == args.warmup:
             t0 = time.perf_counter()
     secs = time.perf_counter() - t0
+    val_final = evaluate(model, val, device)
+    if rank == 0 and args.save_dir:
+        model.module.save_pretrained(args.save_dir)
+        load_tokenizer(manifest["tokenizer_dir"]).save_pretrained(args.save_dir)
     timed = args.steps - args.warmup
     per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * world
     return {
@@ -116,6 +137,8 @@ def run(args, cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) ->
         "threads": torch.get_num_threads(),
         "params": params,
         "last_loss": round(float(np.mean(losses[-10:])), 4),
+        "val_loss_initial": round(val_initial, 4),
+        "val_loss_final": round(val_final, 4),
         "device": str(device),
         "amp": str(amp),
     }
@@ -128,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--save-dir", help="rank 0 saves the final model here (save_pretrained)")
     args = ap.parse_args(argv)
     if args.steps <= args.warmup:
         ap.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +37,7 @@ class TrainResult:
     params: int
     tokens_per_s: float = 0.0  # mean over logged windows after the first (steady state)
     exported_to: str | None = None  # train.export_dir, when set (e.g. s3:// for a cluster)
+    export_s: float = 0.0  # driver seconds after trainer.fit() returned: export, plot, copies
 
     @property
     def serving_dir(self) -> str:
@@ -148,6 +150,10 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     manifest = preflight(cfg, model_cfg, data_dir)
+    # Ray Train's controller polls the workers every 2 s by default, so it saw the end of a run
+    # (and each state change) up to 2 s late; a poll is one small RPC per worker. An explicit
+    # setting in the environment wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     t0 = time.time()
     run_dir = Path(cfg.run_dir).resolve()
     storage = cfg.storage_path or str(run_dir / "ray")
@@ -194,6 +200,7 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
 
 
 def _export(checkpoint, run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, secs: float):
+    started = time.time()
     model_dir = run_dir / "model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
@@ -228,6 +235,7 @@ def _export(checkpoint, run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig,
         n_params,
         round(float(np.mean(rates)), 1) if rates else 0.0,
         exported,
+        round(time.time() - started, 2),
     )
 
 

@@ -85,11 +85,15 @@ def all_mean(values: list[float], device) -> list[float]:
 def _eval(model, val_batches, device) -> float | None:
     import torch.distributed as dist
 
+    # DDP's own forward would broadcast buffers and prepare a backward; FSDP2 must run its own
+    # forward (it gathers the shards). No autograd graph either way.
+    model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     moved = [
         tuple(t.to(device) for t in b) if isinstance(b, tuple) else b.to(device)
         for b in val_batches
     ]
-    total, count = eval_loss_sum(model, moved)
+    with torch.no_grad():
+        total, count = eval_loss_sum(model, moved)
     t = torch.tensor([total, count], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
