@@ -147,6 +147,13 @@ class DataConfig(_Section):
         "word", description="Shingles: word or character n-grams."
     )
     shingle_ngram: int = Field(5, ge=1, description="n of the n-gram shingles.")
+    near_dedup_driver_max_docs: int = Field(
+        200_000,
+        ge=0,
+        description="Near-dedup candidates up to which LSH banding runs in the driver; above, "
+        "banding is a Ray Data hash shuffle on (band, key) and the driver holds only the "
+        "candidate pairs (0 = always distributed).",
+    )
     max_docs: int | None = Field(
         None, ge=1, description="Read at most this many documents (debugging)."
     )
