@@ -121,6 +121,8 @@ def clean_batch(
 def candidate_signature_batch(batch: pa.Table, skip: np.ndarray, params: MinHashParams) -> pa.Table:
     """(order, sig) of the status-ok rows whose order is not in `skip` (the exact duplicates):
     only near-dedup candidates are shingled and hashed."""
+    if "status" not in batch.column_names:  # an empty block without the reader's columns
+        return pa.table({"order": pa.array([], pa.int64()), "sig": list_column([])})
     ok = pc.equal(batch["status"], "ok").to_numpy(zero_copy_only=False)
     ok &= ~np.isin(batch["order"].to_numpy(), skip)
     rows = batch.filter(pa.array(ok))
@@ -142,12 +144,7 @@ def candidate_signatures(cleaned, skip: np.ndarray, params: MinHashParams, worke
 
     workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     task = ray.remote(num_cpus=1)(candidate_signature_batch)
-    skip_ref, results = ray.put(skip), []
-    for block in cleaned.to_arrow_refs():
-        if len(results) >= workers:  # keep at most `workers` tasks running
-            ray.wait(results, num_returns=len(results) - workers + 1, fetch_local=False)
-        results.append(task.remote(block, skip_ref, params))
-    return results
+    return bounded_tasks(task, cleaned.to_arrow_refs(), (ray.put(skip), params), workers)
 
 
 def _redact(texts: list, status: list[str], pii: PiiRules, sft: bool) -> dict[str, np.ndarray]:
@@ -168,6 +165,8 @@ def _redact(texts: list, status: list[str], pii: PiiRules, sft: bool) -> dict[st
 
 def keep_rows(batch: pa.Table, drop_orders: np.ndarray) -> pa.Table:
     """Ray Data batch fn: status ok and not a duplicate; only the text goes on."""
+    if "status" not in batch.column_names:  # an empty block without the reader's columns
+        return pa.table({"text": pa.array([], pa.string())})
     ok = pc.equal(batch["status"], "ok").to_numpy(zero_copy_only=False)
     dup = np.isin(batch["order"].to_numpy(), drop_orders)
     return batch.filter(pa.array(ok & ~dup)).select(["text"])
@@ -469,10 +468,35 @@ def tokenize_pack(batch: pa.Table, **kwargs) -> pa.Table:
     return udf(batch)
 
 
-def _tokenized(ds, cfg: DataConfig, tok, kept: int):
-    from ray.data import TaskPoolStrategy
+def tokenize_block(block: pa.Table, drop_orders: np.ndarray, rows: int, kwargs: dict):
+    """Ray task: the kept rows of one cleaned block, tokenized and packed `rows` at a time."""
+    kept = keep_rows(block, drop_orders)
+    parts = [tokenize_pack(kept.slice(i, rows), **kwargs) for i in range(0, kept.num_rows, rows)]
+    return pa.concat_tables(parts) if parts else tokenize_pack(kept, **kwargs)
 
-    size = tokenize_pool_size(cfg)
+
+def bounded_tasks(task, blocks: list, args: tuple, workers: int) -> list:
+    """Submit `task(block, *args)` for each block ref, at most `workers` running at a time;
+    the result refs in block order."""
+    import ray
+
+    results = []
+    for block in blocks:
+        if len(results) >= workers:
+            ray.wait(results, num_returns=len(results) - workers + 1, fetch_local=False)
+        results.append(task.remote(block, *args))
+    return results
+
+
+def _tokenized(cleaned, drops: np.ndarray, cfg: DataConfig, tok, kept: int):
+    """Tokenize and pack the kept rows of the materialized cleaned dataset: one plain Ray task
+    per block (see `candidate_signatures` for why not map_batches: the first seconds of every
+    Ray Data execution run one task at a time here). Batches of at most batch_size rows and
+    at least 16 batches over the corpus (so the workers finish together), a function of the
+    data only: the packed output is the same for any number of workers."""
+    import ray
+    import ray.data
+
     kwargs = dict(
         tokenizer_json=tok.backend_tokenizer.to_str(),
         eos_token=tok.eos_token,
@@ -484,17 +508,12 @@ def _tokenized(ds, cfg: DataConfig, tok, kept: int):
         packing=cfg.sft_packing,
         chat_template=getattr(tok, "chat_template", None),
     )
-    return ds.map_batches(
-        tokenize_pack,
-        fn_kwargs=kwargs,
-        compute=TaskPoolStrategy(size=size),
-        # at least 16 batches, so the workers finish together (4 batches of 512 long files
-        # left one worker idle 40% of the time); a function of the data only, so the packed
-        # output is the same for any number of workers
-        batch_size=max(1, min(cfg.batch_size, math.ceil(kept / 16))),
-        batch_format="pyarrow",
-        num_cpus=1,
-    )
+    rows = max(1, min(cfg.batch_size, math.ceil(kept / 16)))
+    task = ray.remote(num_cpus=1)(tokenize_block)
+    args = (ray.put(drops), rows, ray.put(kwargs))
+    refs = bounded_tasks(task, cleaned.to_arrow_refs(), args, tokenize_pool_size(cfg))
+    ray.wait(refs, num_returns=len(refs), fetch_local=False)
+    return ray.data.from_arrow_refs(refs)
 
 
 def _data_error_behind(e: Exception) -> Exception:
@@ -579,11 +598,12 @@ def _run(cfg: DataConfig, files: list[InputFile], tok, t0: float) -> dict:
     drops, counts["exact_duplicates"], counts["near_duplicates"] = _dedup(meta, cleaned, cfg)
     timings["dedup_s"], tick = round(time.perf_counter() - tick, 2), time.perf_counter()
     packed = _tokenized(
-        cleaned.map_batches(keep_rows, fn_kwargs={"drop_orders": drops}, batch_format="pyarrow"),
+        cleaned,
+        drops,
         cfg,
         tok,
         counts["docs_read"] - counts["malformed"] - sum(counts["filtered"].values()) - len(drops),
-    ).materialize()
+    )
     timings["tokenize_pack_s"], tick = round(time.perf_counter() - tick, 2), time.perf_counter()
     log.debug("tokenize/pack stats:\n%s", packed.stats())
     manifest = _manifest(cfg, files, tok, counts, packed, cleaned, t0)
