@@ -160,7 +160,9 @@ class DataConfig(_Section):
     shard_rows: int = Field(4096, ge=1, description="Target packed blocks per parquet shard.")
     batch_size: int = Field(256, ge=1, description="Documents per tokenization batch.")
     num_tokenize_actors: int | None = Field(
-        None, ge=1, description="Tokenizer actor-pool size; empty sizes it from the cluster's CPUs."
+        None,
+        ge=1,
+        description="Concurrent tokenize tasks (1 CPU each); empty = the cluster's CPUs.",
     )
     seed: int = Field(
         0, description="Seed of the deterministic train/validation split and MinHash."

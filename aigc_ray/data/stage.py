@@ -436,7 +436,7 @@ def prepare_tokenizer(cfg: DataConfig, files: list[InputFile]):
 
 
 def tokenize_pool_size(cfg: DataConfig) -> int:
-    """Actor-pool size: every CPU of the cluster (up to 32).
+    """Concurrent tokenize tasks: every CPU of the cluster (up to 32).
 
     The pool's input is the materialized, cleaned dataset, so no read task competes for CPUs
     (a pool taking every CPU while reads are pending would starve them: GUIDE §5).
