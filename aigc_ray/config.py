@@ -147,13 +147,22 @@ class DataConfig(_Section):
         "word", description="Shingles: word or character n-grams."
     )
     shingle_ngram: int = Field(5, ge=1, description="n of the n-gram shingles.")
+    near_dedup_driver_max_docs: int = Field(
+        200_000,
+        ge=0,
+        description="Near-dedup candidates up to which LSH banding runs in the driver; above, "
+        "banding is a Ray Data hash shuffle on (band, key) and the driver holds only the "
+        "candidate pairs (0 = always distributed).",
+    )
     max_docs: int | None = Field(
         None, ge=1, description="Read at most this many documents (debugging)."
     )
     shard_rows: int = Field(4096, ge=1, description="Target packed blocks per parquet shard.")
     batch_size: int = Field(256, ge=1, description="Documents per tokenization batch.")
     num_tokenize_actors: int | None = Field(
-        None, ge=1, description="Tokenizer actor-pool size; empty sizes it from the cluster's CPUs."
+        None,
+        ge=1,
+        description="Concurrent tokenize tasks (1 CPU each); empty = the cluster's CPUs.",
     )
     seed: int = Field(
         0, description="Seed of the deterministic train/validation split and MinHash."

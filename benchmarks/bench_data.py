@@ -6,7 +6,9 @@ hash, the same tokenizer and the same packing, on this machine, in one run. Repo
 wall time and peak memory (RSS of the whole process tree) of each; then the cost of MinHash
 near-dedup per million documents. Last line: one JSON object with the ratio.
 
-    python benchmarks/bench_data.py [--copies 2] [--shards 16]
+    python benchmarks/bench_data.py [--copies 2] [--shards 16] [--repeat 3]
+
+Both sides run without PII redaction (the reference has none; ours redacts by default).
 """
 
 from __future__ import annotations
@@ -136,6 +138,7 @@ def run_ours(files: list[str], tok_dir: str, out: Path) -> tuple[int, dict]:
             f"data.seq_len={SEQ_LEN}",
             f"train.seq_len={SEQ_LEN}",
             "data.near_dedup=false",
+            "data.pii.enabled=false",  # the reference redacts nothing: same steps on both sides
             "data.batch_size=512",
             "data.shard_rows=20000",
         ],
@@ -161,42 +164,138 @@ def near_dedup_cost(docs: list[str]) -> dict:
     }
 
 
-def _sig_batch(batch, params):
+def _sig_blocks(docs: list[str], blocks: int):
     import pyarrow as pa
 
-    sigs = signatures(batch.column("text").to_pylist(), params)
-    return pa.table({"n": [len(sigs)]})
+    return [
+        pa.table(
+            {
+                "text": docs[k::blocks],
+                "status": ["ok"] * len(docs[k::blocks]),
+                "order": np.arange(k, len(docs), blocks, dtype=np.int64),
+            }
+        )
+        for k in range(blocks)
+    ]
 
 
-def near_dedup_scaling(docs: list[str], workers: list[int]) -> dict:
-    """Docs/s of MinHash signatures in Ray Data tasks, by number of concurrent tasks.
+def _sig_task(table):
+    from aigc_ray.data.stage import candidate_signature_batch
+
+    return candidate_signature_batch(table, np.zeros(0, np.int64), MinHashParams()).num_rows
+
+
+def near_dedup_scaling(docs: list[str], workers: list[int], blocks: int = 16) -> dict:
+    """Docs/s of the stage's signature step (`candidate_signatures`: Ray tasks) with 1 and
+    2 workers, beside a process pool running the same batch function on the same blocks.
 
     The input is materialized first and one warm-up pass runs before timing, so worker start
-    and block creation are not counted.
+    and block creation are not counted (both sides have warm workers).
     """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import ray
     import ray.data
-    from ray.data import TaskPoolStrategy
 
-    ds = ray.data.from_items([{"text": d} for d in docs], override_num_blocks=32).materialize()
+    from aigc_ray.data.stage import candidate_signatures
 
-    def run(n: int) -> float:
+    tables = _sig_blocks(docs, blocks)
+    ds = ray.data.from_arrow_refs([ray.put(t) for t in tables]).materialize()
+
+    def run_ray(n: int) -> float:
         t = time.perf_counter()
-        ds.map_batches(
-            _sig_batch,
-            fn_kwargs={"params": MinHashParams()},
-            batch_format="pyarrow",
-            compute=TaskPoolStrategy(size=n),
-        ).materialize()
+        ray.get(candidate_signatures(ds, np.zeros(0, np.int64), MinHashParams(), workers=n))
         return time.perf_counter() - t
 
-    run(max(workers))
-    return {f"{n}_workers_docs_per_s": round(len(docs) / run(n), 1) for n in workers}
+    def run_pool(pool, n: int) -> float:
+        t = time.perf_counter()
+        list(pool.map(_sig_task, tables, chunksize=1))
+        return time.perf_counter() - t
+
+    out = {}
+    run_ray(max(workers))
+    for n in workers:
+        out[f"ray_{n}_workers_docs_per_s"] = round(len(docs) / run_ray(n), 1)
+    for n in workers:
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            run_pool(pool, n)  # warm-up: imports in every worker
+            out[f"pool_{n}_workers_docs_per_s"] = round(len(docs) / run_pool(pool, n), 1)
+    lo, hi = min(workers), max(workers)
+    out["ray_scaling"] = round(
+        out[f"ray_{hi}_workers_docs_per_s"] / out[f"ray_{lo}_workers_docs_per_s"], 2
+    )
+    out["pool_scaling"] = round(
+        out[f"pool_{hi}_workers_docs_per_s"] / out[f"pool_{lo}_workers_docs_per_s"], 2
+    )
+    return out
+
+
+def planted_corpus(n_base: int = 300, n_variants: int = 200, seed: int = 7):
+    """Random documents and variants of the first n_variants: small edits, insertions and
+    reorders (near-duplicates) and heavy rewrites (not); truth by exact Jaccard."""
+    import random
+
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(4000)]
+    base = [" ".join(rng.choice(vocab) for _ in range(250)) for _ in range(n_base)]
+    variants = []
+    for b in base[:n_variants]:
+        w = b.split()
+        kind = rng.choice(["edit", "insert", "reorder", "far"])
+        if kind == "edit":
+            for _ in range(len(w) // 80):
+                w[rng.randrange(len(w))] = rng.choice(vocab)
+        elif kind == "insert":
+            i = rng.randrange(len(w))
+            w[i:i] = [rng.choice(vocab) for _ in range(len(w) // 50)]
+        elif kind == "reorder":
+            w = w[len(w) // 3 :] + w[: len(w) // 3]
+        else:
+            for _ in range(len(w) // 5):
+                w[rng.randrange(len(w))] = rng.choice(vocab)
+        variants.append(" ".join(w))
+    return base + variants
+
+
+def planted_quality() -> dict:
+    """Recall and precision of near-dedup on planted near-duplicates, with banding in the
+    driver and distributed (the stage's Ray Data hash shuffle)."""
+    import pyarrow as pa
+    import ray.data
+
+    from aigc_ray.config import DataConfig
+    from aigc_ray.data.dedup import true_jaccard
+    from aigc_ray.data.stage import _near_dedup_distributed, candidate_signatures
+
+    docs, p = planted_corpus(), MinHashParams()
+    n_base = 300
+    truth = {
+        n_base + k for k in range(200) if true_jaccard(docs[k], docs[n_base + k]) >= p.threshold
+    }
+    order = np.arange(len(docs), dtype=np.int64)
+    driver = set(np.flatnonzero(near_duplicates(signatures(docs, p), order, p)).tolist())
+    table = pa.table({"text": docs, "status": ["ok"] * len(docs), "order": order})
+    ds = ray.data.from_arrow(table).repartition(8).materialize()
+    refs = candidate_signatures(ds, np.zeros(0, np.int64), p)
+    dist = set(_near_dedup_distributed(refs, DataConfig(), len(docs)).tolist())
+    out = {"planted_pairs": len(truth), "same_result": driver == dist}
+    for name, found in (("driver", driver), ("distributed", dist)):
+        tp = len(found & truth)
+        out[f"{name}_recall"] = round(tp / len(truth), 3)
+        out[f"{name}_precision"] = round(tp / max(1, len(found)), 3)
+    return out
+
+
+def _median_spread(values: list[float]) -> tuple[float, float, float]:
+    return float(np.median(values)), float(min(values)), float(max(values))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--copies", type=int, default=2)
     ap.add_argument("--shards", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=1, help="side-by-side runs; medians reported")
     args = ap.parse_args(argv)
     procs = os.cpu_count() or 2
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
@@ -208,14 +307,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # both sides' libraries imported before either timer (ours are imported at module load)
     import datasets  # noqa: F401
-    from transformers import AutoTokenizer  # noqa: F401
-
-    with PeakRSS() as ref_mem:
-        t = time.perf_counter()
-        ref_tokens = run_reference(files, tok_dir, work / "ref", procs)
-        ref_s = time.perf_counter() - t
-
     import ray
+    from transformers import AutoTokenizer  # noqa: F401
 
     t = time.perf_counter()
     ray.init(
@@ -226,47 +319,100 @@ def main(argv: list[str] | None = None) -> int:
         logging_level="ERROR",
     )
     init_s = time.perf_counter() - t
-    with PeakRSS() as our_mem:
-        t = time.perf_counter()
-        our_tokens, manifest = run_ours(files, tok_dir, work / "ours")
-        our_s = time.perf_counter() - t
+    runs = []
+    for r in range(args.repeat):
+        with PeakRSS() as ref_mem:
+            t = time.perf_counter()
+            ref_tokens = run_reference(files, tok_dir, work / f"ref{r}", procs)
+            ref_s = time.perf_counter() - t
+        with PeakRSS() as our_mem:
+            t = time.perf_counter()
+            our_tokens, manifest = run_ours(files, tok_dir, work / f"ours{r}")
+            our_s = time.perf_counter() - t
+        scaling = near_dedup_scaling(docs, [1, procs])
+        runs.append(
+            {
+                "ref_s": ref_s,
+                "ours_s": our_s,
+                "ratio": (our_tokens / our_s) / (ref_tokens / ref_s),
+                "ref_rss": ref_mem.peak,
+                "our_rss": our_mem.peak,
+                **scaling,
+            }
+        )
+        print(f"run {r + 1}: {json.dumps({k: round(v, 3) for k, v in runs[-1].items()})}")
     nd = near_dedup_cost(docs[:600])
-    nd["ray_data_scaling"] = near_dedup_scaling(docs, [1, procs])
+    quality = planted_quality()
     ray.shutdown()
 
-    ref_tps, our_tps = ref_tokens / ref_s, our_tokens / our_s
-    rows = [
-        ("datasets (reference)", ref_tokens, ref_s, ref_tps, ref_mem.peak),
-        ("aigc_ray (Ray Data)", our_tokens, our_s, our_tps, our_mem.peak),
-    ]
+    def med(key):
+        return _median_spread([run[key] for run in runs])
+
     print(
         f"\ncorpus: {n_docs} docs, {mb:.1f} MB jsonl in {len(files)} files, {procs} cores; "
-        f"exact duplicates found by ours: {manifest['exact_duplicates']}"
+        f"exact duplicates found by ours: {manifest['exact_duplicates']}; same steps on both "
+        "sides (read, clean, exact dedup, tokenize, pack, parquet; no PII redaction, no "
+        f"near-dedup); median of {args.repeat} run(s) [min..max]"
     )
     print(
-        f"{'pipeline':<24}{'packed tokens':>15}{'seconds':>10}{'tokens/s':>12}{'peak RSS MB':>13}"
+        f"{'pipeline':<24}{'packed tokens':>15}{'seconds':>24}{'tokens/s':>12}{'peak RSS MB':>13}"
     )
-    for name, tokens, secs, tps, peak in rows:
-        print(f"{name:<24}{tokens:>15,}{secs:>10.1f}{tps:>12,.0f}{peak / 1e6:>13,.0f}")
+    for name, tokens, key, rss in (
+        ("datasets (reference)", ref_tokens, "ref_s", "ref_rss"),
+        ("aigc_ray (Ray Data)", our_tokens, "ours_s", "our_rss"),
+    ):
+        m, lo, hi = med(key)
+        print(
+            f"{name:<24}{tokens:>15,}{m:>10.1f} [{lo:.1f}..{hi:.1f}]".ljust(63)
+            + f"{tokens / m:>12,.0f}{med(rss)[0] / 1e6:>13,.0f}"
+        )
+    ratio = med("ratio")
+    print(f"ratio ours/reference: {ratio[0]:.2f}x [{ratio[1]:.2f}..{ratio[2]:.2f}]")
     print(f"(ray.init {init_s:.1f} s not included)")
+    print("\nnear-dedup signatures, docs/s (16 blocks of the stdlib corpus, warm workers)")
+    print(f"{'':<34}{'1 worker':>10}{f'{procs} workers':>12}{'scaling':>20}")
+    for name, pre in (
+        ("ours (candidate_signatures, Ray)", "ray"),
+        ("process pool (same function)", "pool"),
+    ):
+        one, two, sc = (
+            med(f"{pre}_1_workers_docs_per_s"),
+            med(f"{pre}_{procs}_workers_docs_per_s"),
+            med(f"{pre}_scaling"),
+        )
+        print(f"{name:<34}{one[0]:>10.1f}{two[0]:>12.1f}{sc[0]:>8.2f}x [{sc[1]:.2f}..{sc[2]:.2f}]")
     print(f"near-dedup cost: {nd}")
-    ratio = our_tps / ref_tps
+    print(f"planted near-duplicates: {quality}")
     print(
         json.dumps(
             {
                 "bench": "data",
-                "ratio": round(ratio, 3),
-                "ours_tokens_per_s": round(our_tps),
-                "ref_tokens_per_s": round(ref_tps),
-                "ours_s": round(our_s, 2),
-                "ref_s": round(ref_s, 2),
+                "ratio": round(ratio[0], 3),
+                "ratio_min": round(ratio[1], 3),
+                "ratio_max": round(ratio[2], 3),
+                "repeat": args.repeat,
+                "ours_s": round(med("ours_s")[0], 2),
+                "ref_s": round(med("ref_s")[0], 2),
+                "ours_tokens_per_s": round(our_tokens / med("ours_s")[0]),
+                "ref_tokens_per_s": round(ref_tokens / med("ref_s")[0]),
                 "ours_tokens": our_tokens,
                 "ref_tokens": ref_tokens,
-                "ours_peak_rss_mb": round(our_mem.peak / 1e6),
-                "ref_peak_rss_mb": round(ref_mem.peak / 1e6),
+                "ours_peak_rss_mb": round(med("our_rss")[0] / 1e6),
+                "ref_peak_rss_mb": round(med("ref_rss")[0] / 1e6),
                 "ray_init_s": round(init_s, 1),
                 "docs": n_docs,
+                "near_dedup_scaling": {
+                    "ray": round(med("ray_scaling")[0], 2),
+                    "ray_min_max": [round(x, 2) for x in med("ray_scaling")[1:]],
+                    "pool": round(med("pool_scaling")[0], 2),
+                    "pool_min_max": [round(x, 2) for x in med("pool_scaling")[1:]],
+                },
                 "near_dedup": nd,
+                "planted": quality,
+                "runs": [{k: round(v, 3) for k, v in r.items()} for r in runs],
+                "targets_met": ratio[0] >= 1.5
+                and med("ray_scaling")[0] >= 1.6
+                and min(quality[k] for k in quality if k.endswith(("recall", "precision"))) >= 0.95,
             }
         )
     )

@@ -190,3 +190,51 @@ def true_jaccard(a: str, b: str, ngram: int = 5, shingle: str = "word") -> float
     if not sa and not sb:
         return 1.0
     return len(sa & sb) / len(sa | sb)
+
+
+# ---------------------------------------------------------------- distributed banding
+# The same candidate pairs as `near_duplicates`, computed without the driver holding every
+# signature: band rows (band, key, order) are hash-shuffled by (band, key) so each bucket
+# lands in one block; each block yields its buckets' star pairs (smallest order first); the
+# driver then verifies only the candidates' signatures and runs union-find on the pairs.
+
+
+def band_rows(order: np.ndarray, sigs: np.ndarray, bands: int) -> dict[str, np.ndarray]:
+    """One row per (document, band): the band index, its key (as int64) and the order key."""
+    n = len(order)
+    keys = band_keys(sigs, bands) if n else np.zeros((0, bands), np.uint64)
+    return {
+        "band": np.tile(np.arange(bands, dtype=np.int32), n),
+        "key": keys.reshape(-1).view(np.int64),
+        "order": np.repeat(np.asarray(order, np.int64), bands),
+    }
+
+
+def bucket_pairs(band: np.ndarray, key: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """[m, 2] (smallest order of the bucket, other member's order) for every bucket of equal
+    (band, key) with two or more members; the rows of a bucket must all be in the arrays."""
+    if len(order) == 0:
+        return np.zeros((0, 2), np.int64)
+    idx = np.lexsort((order, key, band))
+    b, k, o = band[idx], key[idx], order[idx]
+    starts = np.r_[True, (b[1:] != b[:-1]) | (k[1:] != k[:-1])]
+    head = np.maximum.accumulate(np.where(starts, np.arange(len(o)), 0))
+    members = ~starts
+    pairs = np.stack([o[head[members]], o[members]], axis=1)
+    return np.unique(pairs, axis=0) if len(pairs) else pairs
+
+
+def near_duplicates_from_pairs(
+    pairs: np.ndarray, order: np.ndarray, sigs: np.ndarray, params: MinHashParams
+) -> np.ndarray:
+    """Order keys to drop, given candidate pairs of order keys and the signatures (rows
+    aligned with `order`) of at least every document named in a pair."""
+    if len(pairs) == 0:
+        return np.zeros(0, np.int64)
+    pairs = np.unique(np.sort(pairs, axis=1), axis=0)
+    by_order = np.argsort(order, kind="stable")
+    o, s = order[by_order], sigs[by_order]
+    idx = np.searchsorted(o, pairs)  # order -> row in the sorted arrays
+    idx = idx[estimated_jaccard(s, idx) >= params.threshold]
+    labels = _components(len(o), idx)
+    return o[labels != np.arange(len(o))]

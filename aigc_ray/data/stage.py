@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,8 +27,11 @@ import pyarrow.parquet as pq
 from aigc_ray.config import DataConfig, write_resolved
 from aigc_ray.data.dedup import (
     MinHashParams,
+    band_rows,
+    bucket_pairs,
     exact_duplicates,
     near_duplicates,
+    near_duplicates_from_pairs,
     signatures,
     text_hash,
 )
@@ -113,6 +118,35 @@ def clean_batch(
     return out
 
 
+def candidate_signature_batch(batch: pa.Table, skip: np.ndarray, params: MinHashParams) -> pa.Table:
+    """(order, sig) of the status-ok rows whose order is not in `skip` (the exact duplicates):
+    only near-dedup candidates are shingled and hashed."""
+    if "status" not in batch.column_names:  # an empty block without the reader's columns
+        return pa.table({"order": pa.array([], pa.int64()), "sig": list_column([])})
+    ok = pc.equal(batch["status"], "ok").to_numpy(zero_copy_only=False)
+    ok &= ~np.isin(batch["order"].to_numpy(), skip)
+    rows = batch.filter(pa.array(ok))
+    sigs = signatures(rows["text"].to_pylist(), params).view(np.int32)
+    return pa.table({"order": rows["order"], "sig": list_column(sigs)})
+
+
+def candidate_signatures(cleaned, skip: np.ndarray, params: MinHashParams, workers=None) -> list:
+    """The near-dedup signature step: one plain Ray task per block of the materialized cleaned
+    dataset, at most `workers` in flight (default: the cluster's CPUs); refs to (order, sig)
+    tables, in block order.
+
+    Not a Ray Data map_batches: Ray Data 2.60 starts every execution with zero resource
+    limits until its autoscaling coordinator reports the cluster's resources (1-3 s here), and
+    until then runs one task per operator, so a signature pass of a few seconds ran serially
+    (1.06x from 1 to 2 workers, where a process pool gives 2x).
+    """
+    import ray
+
+    workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    task = ray.remote(num_cpus=1)(candidate_signature_batch)
+    return bounded_tasks(task, cleaned.to_arrow_refs(), (ray.put(skip), params), workers)
+
+
 def _redact(texts: list, status: list[str], pii: PiiRules, sft: bool) -> dict[str, np.ndarray]:
     """Redact the well-formed rows of ``texts`` in place (or, with action drop, mark the rows
     holding PII filtered:pii); return the findings per kind and row."""
@@ -131,6 +165,8 @@ def _redact(texts: list, status: list[str], pii: PiiRules, sft: bool) -> dict[st
 
 def keep_rows(batch: pa.Table, drop_orders: np.ndarray) -> pa.Table:
     """Ray Data batch fn: status ok and not a duplicate; only the text goes on."""
+    if "status" not in batch.column_names:  # an empty block without the reader's columns
+        return pa.table({"text": pa.array([], pa.string())})
     ok = pc.equal(batch["status"], "ok").to_numpy(zero_copy_only=False)
     dup = np.isin(batch["order"].to_numpy(), drop_orders)
     return batch.filter(pa.array(ok & ~dup)).select(["text"])
@@ -142,8 +178,17 @@ def quarantined(batch: pa.Table) -> pa.Table:
     )
 
 
+def tail_stats(batch: pa.Table) -> pa.Table:
+    """Ray Data batch fn: the per-batch counts carried by the tail rows."""
+    if "is_tail" not in batch.column_names:  # an empty block without the UDF's columns
+        return pa.table({})
+    return batch.filter(batch["is_tail"]).select(["split", "docs_kept", "tokens", "truncated"])
+
+
 def select_rows(batch: pa.Table, split: str, is_tail: bool, columns: list[str]) -> pa.Table:
     """Ray Data batch fn: the rows of one split that are (not) tails, with `columns` only."""
+    if "split" not in batch.column_names:  # an empty block without the UDF's columns
+        return pa.table({c: pa.array([], pa.list_(pa.int32())) for c in columns})
     mask = pc.and_(pc.equal(batch["split"], split), pc.equal(batch["is_tail"], is_tail))
     return batch.filter(mask).select(columns)
 
@@ -151,26 +196,43 @@ def select_rows(batch: pa.Table, split: str, is_tail: bool, columns: list[str]) 
 # ---------------------------------------------------------------- driver steps
 
 
-def _files_dataset(files: list[InputFile], cfg: DataConfig):
+def read_clean(batch: pa.Table, read: dict, clean: dict):
+    """Ray Data batch fn (tasks): file descriptors -> cleaned reader-schema tables.
+
+    Reading and cleaning run in one function, one file at a time, so a task holds one file's
+    rows and the stage needs no second pass (two fused map_batches with different batch sizes
+    made Ray Data bundle every file into one task: the whole corpus on one core).
+    """
+    for table in read_files(batch, **read):
+        yield clean_batch(table, **clean)
+
+
+def _cleaned_dataset(files: list[InputFile], cfg: DataConfig):
+    """One read+clean task per file (up to 200 blocks of files)."""
     import ray.data
 
     items = [{"path": f.path, "fmt": f.fmt, "size": f.size, "index": f.index} for f in files]
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 200))
     column = cfg.messages_column if cfg.format == "sft" else cfg.text_column
-    return ds.map_batches(
-        read_files,
-        fn_kwargs={
-            "column": column,
-            "text_mode": cfg.text_mode,
-            "strict": cfg.strict,
-            "id_column": cfg.id_column,
-        },
-        batch_size=4,
-        batch_format="pyarrow",
+    read = {
+        "column": column,
+        "text_mode": cfg.text_mode,
+        "strict": cfg.strict,
+        "id_column": cfg.id_column,
+    }
+    clean = {
+        "rules": quality_rules(cfg),
+        "sft": cfg.format == "sft",
+        "minhash": None,
+        "pii": pii_rules(cfg),
+    }
+    ds = ds.map_batches(
+        read_clean, fn_kwargs={"read": read, "clean": clean}, batch_size=1, batch_format="pyarrow"
     )
+    return ds
 
 
-def _dedup(meta: pa.Table, cfg: DataConfig) -> tuple[np.ndarray, int, int]:
+def _dedup(meta: pa.Table, cleaned, cfg: DataConfig) -> tuple[np.ndarray, int, int]:
     """Order keys to drop, and the exact / near duplicate counts (among status-ok rows)."""
     ok = pc.equal(meta["status"], "ok").to_numpy(zero_copy_only=False)
     order = meta["order"].to_numpy()[ok]
@@ -179,14 +241,80 @@ def _dedup(meta: pa.Table, cfg: DataConfig) -> tuple[np.ndarray, int, int]:
         if cfg.exact_dedup
         else np.zeros(len(order), bool)
     )
-    drop_near = np.zeros(len(order), bool)
-    if cfg.near_dedup and len(order):
-        flat = meta["sig"].combine_chunks().flatten().to_numpy().view(np.uint32)
-        sigs = flat.reshape(len(meta), cfg.minhash_num_perm)[ok]
-        rest = ~drop_exact
-        drop_near[rest] = near_duplicates(sigs[rest], order[rest], minhash_params(cfg))
-    drops = np.sort(order[drop_exact | drop_near])
-    return drops, int(drop_exact.sum()), int(drop_near.sum())
+    near = np.zeros(0, np.int64)
+    n_candidates = int((~drop_exact).sum())
+    if cfg.near_dedup and n_candidates:
+        exact = np.sort(order[drop_exact])
+        refs = candidate_signatures(cleaned, exact, minhash_params(cfg))
+        if n_candidates > cfg.near_dedup_driver_max_docs:
+            near = _near_dedup_distributed(refs, cfg, n_candidates)
+        else:
+            t = gather(refs)
+            sigs = _sig_matrix(t, cfg.minhash_num_perm)
+            orders = t["order"].to_numpy() if t is not None else np.zeros(0, np.int64)
+            near = orders[near_duplicates(sigs, orders, minhash_params(cfg))]
+    drops = np.union1d(order[drop_exact], near)
+    return drops, int(drop_exact.sum()), len(near)
+
+
+def _sig_matrix(table: pa.Table | None, num_perm: int) -> np.ndarray:
+    if table is None or table.num_rows == 0:
+        return np.zeros((0, num_perm), np.uint32)
+    flat = table["sig"].combine_chunks().flatten().to_numpy().view(np.uint32)
+    return flat.reshape(table.num_rows, num_perm)
+
+
+def band_batch(batch: pa.Table, bands: int, num_perm: int) -> pa.Table:
+    """Ray Data batch fn: (order, sig) rows -> one (band, key, order) row per band."""
+    return pa.table(band_rows(batch["order"].to_numpy(), _sig_matrix(batch, num_perm), bands))
+
+
+def pairs_batch(batch: pa.Table) -> pa.Table:
+    """Ray Data batch fn over a hash partition of band rows: its buckets' candidate pairs."""
+    if batch.num_rows == 0 or "band" not in batch.column_names:
+        return pa.table({"a": pa.array([], pa.int64()), "b": pa.array([], pa.int64())})
+    p = bucket_pairs(*(batch[c].to_numpy() for c in ("band", "key", "order")))
+    return pa.table({"a": p[:, 0], "b": p[:, 1]})
+
+
+def rows_with_orders(batch: pa.Table, orders: np.ndarray) -> pa.Table:
+    return batch.filter(pa.array(np.isin(batch["order"].to_numpy(), orders)))
+
+
+def _near_dedup_distributed(sig_refs: list, cfg: DataConfig, n: int) -> np.ndarray:
+    """Near-duplicate order keys without the driver holding every signature (`sig_refs`:
+    (order, sig) blocks in the object store): banding and
+    bucketing run as a Ray Data hash shuffle on (band, key); the driver gets the candidate
+    pairs and the signatures of their documents only, then runs union-find on the pairs."""
+    import ray
+
+    params = minhash_params(cfg)
+    import ray.data
+
+    sigs = ray.data.from_arrow_refs(sig_refs)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    partitions = max(cpus, math.ceil(n * params.bands / 2_000_000))
+    pairs = (
+        sigs.map_batches(
+            band_batch,
+            fn_kwargs={"bands": params.bands, "num_perm": params.num_perm},
+            batch_format="pyarrow",
+        )
+        .repartition(partitions, keys=["band", "key"])
+        .map_batches(pairs_batch, batch_size=None, batch_format="pyarrow")
+    )
+    table = gather(pairs.to_arrow_refs())
+    if table is None or table.num_rows == 0:
+        return np.zeros(0, np.int64)
+    p = np.stack([table["a"].to_numpy(), table["b"].to_numpy()], axis=1)
+    need = np.unique(p)
+    sub = gather(
+        sigs.map_batches(
+            rows_with_orders, fn_kwargs={"orders": need}, batch_format="pyarrow"
+        ).to_arrow_refs()
+    )
+    orders = sub["order"].to_numpy()
+    return near_duplicates_from_pairs(p, orders, _sig_matrix(sub, params.num_perm), params)
 
 
 def _write_split(packed, split: str, cfg: DataConfig, labels: bool) -> dict:
@@ -198,9 +326,8 @@ def _write_split(packed, split: str, cfg: DataConfig, labels: bool) -> dict:
         fn_kwargs={"split": split, "is_tail": True, "columns": cols},
         batch_format="pyarrow",
     ).to_arrow_refs()
-    import ray
 
-    tail_table = pa.concat_tables(ray.get(tails)) if tails else None
+    tail_table = gather(tails)
     flats = {c: _flatten(tail_table, c) for c in cols}
     blocks = {c: split_blocks(flats[c], cfg.seq_len)[0] for c in cols}
     full = packed.map_batches(
@@ -216,6 +343,18 @@ def _write_split(packed, split: str, cfg: DataConfig, labels: bool) -> dict:
             pa.table({c: list_column(blocks[c]) for c in cols}), path, filesystem=filesystem
         )
     return _split_summary(out, int(len(flats["input_ids"]) - n_tail * cfg.seq_len))
+
+
+def gather(refs: list) -> pa.Table | None:
+    """The blocks behind `refs` as one table. Empty blocks are skipped: Ray Data may emit a
+    0-row block without the operator's columns."""
+    import ray
+
+    tables = ray.get(list(refs))
+    full = [t for t in tables if t.num_rows]
+    if full or not tables:
+        return pa.concat_tables(full) if full else None
+    return max(tables, key=lambda t: t.num_columns)
 
 
 def _flatten(table: pa.Table | None, column: str) -> np.ndarray:
@@ -297,7 +436,7 @@ def prepare_tokenizer(cfg: DataConfig, files: list[InputFile]):
 
 
 def tokenize_pool_size(cfg: DataConfig) -> int:
-    """Actor-pool size: every CPU of the cluster (up to 32).
+    """Concurrent tokenize tasks: every CPU of the cluster (up to 32).
 
     The pool's input is the materialized, cleaned dataset, so no read task competes for CPUs
     (a pool taking every CPU while reads are pending would starve them: GUIDE §5).
@@ -309,10 +448,55 @@ def tokenize_pool_size(cfg: DataConfig) -> int:
     return max(1, min(32, int(ray.cluster_resources().get("CPU", 1))))
 
 
-def _tokenized(ds, cfg: DataConfig, tok):
-    from ray.data import ActorPoolStrategy
+_UDFS: dict[int, TokenizePackUDF] = {}
 
-    size = tokenize_pool_size(cfg)
+
+def tokenize_pack(batch: pa.Table, **kwargs) -> pa.Table:
+    """Ray Data batch fn (tasks): TokenizePackUDF, built once per worker process and reused.
+
+    Tasks instead of an actor pool: the read/clean tasks have already started the workers,
+    so tokenization starts at once (starting a pool of actors cost ~2.5 s per run here).
+    """
+    key = hash(tuple(sorted(kwargs.items())))
+    udf = _UDFS.get(key)
+    if udf is None:
+        # one Rust thread per task's CPU: two tasks x the default of one thread per core
+        # oversubscribed the cores (12.4 s vs 10.9 s for the same tokens here)
+        os.environ.setdefault("RAYON_NUM_THREADS", "1")
+        _UDFS.clear()
+        udf = _UDFS[key] = TokenizePackUDF(**kwargs)
+    return udf(batch)
+
+
+def tokenize_block(block: pa.Table, drop_orders: np.ndarray, rows: int, kwargs: dict):
+    """Ray task: the kept rows of one cleaned block, tokenized and packed `rows` at a time."""
+    kept = keep_rows(block, drop_orders)
+    parts = [tokenize_pack(kept.slice(i, rows), **kwargs) for i in range(0, kept.num_rows, rows)]
+    return pa.concat_tables(parts) if parts else tokenize_pack(kept, **kwargs)
+
+
+def bounded_tasks(task, blocks: list, args: tuple, workers: int) -> list:
+    """Submit `task(block, *args)` for each block ref, at most `workers` running at a time;
+    the result refs in block order."""
+    import ray
+
+    results = []
+    for block in blocks:
+        if len(results) >= workers:
+            ray.wait(results, num_returns=len(results) - workers + 1, fetch_local=False)
+        results.append(task.remote(block, *args))
+    return results
+
+
+def _tokenized(cleaned, drops: np.ndarray, cfg: DataConfig, tok, kept: int):
+    """Tokenize and pack the kept rows of the materialized cleaned dataset: one plain Ray task
+    per block (see `candidate_signatures` for why not map_batches: the first seconds of every
+    Ray Data execution run one task at a time here). Batches of at most batch_size rows and
+    at least 16 batches over the corpus (so the workers finish together), a function of the
+    data only: the packed output is the same for any number of workers."""
+    import ray
+    import ray.data
+
     kwargs = dict(
         tokenizer_json=tok.backend_tokenizer.to_str(),
         eos_token=tok.eos_token,
@@ -324,14 +508,12 @@ def _tokenized(ds, cfg: DataConfig, tok):
         packing=cfg.sft_packing,
         chat_template=getattr(tok, "chat_template", None),
     )
-    return ds.map_batches(
-        TokenizePackUDF,
-        fn_constructor_kwargs=kwargs,
-        compute=ActorPoolStrategy(min_size=1, max_size=size),
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        num_cpus=1,
-    )
+    rows = max(1, min(cfg.batch_size, math.ceil(kept / 16)))
+    task = ray.remote(num_cpus=1)(tokenize_block)
+    args = (ray.put(drops), rows, ray.put(kwargs))
+    refs = bounded_tasks(task, cleaned.to_arrow_refs(), args, tokenize_pool_size(cfg))
+    ray.wait(refs, num_returns=len(refs), fetch_local=False)
+    return ray.data.from_arrow_refs(refs)
 
 
 def _data_error_behind(e: Exception) -> Exception:
@@ -395,60 +577,47 @@ def run_preprocess(cfg: DataConfig) -> dict:
 
 
 def _run(cfg: DataConfig, files: list[InputFile], tok, t0: float) -> dict:
-    import ray
 
     timings: dict[str, float] = {}
     tick = time.perf_counter()
-    rows = _files_dataset(files, cfg)
+    cleaned = _cleaned_dataset(files, cfg)
     if cfg.max_docs:
-        rows = rows.limit(cfg.max_docs)
-    mh = minhash_params(cfg) if cfg.near_dedup else None
+        cleaned = cleaned.limit(cfg.max_docs)
     try:
-        cleaned = rows.map_batches(
-            clean_batch,
-            fn_kwargs={
-                "rules": quality_rules(cfg),
-                "sft": cfg.format == "sft",
-                "minhash": mh,
-                "pii": pii_rules(cfg),
-            },
-            batch_format="pyarrow",
-            batch_size=256,
-        ).materialize()
+        cleaned = cleaned.materialize()
     except Exception as e:  # Ray wraps the UDF's DataError in a task error
         raise _data_error_behind(e) from None
     timings["read_clean_s"], tick = round(time.perf_counter() - tick, 2), time.perf_counter()
+    log.debug("read/clean stats:\n%s", cleaned.stats())
     pii = pii_rules(cfg)
     pii_cols = [f"pii_{k}" for k in pii.kinds] if pii else []
-    meta_cols = ["order", "status", "hash", *pii_cols] + (["sig"] if mh else [])
-    meta = pa.concat_tables(ray.get(cleaned.select_columns(meta_cols).to_arrow_refs()))
+    meta_cols = ["order", "status", "hash", *pii_cols]
+    meta = gather(cleaned.select_columns(meta_cols).to_arrow_refs())
     counts = _counts(meta)
     counts["pii"] = _pii_counts(meta, cfg)
-    drops, counts["exact_duplicates"], counts["near_duplicates"] = _dedup(meta, cfg)
+    drops, counts["exact_duplicates"], counts["near_duplicates"] = _dedup(meta, cleaned, cfg)
     timings["dedup_s"], tick = round(time.perf_counter() - tick, 2), time.perf_counter()
     packed = _tokenized(
-        cleaned.map_batches(keep_rows, fn_kwargs={"drop_orders": drops}, batch_format="pyarrow"),
+        cleaned,
+        drops,
         cfg,
         tok,
-    ).materialize()
+        counts["docs_read"] - counts["malformed"] - sum(counts["filtered"].values()) - len(drops),
+    )
     timings["tokenize_pack_s"], tick = round(time.perf_counter() - tick, 2), time.perf_counter()
+    log.debug("tokenize/pack stats:\n%s", packed.stats())
     manifest = _manifest(cfg, files, tok, counts, packed, cleaned, t0)
     manifest["timings"] = {**timings, "write_s": round(time.perf_counter() - tick, 2)}
     return manifest
 
 
 def _manifest(cfg: DataConfig, files, tok, counts: dict, packed, cleaned, t0: float) -> dict:
-    import ray
 
-    stats = pa.concat_tables(
-        ray.get(
-            packed.map_batches(
-                lambda b: b.filter(b["is_tail"]).select(
-                    ["split", "docs_kept", "tokens", "truncated"]
-                ),
-                batch_format="pyarrow",
-            ).to_arrow_refs()
-        )
+    stats = gather(
+        packed.map_batches(
+            tail_stats,
+            batch_format="pyarrow",
+        ).to_arrow_refs()
     ).to_pandas()
     quarantine = cfg.quarantine_dir or f"{cfg.output_dir}/quarantine"
     if counts["malformed"]:

@@ -122,15 +122,16 @@ def test_s3_input_and_output(ray_session, s3_server, tmp_path):
 
 
 def test_output_is_identical_for_any_pool_size(ray_session, tmp_path):
-    """Same shards (token for token) and counts with 1 or 2 tokenizer actors, near-dedup on."""
+    """Same shards (token for token) and counts with 1 or 2 tokenize workers, near-dedup on,
+    and with LSH banding distributed (a Ray Data hash shuffle) instead of in the driver."""
     from aigc_ray.data import stdlib_files
 
     docs = [Path(p).read_text() for p in stdlib_files()[:40]]
     docs += [d.replace("def ", "def  ", 1) for d in docs[:10]]  # near duplicates
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     streams, counts = [], []
-    for n in (1, 2):
-        out = tmp_path / f"o{n}"
+    for n, banding in ((1, 10**6), (2, 10**6), (2, 0)):
+        out = tmp_path / f"o{n}-{banding}"
         cfg = load_config(
             "configs/tiny.yaml",
             [
@@ -139,6 +140,7 @@ def test_output_is_identical_for_any_pool_size(ray_session, tmp_path):
                 *BASE,
                 "data.near_dedup=true",
                 f"data.num_tokenize_actors={n}",
+                f"data.near_dedup_driver_max_docs={banding}",
             ],
         ).data
         m = run_preprocess(cfg)
@@ -148,7 +150,7 @@ def test_output_is_identical_for_any_pool_size(ray_session, tmp_path):
         streams.append(
             [pq.read_table(s)["input_ids"].to_pylist() for s in m["splits"]["train"]["shards"]]
         )
-    assert counts[0] == counts[1]
+    assert counts[0] == counts[1] == counts[2]
     assert counts[0]["near_duplicates"] + counts[0]["exact_duplicates"] >= 10
     assert counts[0]["near_duplicates"] >= 5
-    assert streams[0] == streams[1]
+    assert streams[0] == streams[1] == streams[2]
