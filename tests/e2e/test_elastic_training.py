@@ -8,13 +8,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 from ports import free_port
 from test_cluster_jobs import _stop_nodes_under
+from waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,14 +78,6 @@ def _workers() -> list[psutil.Process]:
 def _aigc(*args: str, **kw) -> subprocess.Popen:
     env = {**_env(), "RAY_ADDRESS": f"127.0.0.1:{GCS_PORT}"}
     return subprocess.Popen([str(BIN / "aigc-ray"), *args], env=env, cwd=ROOT, text=True, **kw)
-
-
-def _wait(cond, timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout, f"{what} within {timeout} s"
-        time.sleep(0.5)
-    return time.monotonic() - t0
 
 
 @pytest.fixture
@@ -165,7 +157,7 @@ def test_elastic_run_grows_and_shrinks_with_the_nodes_exactly_once(cluster, meas
         "train.max_failures=4",
     )
     try:
-        _wait(
+        wait_until(
             lambda: (
                 len(_workers()) == 1
                 and list((tmp / "elastic" / "ray" / "elastic").glob("checkpoint_*"))
@@ -180,10 +172,12 @@ def test_elastic_run_grows_and_shrinks_with_the_nodes_exactly_once(cluster, meas
             "--num-cpus=1",
             '--resources={"trainer": 1}',
         )
-        grow = _wait(
+        grow = wait_until(
             lambda: len(_workers()) == 2, 180, "grown to two workers after the node joined"
         )
-        _wait(lambda: _steps_at_two(tmp / "elastic"), 300, "a checkpoint with steps at two workers")
+        wait_until(
+            lambda: _steps_at_two(tmp / "elastic"), 300, "a checkpoint with steps at two workers"
+        )
         _stop_nodes_under(tmp / "w")
         at_kill = _latest(tmp / "elastic")
 
@@ -192,7 +186,9 @@ def test_elastic_run_grows_and_shrinks_with_the_nodes_exactly_once(cluster, meas
             steps = now.get("step", 0) - at_kill["step"]
             return steps > 0 and now["tokens"] - at_kill["tokens"] == steps * 4 * 64
 
-        shrink = _wait(one_worker_steps, 300, "training on with one worker after the node left")
+        shrink = wait_until(
+            one_worker_steps, 300, "training on with one worker after the node left"
+        )
         assert len(_workers()) <= 1
         assert run.wait(timeout=600) == 0, (tmp / "elastic.log").read_text()[-3000:]
     finally:

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 from s3env import free_port
+from waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -129,21 +130,13 @@ def _running(model: str) -> int:
     return d.replica_states.get("RUNNING", 0)
 
 
-def _wait(cond, timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout, f"{what} within {timeout} s"
-        time.sleep(0.25)
-    return time.monotonic() - t0
-
-
 def test_replicas_grow_under_load_and_shrink_after_with_no_failed_request(base, measured):
     assert _running("elastic") == 1
     with Load(base, "elastic", clients=8) as load:
-        up = _wait(lambda: _running("elastic") == 2, 90, "scaled to 2 replicas under load")
+        up = wait_until(lambda: _running("elastic") == 2, 90, "scaled to 2 replicas under load")
         time.sleep(3)  # both replicas serve
     sent = len(load.results)
-    down = _wait(lambda: _running("elastic") == 1, 90, "back to 1 replica after the load")
+    down = wait_until(lambda: _running("elastic") == 1, 90, "back to 1 replica after the load")
     assert not load.failed, load.failed[:3]
     measured(
         "autoscaling 1..2, 8 clients",
@@ -152,7 +145,7 @@ def test_replicas_grow_under_load_and_shrink_after_with_no_failed_request(base, 
 
 
 def test_first_request_after_scale_to_zero_waits_for_a_cold_start(base, measured):
-    _wait(lambda: _running("cold") == 0, 90, "scaled to zero when idle")
+    wait_until(lambda: _running("cold") == 0, 90, "scaled to zero when idle")
     t0 = time.monotonic()
     r = httpx.post(
         f"{base}/v1/completions",
@@ -180,7 +173,7 @@ def _update_under_load(base, cfg, old: str, new: str) -> tuple[Load, float]:
         time.sleep(2)
         t0 = time.monotonic()
         run_serve(cfg)  # the same app name: Serve updates it in place
-        _wait(
+        wait_until(
             lambda: [fp for _, s, fp in load.results[-4:]] == [new] * 4,
             90,
             f"responses from version {new}",
