@@ -86,18 +86,21 @@ class ShardReader:
                 (path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)
             ]
 
-    def windows(self, epoch: int) -> list[list[int]]:
-        """The epoch's windows as lists of unit indices, from the shards' metadata alone."""
+    def _plan(self, epoch: int):
+        """(rng, windows): the epoch's windows as (unit indices, rows), from the shards'
+        metadata alone, and the rng that then shuffles rows within each window in turn."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.units)) if self.window else range(len(self.units))
-        out, pending, rows = [], [], 0
+        windows, pending, rows = [], [], 0
         for k in order:
             pending.append(int(k))
             rows += self.units[k][2]
             if rows >= max(self.window, 1):
-                out.append(pending)
+                windows.append((pending, rows))
                 pending, rows = [], 0
-        return out + ([pending] if pending else [])
+        if pending:
+            windows.append((pending, rows))
+        return (rng if self.window else None), windows
 
     def __call__(self, epoch: int, start: int = 0):
         """The epoch's rows as numpy batches (one per window). Windows wholly before position
@@ -105,25 +108,22 @@ class ShardReader:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rng = np.random.default_rng([self.seed, epoch])
-        if self.window:
-            rng.permutation(len(self.units))  # the draw windows() made: same rng state after it
+        rng, windows = self._plan(epoch)
         pos, files = 0, {}
-        for window in self.windows(epoch):
-            rows = sum(self.units[k][2] for k in window)
+        for units, rows in windows:
             if pos + rows <= start:
-                if self.window:
+                if rng is not None:
                     rng.permutation(rows)  # keep the rng where reading the window leaves it
                 yield {"skipped": rows}
                 pos += rows
                 continue
             tables = []
-            for k in window:
+            for k in units:
                 path, group, _ = self.units[k]
                 if path not in files:
                     files = {path: pq.ParquetFile(self.filesystem.open_input_file(path))}
                 tables.append(files[path].read_row_group(group, columns=self.columns))
-            yield _window(pa.concat_tables(tables), rng if self.window else None)
+            yield _window(pa.concat_tables(tables), rng)
             pos += rows
 
 
