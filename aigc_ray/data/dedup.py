@@ -105,26 +105,11 @@ def band_keys(sigs: np.ndarray, bands: int) -> np.ndarray:
 
 
 def candidate_pairs(keys: np.ndarray) -> np.ndarray:
-    """Unique index pairs (i < j) sharing at least one band key; [m, 2] int64.
-
-    Each band bucket links its members to the bucket's first member (a star), which keeps
-    the pair count linear in bucket size while preserving connected components.
-    """
-    n, bands = keys.shape
-    pairs = []
-    idx = np.arange(n, dtype=np.int64)
-    for band in range(bands):
-        order = np.argsort(keys[:, band], kind="stable")
-        k = keys[order, band]
-        starts = np.r_[True, k[1:] != k[:-1]]
-        head = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
-        members = ~starts
-        pairs.append(np.stack([idx[order][head[members]], idx[order][members]], axis=1))
-    if not pairs:
-        return np.zeros((0, 2), np.int64)
-    allp = np.concatenate(pairs)
-    allp.sort(axis=1)
-    return np.unique(allp, axis=0) if len(allp) else allp
+    """Unique index pairs (i < j) sharing at least one band key; [m, 2] int64: `bucket_pairs`
+    with the row index as the order key (each bucket a star from its first member, which keeps
+    the pair count linear in bucket size while preserving connected components)."""
+    rows = _key_rows(np.arange(len(keys), dtype=np.int64), keys)
+    return bucket_pairs(rows["band"], rows["key"], rows["order"])
 
 
 def estimated_jaccard(sigs: np.ndarray, pairs: np.ndarray) -> np.ndarray:
@@ -156,20 +141,15 @@ def _components(n: int, pairs: np.ndarray) -> np.ndarray:
 def near_duplicates(sigs: np.ndarray, order: np.ndarray, params: MinHashParams) -> np.ndarray:
     """Boolean mask of documents to drop: every near-duplicate but the smallest `order`.
 
-    `sigs` rows and `order` keys align; the result does not depend on the row order given.
+    `sigs` rows and the unique `order` keys align; the result does not depend on the row order
+    given. The driver's path through the same steps as the distributed one: band rows, bucket
+    pairs, verification and union-find (`near_duplicates_from_pairs`).
     """
-    n = len(order)
-    if n == 0:
+    if len(order) == 0:
         return np.zeros(0, bool)
-    by_order = np.argsort(order, kind="stable")  # canonical row order -> deterministic
-    s = sigs[by_order]
-    pairs = candidate_pairs(band_keys(s, params.bands))
-    pairs = pairs[estimated_jaccard(s, pairs) >= params.threshold]
-    labels = _components(n, pairs)
-    drop_sorted = labels != np.arange(n)  # the smallest index (= smallest order) is kept
-    drop = np.zeros(n, bool)
-    drop[by_order] = drop_sorted
-    return drop
+    rows = band_rows(order, sigs, params.bands)
+    pairs = bucket_pairs(rows["band"], rows["key"], rows["order"])
+    return np.isin(order, near_duplicates_from_pairs(pairs, order, sigs, params))
 
 
 def exact_duplicates(hashes: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -201,12 +181,16 @@ def true_jaccard(a: str, b: str, ngram: int = 5, shingle: str = "word") -> float
 
 def band_rows(order: np.ndarray, sigs: np.ndarray, bands: int) -> dict[str, np.ndarray]:
     """One row per (document, band): the band index, its key (as int64) and the order key."""
-    n = len(order)
-    keys = band_keys(sigs, bands) if n else np.zeros((0, bands), np.uint64)
+    keys = band_keys(sigs, bands) if len(order) else np.zeros((0, bands), np.uint64)
+    return _key_rows(np.asarray(order, np.int64), keys)
+
+
+def _key_rows(order: np.ndarray, keys: np.ndarray) -> dict[str, np.ndarray]:
+    n, bands = keys.shape
     return {
         "band": np.tile(np.arange(bands, dtype=np.int32), n),
-        "key": keys.reshape(-1).view(np.int64),
-        "order": np.repeat(np.asarray(order, np.int64), bands),
+        "key": np.ascontiguousarray(keys).reshape(-1).view(np.int64),
+        "order": np.repeat(order, bands),
     }
 
 
