@@ -231,33 +231,6 @@ def near_dedup_scaling(docs: list[str], workers: list[int], blocks: int = 16) ->
     return out
 
 
-def planted_corpus(n_base: int = 300, n_variants: int = 200, seed: int = 7):
-    """Random documents and variants of the first n_variants: small edits, insertions and
-    reorders (near-duplicates) and heavy rewrites (not); truth by exact Jaccard."""
-    import random
-
-    rng = random.Random(seed)
-    vocab = [f"w{i}" for i in range(4000)]
-    base = [" ".join(rng.choice(vocab) for _ in range(250)) for _ in range(n_base)]
-    variants = []
-    for b in base[:n_variants]:
-        w = b.split()
-        kind = rng.choice(["edit", "insert", "reorder", "far"])
-        if kind == "edit":
-            for _ in range(len(w) // 80):
-                w[rng.randrange(len(w))] = rng.choice(vocab)
-        elif kind == "insert":
-            i = rng.randrange(len(w))
-            w[i:i] = [rng.choice(vocab) for _ in range(len(w) // 50)]
-        elif kind == "reorder":
-            w = w[len(w) // 3 :] + w[: len(w) // 3]
-        else:
-            for _ in range(len(w) // 5):
-                w[rng.randrange(len(w))] = rng.choice(vocab)
-        variants.append(" ".join(w))
-    return base + variants
-
-
 def planted_quality() -> dict:
     """Recall and precision of near-dedup on planted near-duplicates, with banding in the
     driver and distributed (the stage's Ray Data hash shuffle)."""
@@ -265,14 +238,11 @@ def planted_quality() -> dict:
     import ray.data
 
     from aigc_ray.config import DataConfig
-    from aigc_ray.data.dedup import true_jaccard
+    from aigc_ray.data.dedup import planted_near_duplicates
     from aigc_ray.data.stage import _near_dedup_distributed, candidate_signatures
 
-    docs, p = planted_corpus(), MinHashParams()
-    n_base = 300
-    truth = {
-        n_base + k for k in range(200) if true_jaccard(docs[k], docs[n_base + k]) >= p.threshold
-    }
+    p = MinHashParams()
+    docs, truth = planted_near_duplicates(p.threshold)
     order = np.arange(len(docs), dtype=np.int64)
     driver = set(np.flatnonzero(near_duplicates(signatures(docs, p), order, p)).tolist())
     table = pa.table({"text": docs, "status": ["ok"] * len(docs), "order": order})

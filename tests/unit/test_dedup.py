@@ -1,7 +1,5 @@
 """MinHash + LSH near-dedup and exact dedup: quality against the true Jaccard, determinism."""
 
-import random
-
 import numpy as np
 import pytest
 
@@ -13,54 +11,28 @@ from aigc_ray.data.dedup import (
     exact_duplicates,
     near_duplicates,
     near_duplicates_from_pairs,
+    planted_near_duplicates,
     shingle_hashes,
     signatures,
     true_jaccard,
 )
 
-VOCAB = [f"w{i}" for i in range(4000)]
 
-
-def _doc(rng, n=250):
-    return " ".join(rng.choice(VOCAB) for _ in range(n))
-
-
-def _mutate(rng, text, kind):
-    w = text.split()
-    if kind == "edit":  # a few substitutions: J ~ 0.9
-        for _ in range(len(w) // 80):
-            w[rng.randrange(len(w))] = rng.choice(VOCAB)
-    elif kind == "insert":  # a short inserted passage
-        i = rng.randrange(len(w))
-        w[i:i] = [rng.choice(VOCAB) for _ in range(len(w) // 50)]
-    elif kind == "reorder":  # paragraphs swapped: only shingles at the cut change
-        k = len(w) // 3
-        w = w[k:] + w[:k]
-    elif kind == "far":  # heavy rewrite: J well below 0.8, must NOT be flagged
-        for _ in range(len(w) // 5):
-            w[rng.randrange(len(w))] = rng.choice(VOCAB)
-    return " ".join(w)
+@pytest.fixture(scope="module")
+def planted_set():
+    return planted_near_duplicates(MinHashParams().threshold)
 
 
 @pytest.fixture(scope="module")
-def planted():
-    rng = random.Random(7)
-    base = [_doc(rng) for _ in range(300)]
-    variants = [
-        _mutate(rng, b, rng.choice(["edit", "insert", "reorder", "far"])) for b in base[:200]
-    ]
-    return base + variants
+def planted(planted_set):
+    return planted_set[0]
 
 
-def test_near_dedup_recall_and_precision_against_true_jaccard(planted):
+def test_near_dedup_recall_and_precision_against_true_jaccard(planted_set):
+    planted, truth = planted_set
     params = MinHashParams()
     drop = near_duplicates(signatures(planted, params), np.arange(len(planted)), params)
     n_base = 300
-    truth = {
-        n_base + k
-        for k in range(200)
-        if true_jaccard(planted[k], planted[n_base + k]) >= params.threshold
-    }
     predicted = set(np.flatnonzero(drop).tolist())
     assert len(truth) > 100, "the planted corpus must contain many true near-duplicates"
     tp = len(predicted & truth)
@@ -116,18 +88,17 @@ def _partitioned_drops(sigs, order, params, partitions=3):
     return set(near_duplicates_from_pairs(pairs, order[need], sigs[need], params).tolist())
 
 
-def test_distributed_banding_finds_the_driver_result_with_planted_recall_and_precision(planted):
+def test_distributed_banding_finds_the_driver_result_with_planted_recall_and_precision(
+    planted_set,
+):
+    planted, planted_truth = planted_set
     params = MinHashParams()
     sigs = signatures(planted, params)
     order = np.arange(len(planted)) * 5 + 3
     perm = np.random.default_rng(1).permutation(len(planted))  # blocks arrive in any order
     dropped = _partitioned_drops(sigs[perm], order[perm], params)
     assert dropped == set(order[near_duplicates(sigs, order, params)].tolist())
-    truth = {
-        int(order[300 + k])
-        for k in range(200)
-        if true_jaccard(planted[k], planted[300 + k]) >= params.threshold
-    }
+    truth = {int(order[i]) for i in planted_truth}
     tp = len(dropped & truth)
     assert tp / len(truth) >= 0.95 and tp / max(1, len(dropped)) >= 0.95
 
