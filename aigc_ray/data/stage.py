@@ -283,14 +283,13 @@ def rows_with_orders(batch: pa.Table, orders: np.ndarray) -> pa.Table:
 
 def _near_dedup_distributed(sig_refs: list, cfg: DataConfig, n: int) -> np.ndarray:
     """Near-duplicate order keys without the driver holding every signature (`sig_refs`:
-    (order, sig) blocks in the object store): banding and
-    bucketing run as a Ray Data hash shuffle on (band, key); the driver gets the candidate
-    pairs and the signatures of their documents only, then runs union-find on the pairs."""
+    (order, sig) blocks in the object store): banding and bucketing run as a Ray Data hash
+    shuffle on (band, key); the driver gets the candidate pairs and the signatures of their
+    documents only, then runs union-find on the pairs."""
     import ray
-
-    params = minhash_params(cfg)
     import ray.data
 
+    params = minhash_params(cfg)
     sigs = ray.data.from_arrow_refs(sig_refs)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     partitions = max(cpus, math.ceil(n * params.bands / 2_000_000))
@@ -438,8 +437,8 @@ def prepare_tokenizer(cfg: DataConfig, files: list[InputFile]):
 def tokenize_pool_size(cfg: DataConfig) -> int:
     """Concurrent tokenize tasks: every CPU of the cluster (up to 32).
 
-    The pool's input is the materialized, cleaned dataset, so no read task competes for CPUs
-    (a pool taking every CPU while reads are pending would starve them: GUIDE §5).
+    Their input is the materialized, cleaned dataset, so no read task competes for CPUs
+    (tasks taking every CPU while reads are pending would starve them: GUIDE §5).
     """
     import ray
 
