@@ -40,7 +40,7 @@ from aigc_ray.config import ModelConfig, TrainConfig
 from aigc_ray.data import read_manifest
 from aigc_ray.model import build_model, count_params, load_tokenizer
 from aigc_ray.train import accumulate_step, build_optimizer, build_scheduler, precision
-from aigc_ray.train.steps import eval_loss_sum, load_val_batches
+from aigc_ray.train.steps import evaluate, load_val_batches
 
 log = logging.getLogger("torchrun_ddp")
 
@@ -92,15 +92,6 @@ def build(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer_dir: str, device, 
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = build_optimizer(ddp, cfg)
     return ddp, opt, build_scheduler(opt, cfg), params
-
-
-def evaluate(model, val: list, device) -> float:
-    """Mean validation loss over every rank's batches (no autograd, no DDP forward)."""
-    with torch.no_grad():
-        total, count = eval_loss_sum(model.module, [b.to(device) for b in val])
-    t = torch.tensor([total, count], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t[0] / t[1])
 
 
 def run(args, cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> dict:

@@ -29,7 +29,7 @@ from aigc_ray.train.steps import (
     accumulate_step,
     build_optimizer,
     build_scheduler,
-    eval_loss_sum,
+    evaluate,
     load_val_batches,
     precision,
 )
@@ -80,24 +80,6 @@ def all_mean(values: list[float], device) -> list[float]:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t.tolist()
-
-
-def _eval(model, val_batches, device) -> float | None:
-    import torch.distributed as dist
-
-    # DDP's own forward would broadcast buffers and prepare a backward; FSDP2 must run its own
-    # forward (it gathers the shards). No autograd graph either way.
-    model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    moved = [
-        tuple(t.to(device) for t in b) if isinstance(b, tuple) else b.to(device)
-        for b in val_batches
-    ]
-    with torch.no_grad():
-        total, count = eval_loss_sum(model, moved)
-    t = torch.tensor([total, count], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return float(t[0] / t[1]) if t[1] > 0 else None
 
 
 def _save_checkpoint(
@@ -190,7 +172,7 @@ def train_loop_per_worker(config: dict) -> None:
         log.info("rank %d resumed at step %d", rank, state.step)
     val = load_val_batches(config["data_dir"], rank, world, cfg.batch_size, cfg.eval_batches)
     if state.step == 0:
-        state.history.append({"step": 0, "val_loss": _eval(model, val, device)})
+        state.history.append({"step": 0, "val_loss": evaluate(model, val, device)})
     marks["eval"] = time.time()
     # Shards are written in corpus order; without shuffling, the first steps would see one
     # corner of the corpus only (e.g. all of encodings/*.py): the order is seeded per epoch.
@@ -293,7 +275,7 @@ def _after_step(w: _Worker, window: _LogWindow) -> bool:
         "time": round(time.time(), 3),
     }
     if do_eval:
-        row["val_loss"] = _eval(w.model, w.val, w.device)
+        row["val_loss"] = evaluate(w.model, w.val, w.device)
         row["val_ppl"] = round(perplexity(row["val_loss"]), 3) if row["val_loss"] else None
     state.history.append(row)
     train_metrics.record(cfg.name, row, dt / len(window.steps))

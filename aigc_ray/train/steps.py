@@ -129,6 +129,26 @@ def eval_loss_sum(model, batches: list) -> tuple[float, int]:
     return total, count
 
 
+def evaluate(model, val_batches: list, device) -> float | None:
+    """Mean loss per predicted token over every rank's `val_batches` (all-reduced when a
+    process group is up); None without any."""
+    import torch.distributed as dist
+
+    # DDP's own forward would broadcast buffers and prepare a backward; FSDP2 must run its own
+    # forward (it gathers the shards). No autograd graph either way.
+    model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    moved = [
+        tuple(t.to(device) for t in b) if isinstance(b, tuple) else b.to(device)
+        for b in val_batches
+    ]
+    with torch.no_grad():
+        total, count = eval_loss_sum(model, moved)
+    t = torch.tensor([total, count], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return float(t[0] / t[1]) if t[1] > 0 else None
+
+
 def to_tensor(batch: dict) -> torch.Tensor:
     """Collate a Ray Data numpy batch of `input_ids` lists into a [B, T] int64 tensor."""
     return torch.from_numpy(np.stack(batch["input_ids"]).astype(np.int64))

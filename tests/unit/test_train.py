@@ -29,7 +29,8 @@ from aigc_ray.train import (
     worker_cpus,
 )
 from aigc_ray.train.fit import _export
-from aigc_ray.train.loop import _eval, _save_checkpoint, _State, all_mean
+from aigc_ray.train.loop import _save_checkpoint, _State, all_mean
+from aigc_ray.train.steps import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -200,7 +201,7 @@ def test_train_step_with_labels_only_learns_unmasked(tiny_model, tiny_tokenizer)
 
 def test_eval_empty():
     assert eval_loss_sum(torch.nn.Identity(), []) == (0.0, 0)
-    assert _eval(torch.nn.Identity(), [], "cpu") is None
+    assert evaluate(torch.nn.Identity(), [], "cpu") is None
 
 
 def test_all_mean_without_process_group():
