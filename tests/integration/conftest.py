@@ -1,5 +1,8 @@
-"""Integration tier: one local Ray instance shared by the whole session (GUIDE §5), and a real
-S3-compatible server (moto) on loopback for s3:// paths."""
+"""Integration tier: one local Ray instance and one Serve controller shared by the whole session
+(GUIDE §5), and a real S3-compatible server (moto) on loopback for s3:// paths.
+
+Ports are picked when the session's first integration test needs them, never at import time.
+Every environment variable set here is restored when the session ends."""
 
 import os
 import socket
@@ -9,18 +12,45 @@ import time
 from pathlib import Path
 
 import pytest
-from s3env import MOTO_PORT, S3_ENV
+from ports import free_port
 
 
 @pytest.fixture(scope="session")
-def ray_session(tmp_path_factory):
+def session_env():
+    """A MonkeyPatch for the session: what it sets in os.environ is undone at the end."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+@pytest.fixture(scope="session")
+def s3_env() -> dict[str, str]:
+    """Settings of the moto S3 server (its port chosen now). Ray's workers get them through the
+    runtime env, as they would get real AWS settings."""
+    return {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+@pytest.fixture(scope="session")
+def serve_port() -> int:
+    """The HTTP port of the session's one Serve instance: every app of the integration tier is
+    deployed behind it (Serve keeps the port of its first start) and deleted by name after."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory, session_env, s3_env):
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if "RAY_AUTH_MODE" not in os.environ:
+        session_env.setenv("RAY_AUTH_MODE", "disabled")
     # Serve's handles and replicas report their load every 1 s instead of 10 s (the node's
     # processes inherit this environment): autoscaling and cold-start tests take seconds less.
     for who in ("HANDLE", "REPLICA"):
-        os.environ[f"RAY_SERVE_{who}_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "1"
+        session_env.setenv(f"RAY_SERVE_{who}_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
     cache = str(tmp_path_factory.mktemp("model-cache"))  # remote model dirs are copied here
     ray.init(
         num_cpus=2,
@@ -31,7 +61,7 @@ def ray_session(tmp_path_factory):
             "env_vars": {
                 "AIGC_RAY_API_KEYS": "test-key-1,test-key-2",
                 "AIGC_RAY_CACHE": cache,
-                **S3_ENV,
+                **s3_env,
             }
         },
     )
@@ -43,32 +73,29 @@ def ray_session(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """moto's S3 server with bucket aigc-test; S3_ENV is set in this process while it runs."""
+def s3_server(s3_env, session_env):
+    """moto's S3 server with bucket aigc-test; s3_env is set in this process while the session
+    runs (restored at its end)."""
+    port = int(s3_env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
     exe = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen(
-        [str(exe), "-H", "127.0.0.1", "-p", str(MOTO_PORT)],
+        [str(exe), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     for _ in range(100):
         try:
-            socket.create_connection(("127.0.0.1", MOTO_PORT), timeout=0.2).close()
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             break
         except OSError:
             time.sleep(0.1)
     else:
         proc.kill()
-        pytest.fail(f"moto_server never listened on 127.0.0.1:{MOTO_PORT}")
-    old = {k: os.environ.get(k) for k in S3_ENV}
-    os.environ.update(S3_ENV)
+        pytest.fail(f"moto_server never listened on 127.0.0.1:{port}")
+    for k, v in s3_env.items():
+        session_env.setenv(k, v)
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="aigc-test")
     yield boto3.client("s3")
     proc.kill()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v

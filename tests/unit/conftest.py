@@ -3,26 +3,12 @@
 from pathlib import Path
 
 import pytest
+from tiny import stdlib_sample
 
 from aigc_ray.config import ModelConfig
-from aigc_ray.data import stdlib_files
 
 TINY_VOCAB = 400
 TINY_MODEL = dict(hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=64)
-
-
-def stdlib_sample(max_chars: int = 40_000) -> list[str]:
-    """A few KB of the running Python's standard-library source, one string per file."""
-    docs, seen = [], 0
-    for path in stdlib_files():
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            continue
-        docs.append(text[:8000])
-        seen += len(docs[-1])
-        if seen >= max_chars:
-            break
-    return docs
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Free ports for the servers the end-to-end tests start (fixed ports may be taken)."""
+"""The one free-port helper for every tier. Call it where a server is about to start (in a
+fixture), never at import time: a port picked at collection may be taken 40 minutes later."""
 
 import socket
 
