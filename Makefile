@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip install -q -c constraints.txt
 STAMP  := $(VENV)/.installed
 TSTAMP := $(VENV)/.installed-test
 
-.PHONY: demo test test-tools lint format install clean bench
+.PHONY: demo test test-quick test-tools lint format install clean bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,13 @@ test-tools:
 		apt-get install -y -q --no-install-recommends prometheus && \
 		{ ! command -v systemctl >/dev/null || systemctl disable --now prometheus || true; }; }
 
+# Everything (CI runs this): unit, integration (one shared Ray) and e2e. Budget: 25 min on 2 cores.
 test: $(TSTAMP) test-tools
-	$(PY) -m pytest -q -ra --timeout=900 --durations=15
+	$(PY) -m pytest -q -ra --timeout=900 --durations=20
+
+# The inner loop: the unit tier and the fast integration tests (no test marked slow). Budget: 8 min.
+test-quick: $(TSTAMP) test-tools
+	$(PY) -m pytest -q -ra --timeout=600 --durations=10 -m "not slow"
 
 lint: $(TSTAMP)
 	$(VENV)/bin/ruff check .

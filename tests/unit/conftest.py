@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from engine_support import WORDS
 from tiny import stdlib_sample
 
 from aigc_ray.config import ModelConfig
@@ -67,3 +68,70 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# ------------------------------------------------------------ the engine tests' model
+# (test_engine.py and test_engine_batching.py; their shared constants are in engine_support.py)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """Byte-level BPE trained on a few KB of text, saved and reloaded like a real model dir."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(300)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        bos_token="<|endoftext|>",
+    )
+    path = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module", params=["slots", "transformers"])
+def engine(model, tokenizer, request):
+    """Every engine test runs on both paths: the slot decoder (Llama family) and transformers'
+    own forward (any causal LM)."""
+    from aigc_ray.engine import GenerationEngine
+
+    eng = GenerationEngine(model, tokenizer, fast=request.param == "slots")
+    assert eng.path == request.param
+    yield eng
+    eng.close()

@@ -1,116 +1,16 @@
 """Unit tests for aigc_ray.engine on a tiny random-init Llama (no Ray, no downloads)."""
 
-import contextlib
-import random
 import re
-import time
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from engine_support import GREEDY, PROMPTS, hf_greedy, slowed
 
 from aigc_ray.engine import ContextLengthError, GenerationEngine, InvalidParamError, SamplingParams
 from aigc_ray.engine.batch import left_pad
 from aigc_ray.engine.core import _pad_token_id
 from aigc_ray.engine.params import resolve_device, resolve_dtype
 from aigc_ray.engine.sampling import RowState, filter_logits, stable_prefix
-
-WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "a",
-    "lazy",
-    "dog",
-    "while",
-    "ray",
-    "serves",
-    "tokens",
-    "from",
-    "cache",
-]
-PROMPTS = [
-    "the",
-    "the quick brown fox jumps over a lazy dog",
-    "ray serves",
-    "tokens from cache while the dog jumps over the fox and ray serves",
-]
-GREEDY = SamplingParams(max_tokens=16, temperature=0.0)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    """Byte-level BPE trained on a few KB of text, saved and reloaded like a real model dir."""
-    rng = random.Random(0)
-    corpus = [" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(300)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|endoftext|>",
-        pad_token="<|pad|>",
-        bos_token="<|endoftext|>",
-    )
-    path = tmp_path_factory.mktemp("tokenizer")
-    fast.save_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="module", params=["slots", "transformers"])
-def engine(model, tokenizer, request):
-    """Every engine test runs on both paths: the slot decoder (Llama family) and transformers'
-    own forward (any causal LM)."""
-    eng = GenerationEngine(model, tokenizer, fast=request.param == "slots")
-    assert eng.path == request.param
-    yield eng
-    eng.close()
-
-
-def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
-    """Reference: transformers' own greedy generate on the prompt alone (no padding)."""
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return out[0, ids.shape[1] :].tolist()
 
 
 def test_greedy_batch_matches_hf_generate_per_prompt(engine, model, tokenizer):
@@ -279,23 +179,6 @@ def test_stream_close_cancels(engine):
         result = req.result(10)
     assert result.finish_reason == "cancelled" and result.completion_tokens < 100
     assert engine.stats()["running"] == 0
-
-
-@contextlib.contextmanager
-def slowed(eng, seconds: float = 0.005):
-    """Each decode step takes at least ``seconds``: a tiny model on the slot path finishes 100
-    tokens in milliseconds, before a test could cancel it."""
-    real = eng.runner.decode
-
-    def slow():
-        time.sleep(seconds)
-        return real()
-
-    eng.runner.decode = slow
-    try:
-        yield eng
-    finally:
-        eng.runner.decode = real
 
 
 def test_from_pretrained_round_trip(engine, model, tokenizer, tmp_path):

@@ -5,15 +5,7 @@ import time
 
 import pytest
 import torch
-from test_engine import (  # noqa: F401
-    GREEDY,
-    PROMPTS,
-    engine,
-    hf_greedy,
-    model,
-    slowed,
-    tokenizer,
-)
+from engine_support import PROMPTS, hf_greedy, slowed
 
 from aigc_ray.engine import EngineError, GenerationEngine, SamplingParams
 from aigc_ray.engine.batch import RunningBatch, check_cache_supported
