@@ -226,41 +226,67 @@ def test_usage_is_counted_per_key_fingerprint(monkeypatch, model_server):
     assert not any(k in recorded for k in KEYS)
 
 
+def _fingerprint(key: str) -> str:
+    """The label a key must get, computed here from the key alone (security.key_fingerprint's
+    definition: the first 8 hex digits of its SHA-256), not by the code under test."""
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
 def test_request_key_and_fingerprint():
     assert request_key(f"Bearer {KEYS[1]}", KEYS) == KEYS[1]
     assert request_key("Bearer sk-test-key-one-000", KEYS) is None
     assert request_key(None, KEYS) is None and request_key("Bearer x", []) is None
-    fp = key_fingerprint(KEYS[0])
-    assert len(fp) == 8 and int(fp, 16) >= 0 and fp not in KEYS[0]
-    assert key_fingerprint(None) == "none" and key_fingerprint(KEYS[1]) != fp
+    assert [key_fingerprint(k) for k in KEYS] == [_fingerprint(k) for k in KEYS]
+    assert key_fingerprint(None) == "none"
 
 
-def test_key_usage_metrics_never_carry_the_key(monkeypatch):
-    """The real metrics class: the fingerprint is the only key label value it is given."""
-    from aigc_ray.serve import metrics as metrics_module
+def test_key_usage_metrics_label_requests_by_the_fingerprint_of_their_key(
+    monkeypatch, model_server
+):
+    """The real metrics class behind the real Router: requests carrying each key come out
+    labelled with that key's fingerprint, computed independently from the key; no label holds
+    a key."""
+    from aigc_ray.serve.metrics import KeyUsageMetrics
 
     seen = []
 
-    class Counter:
+    class Counter:  # what KeyUsageMetrics hands to Ray's metrics API
         def __init__(self, name, description, tag_keys):
-            self.name = name
+            self.name, self.tag_keys = name, tag_keys
 
         def inc(self, n, tags):
+            assert set(tags) == set(self.tag_keys)
             seen.append((self.name, n, tags))
 
     monkeypatch.setattr("ray.serve.metrics.Counter", Counter)
-    m = metrics_module.KeyUsageMetrics()
-    m.record(key_fingerprint(KEYS[0]), "tiny", 200)
-    m.add_tokens(key_fingerprint(KEYS[0]), "tiny", 5, 0)
-    assert seen == [
-        (
-            "aigc_ray_key_requests",
-            1,
-            {"key_fingerprint": key_fingerprint(KEYS[0]), "model": "tiny", "status": "200"},
-        ),
-        (
-            "aigc_ray_key_tokens",
-            5,
-            {"key_fingerprint": key_fingerprint(KEYS[0]), "model": "tiny", "kind": "prompt"},
-        ),
+    router = _router(monkeypatch, model_server, log_prompts=False)
+    router.usage = KeyUsageMetrics()  # the real class instead of the spy
+    body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 4}
+
+    async def go():
+        return [
+            await _call(router, "c", body, KEYS[0]),
+            await _call(router, "c", {**body, "stream": True}, KEYS[1]),
+            await _call(router, "c", {**body, "max_tokens": 999}, KEYS[1]),
+            await _call(router, "c", body, "sk-not-a-key"),
+        ]
+
+    results = asyncio.run(go())
+    assert [s for s, _ in results] == [200, 200, 400, 401]
+    prompt = json.loads(results[0][1])["usage"]["prompt_tokens"]
+    fp0, fp1 = _fingerprint(KEYS[0]), _fingerprint(KEYS[1])
+    requests = [(n, t) for name, n, t in seen if name == "aigc_ray_key_requests"]
+    assert requests == [
+        (1, {"key_fingerprint": fp0, "model": "tiny", "status": "200"}),
+        (1, {"key_fingerprint": fp1, "model": "tiny", "status": "200"}),
+        (1, {"key_fingerprint": fp1, "model": "tiny", "status": "400"}),
+    ]  # the 401 presented none of our keys: no per-key count
+    tokens = [(n, t) for name, n, t in seen if name == "aigc_ray_key_tokens"]
+    assert tokens == [
+        (prompt, {"key_fingerprint": fp0, "model": "tiny", "kind": "prompt"}),
+        (4, {"key_fingerprint": fp0, "model": "tiny", "kind": "completion"}),
+        (prompt, {"key_fingerprint": fp1, "model": "tiny", "kind": "prompt"}),  # the stream's
+        (4, {"key_fingerprint": fp1, "model": "tiny", "kind": "completion"}),
     ]
+    labels = json.dumps(seen)
+    assert not any(k in labels for k in (*KEYS, "sk-not-a-key"))
