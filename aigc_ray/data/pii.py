@@ -12,9 +12,11 @@ Kinds, and what counts as one (the precision policy; docs/privacy.md explains wh
 - ``ip``: IPv4 dotted quads (no leading zeros, not part of a longer dotted number, so
   ``3.11.7`` and ``1.2.3.4.5`` are not) and IPv6 addresses, both checked by ``ipaddress``.
   Kept as they are: addresses that identify no one (unspecified, loopback, 0.x.x.x, netmasks,
-  hostmasks and broadcast, the RFC 5737 / RFC 3849 documentation ranges, network addresses
-  written with their prefix such as ``10.0.0.0/8``, IPv6 subnet prefixes), version and section
-  numbers (``3.1.1.6``, ``__version__ = '2.10.1.0'``, ``section 8.2.4.44``) and Python slices
+  hostmasks and broadcast, the RFC 5737 / RFC 3849 documentation ranges, IETF-reserved space
+  where no host gets an address: 240.0.0.0/4 and most IPv6 outside 2000::/3, where code's
+  ``1:2:3:4:5:6:7:8`` and ``dead:beef::1`` fall, network addresses written with their
+  prefix such as ``10.0.0.0/8``, IPv6 subnet prefixes), version and section numbers
+  (``3.1.1.6``, ``__version__ = '2.10.1.0'``, ``section 8.2.4.44``) and Python slices
   (``a[1::2]``, ``a[::1000]``).
 - ``credit_card``: 13-19 digits, plain or grouped by single spaces or dashes, with a card
   brand's prefix and length, passing the Luhn check.
@@ -109,13 +111,16 @@ _VERSION_CONTEXT = re.compile(
 
 def _names_no_one(ip, text: str, start: int, end: int) -> bool:
     """Addresses that identify no host or person: unspecified, loopback, 0.x.x.x, netmasks and
-    hostmasks (255.255.255.0, 0.0.0.255), the documentation ranges (RFC 5737, RFC 3849), network
+    hostmasks (255.255.255.0, 0.0.0.255), the documentation ranges (RFC 5737, RFC 3849),
+    IETF-reserved space (ipaddress' is_reserved: 240.0.0.0/4 and most IPv6 outside 2000::/3,
+    where '1:2:3:4:5:6:7:8' and 'dead:beef::1' fall; IPv4-mapped addresses are not), network
     addresses written with their prefix (10.0.0.0/8) and IPv6 subnet prefixes (2001:db8:1::)."""
     n, bits = int(ip), ip.max_prefixlen
     inverted = ~n & ((1 << bits) - 1)
     if (
         ip.is_loopback
         or ip.is_unspecified
+        or (ip.is_reserved and not (ip.version == 6 and ip.ipv4_mapped))
         or (n & (n + 1)) == 0
         or (inverted & (inverted + 1)) == 0
     ):

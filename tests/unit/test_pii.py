@@ -48,19 +48,29 @@ def planted():
 
 
 def test_planted_set_recall_and_precision_per_kind(planted):
+    stdlib = [r for r in planted if r.source.startswith("stdlib")]
+    assert len(stdlib) == 150  # every sampled file, none screened out
+    assert sum(bool(r.planted) for r in stdlib) >= 10  # real addresses among them
     negatives = [r for r in planted if not r.planted]
-    assert len(negatives) >= 100 and sum(r.source.startswith("stdlib") for r in negatives) >= 60
+    assert len(negatives) >= 100
     scores = _score(planted)
     print(f"\n{'kind':12} {'planted':>7} {'recall':>7} {'flagged':>7} {'precision':>9}")
     for k, v in scores.items():
         print(f"{k:12} {v['planted']:7} {v['recall']:7.3f} {v['flagged']:7} {v['precision']:9.3f}")
     for k, v in scores.items():
         assert v["planted"] >= 200, k
-        assert v["recall"] >= 0.95, (k, v)
-        assert v["precision"] >= 0.95, (k, v)
+        assert v["recall"] >= 0.99, (k, v)  # measured: 1.0, phone 0.995
+        assert v["precision"] >= 0.99, (k, v)  # measured: 1.0
+    # the standard library as it is: every finding in it is one of its reviewed PII
+    flagged = [(r, f) for r in stdlib for f in find_pii(r.text)]
+    false = [
+        (r.source, f.kind, r.text[f.start : f.end])
+        for r, f in flagged
+        if not any(k == f.kind and f.start < e and s < f.end for k, s, e in r.planted)
+    ]
+    assert len(flagged) >= 30 and len(false) <= 0.01 * len(flagged), false  # measured: none
     # no redaction at all inside the rows that hold none
-    touched = [r.source for r in negatives if find_pii(r.text)]
-    assert len(touched) <= 0.05 * len(negatives), touched
+    assert [r.source for r in negatives if find_pii(r.text)] == []
 
 
 def test_batched_redaction_matches_row_by_row(planted):
@@ -79,7 +89,7 @@ def test_batched_redaction_matches_row_by_row(planted):
         for _, s, e in row.planted
         if row.text[s:e] in out
     ]
-    assert len(leaked) <= 0.05 * sum(len(r.planted) for r in planted), leaked[:10]
+    assert len(leaked) <= 0.01 * sum(len(r.planted) for r in planted), leaked[:10]  # measured: 1
 
 
 # ---------------------------------------------------------------- the policy, case by case
@@ -109,6 +119,7 @@ def test_batched_redaction_matches_row_by_row(planted):
         "import sklearn  # sk-learn is not a key",
         "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUQ\n-----END CERTIFICATE-----",
         "uuid 123e4567-e89b-12d3-a456-426614174000, sha1 da39a3ee5e6b4b0d3255bfef95601890afd80709",
+        "reject IPv6 (ex: '123:2:3:4:5:6:7:8'); MAGIC = 'dead:beef::1'; 240.1.2.3",
     ],
 )
 def test_look_alikes_are_not_pii(text):
