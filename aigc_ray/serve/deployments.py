@@ -89,6 +89,7 @@ class ModelServer:
         if threads:
             torch.set_num_threads(threads)
         self.name, self.version = cfg.name, cfg.version
+        self.replica = _replica_id()
         device = placed_device(cfg.device, cfg.num_gpus)
         self.engine, self.choice = load_engine(
             cfg.model_dir,
@@ -165,6 +166,7 @@ class ModelServer:
             "choices": choices,
             "engine": self.choice.name,
             "version": self.version,
+            "replica": self.replica,
         }
 
     def _choice(self, job: Job, prompt_ids: list[int], r) -> dict:
@@ -206,7 +208,12 @@ class ModelServer:
             yield StreamEvent("error", error=e.to_dict())
             return
         try:
-            yield StreamEvent("start", tokens=sum(len(p) for p in prompts), version=self.version)
+            yield StreamEvent(
+                "start",
+                tokens=sum(len(p) for p in prompts),
+                version=self.version,
+                replica=self.replica,
+            )
             async for event in _merge(reqs, self._stream_interval):
                 yield event
         except EngineError as e:
@@ -236,6 +243,7 @@ class ModelServer:
         """Engine counters, the engine's name and this replica's pid (tests and debugging)."""
         out = {
             "pid": os.getpid(),
+            "replica": self.replica,
             "model": self.name,
             "engine": self.choice.name,
             **self.engine.stats(),
@@ -254,6 +262,15 @@ class ModelServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
+
+
+def _replica_id() -> str:
+    """This replica's Serve id (its pid outside Serve, e.g. in unit tests): responses name it in
+    the ``x-aigc-replica`` header, so operators and tests see which replica answered."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not running in a Serve replica
+        return f"pid-{os.getpid()}"
 
 
 def _cancel(reqs: list[EngineRequest]) -> None:
@@ -363,6 +380,11 @@ def _failure(e: BaseException, guard: PromptGuard) -> ApiError:
 def _loop_deadline(deadline: float) -> float:
     """A time.monotonic() deadline on the running loop's clock."""
     return asyncio.get_running_loop().time() + (deadline - time.monotonic())
+
+
+def _replica_header(replica: str | None) -> dict[str, str]:
+    """The header naming the model replica that answered (none when it did not say)."""
+    return {"x-aigc-replica": replica} if replica else {}
 
 
 def _auth_error() -> ApiError:
@@ -490,8 +512,9 @@ class Router:
                 out = await self._call(handle.complete, job, deadline)
                 self.engines[model] = out["engine"]
                 self.versions[model] = out.get("version") or self.versions.get(model)
-                response = response_body(job.kind, model, out)
-                self._answered(model, guard, response)
+                body = response_body(job.kind, model, out)
+                self._answered(model, guard, body)
+                response = JSONResponse(body, headers=_replica_header(out.get("replica")))
         except ApiError as e:
             return self._record(model, route, e, guard)
         except Exception as e:  # noqa: BLE001 - every failure leaves in OpenAI's shape
@@ -561,7 +584,9 @@ class Router:
         writer.fingerprint = first.version
         n = max(1, len(job.prompts)) * job.n
         sse = self._sse(events, writer, first.tokens, n, deadline, guard)
-        return StreamingResponse(sse, media_type="text/event-stream")
+        return StreamingResponse(
+            sse, media_type="text/event-stream", headers=_replica_header(first.replica)
+        )
 
     async def _sse(
         self,

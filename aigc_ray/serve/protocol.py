@@ -303,6 +303,7 @@ class StreamEvent(NamedTuple):
     tokens: int = 0  # start: prompt tokens; finish: the choice's completion tokens
     error: dict | None = None
     version: str | None = None  # start: the model version answering (system_fingerprint)
+    replica: str | None = None  # start: the replica answering (the x-aigc-replica header)
 
 
 # ---------------------------------------------------------------- responses and chunks
