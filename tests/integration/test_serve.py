@@ -1,5 +1,12 @@
 """The serving stage through real clients: the official `openai` package and raw HTTP, against
-one app with several models on the shared local Ray instance (tiny random-init models)."""
+one app with several models on the session's shared Ray and Serve (tiny random-init models).
+
+Engines: the tests of what a model answers (sampling params, n, seed, usage, streaming, stop,
+logprobs, chat, context length, timeouts and disconnects freeing the engine, which engine
+answered, a dead vLLM engine, metrics) run on both engines, builtin and vLLM; the tests of what
+the Router and Serve do before or around any engine (model list and health, routing by name,
+request validation, auth and 404 errors, Serve's queue overflow, scale from zero, a killed
+replica replaced) run once, on the builtin engine (`ROUTER_ONLY`, each says why)."""
 
 import json
 import os
@@ -11,85 +18,47 @@ from pathlib import Path
 
 import httpx
 import pytest
-from s3env import free_port
+from serving import KEY, deployed, model_dir, quiet_stats, running_replicas, stats, w8a8_dir
 
 pytestmark = pytest.mark.integration
 
-KEY = "test-key-1"  # set for the replicas by the ray_session fixture (runtime_env)
-PORT = free_port()
 TIMEOUT_S = 4.0
 SLOW_LIMIT = 8000  # the slow model cannot make this many tokens within TIMEOUT_S
 
 
-def _model_dir(root, tokenizer, seed: int, **arch) -> str:
-    from aigc_ray.config import ModelConfig
-    from aigc_ray.model import build_model
-
-    out = root / f"model-{seed}-{arch.get('hidden_size', 64)}"
-    model = build_model(ModelConfig(**arch), tokenizer, seed=seed)
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    return str(out)
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    from aigc_ray.data import stdlib_files
-    from aigc_ray.model import train_tokenizer
-
-    root = tmp_path_factory.mktemp("serve-models")
-    texts = [
-        Path(p).read_text(encoding="utf-8", errors="replace")[:5000]
-        for p in sorted(stdlib_files())[:40]
-    ]
-    tok = train_tokenizer(texts, 512, root / "tok")
-    small = dict(hidden_size=64, num_layers=2, num_heads=2, max_position_embeddings=256)
-    slow = dict(hidden_size=256, num_layers=4, num_heads=4, max_position_embeddings=8192)
     return {
-        "a": _model_dir(root, tok, 1, **small),
-        "b": _w8a8(_model_dir(root, tok, 2, **small)),
-        "slow": _model_dir(root, tok, 3, **slow),
+        "a": model_dir(tmp_path_factory, "a"),
+        "b": w8a8_dir(tmp_path_factory, "b"),  # what `aigc-ray optimize` writes (int8 W8A8)
+        "slow": model_dir(tmp_path_factory, "slow"),
     }
 
 
-def _w8a8(model_dir: str) -> str:
-    """tiny-b is served from what `aigc-ray optimize` writes: an int8 W8A8 compressed-tensors
-    directory (the built-in engine runs it on int8 kernels, vLLM on its own)."""
-    from aigc_ray.config import OptimizeConfig
-    from aigc_ray.optimize import run_optimize
-
-    out = f"{model_dir}-w8a8"
-    run_optimize(
-        OptimizeConfig(output_dir=out, quantization="w8a8", dtype="float32", benchmark=False),
-        model_dir,
-        None,
-    )
-    return out
-
-
-# Every API test runs once per engine. vLLM runs its CPU build here, in eager mode (no
-# torch.compile warm-up: 25 s instead of 55 s per engine start) with a small KV cache each.
+# vLLM runs its CPU build here, in eager mode (no torch.compile warm-up: 25 s instead of 55 s
+# per engine start) with a small KV cache each. Its app takes ~2 min to start: slow tier only.
 VLLM = {
     "engine": "vllm",
     "vllm": {"kv_cache_memory_gb": 0.25, "engine_kwargs": {"enforce_eager": True}},
 }
 
 
-@pytest.fixture(scope="module", params=["builtin", "vllm"])
+@pytest.fixture(scope="module", params=["builtin", pytest.param("vllm", marks=pytest.mark.slow)])
 def engine(request):
     return request.param
 
 
-@pytest.fixture(scope="module")
-def base_url(ray_session, model_dirs, engine):
-    from ray import serve
+# Tests of the Router and Serve, not of an engine: run once, against the builtin app.
+ROUTER_ONLY = pytest.mark.parametrize("engine", ["builtin"], indirect=True)
 
+
+@pytest.fixture(scope="module")
+def base_url(ray_session, serve_port, model_dirs, engine):
     from aigc_ray.config import ServeConfig
-    from aigc_ray.serve import run_serve
 
     chosen = VLLM if engine == "vllm" else {"engine": "builtin"}
     cfg = ServeConfig(
-        port=PORT,
+        port=serve_port,
         num_cpus=0.25,
         request_timeout_s=TIMEOUT_S,
         max_tokens_limit=SLOW_LIMIT,
@@ -122,8 +91,8 @@ def base_url(ray_session, model_dirs, engine):
             },
         ],
     )
-    yield f"{run_serve(cfg)}/v1"
-    serve.shutdown()  # free the replicas' CPU for the next module
+    with deployed(cfg) as url:  # deleted by name after the module: its CPUs free again
+        yield f"{url}/v1"
 
 
 @pytest.fixture
@@ -131,29 +100,6 @@ def client(base_url):
     from openai import OpenAI
 
     return OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=60)
-
-
-def stats(model: str) -> dict:
-    from ray import serve
-
-    return serve.get_deployment_handle(f"model-{model}", "aigc").stats.remote().result()
-
-
-def quiet_stats(model: str, timeout: float = 30.0) -> dict:
-    """Stats once the model is idle and its counters have stopped moving.
-
-    Requests left by earlier tests (a 408'd request still queued in Serve reaches the replica
-    only after the one ahead of it is cancelled) must land before a test takes its baseline.
-    """
-    deadline = time.monotonic() + timeout
-    last = stats(model)
-    while time.monotonic() < deadline:
-        time.sleep(1.0)
-        now = stats(model)
-        if now == last and not now["running"] and not now["waiting"]:
-            return now
-        last = now
-    raise AssertionError(f"model {model!r} never went quiet: {last}")
 
 
 def post(base_url, path, body, key=KEY, **kw):
@@ -165,6 +111,7 @@ def post(base_url, path, body, key=KEY, **kw):
 # ---------------------------------------------------------------- the API
 
 
+@ROUTER_ONLY  # the Router lists its models and answers /health, whatever the engine
 def test_models_and_health(client, base_url):
     assert sorted(m.id for m in client.models.list().data) == ["lazy", "slow", "tiny-a", "tiny-b"]
     health = httpx.get(base_url.replace("/v1", "/health")).json()  # no key needed
@@ -263,6 +210,7 @@ def test_chat_completion(client):
     assert free.usage.prompt_tokens + free.usage.completion_tokens == 256
 
 
+@ROUTER_ONLY  # the Router picks the deployment by name; each engine's answers are tested apart
 def test_models_are_routed_by_name(client):
     # same seed, same prompt: only the weights differ (greedy tiny random models just repeat)
     outs = {
@@ -417,6 +365,7 @@ BAD = [
 ]
 
 
+@ROUTER_ONLY  # the Router validates these (pydantic, to_job, the stream's options) first
 @pytest.mark.parametrize(("body", "status", "param"), BAD)
 def test_bad_requests_get_openai_errors(base_url, body, status, param):
     resp = post(base_url, "/completions", body)
@@ -426,8 +375,9 @@ def test_bad_requests_get_openai_errors(base_url, body, status, param):
     assert "detail" not in resp.json()
 
 
-def test_context_overflow_and_auth_and_chat_errors(client, base_url):
-    from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI
+def test_context_overflow_and_empty_chat_get_400(client):
+    """The engine measures the prompt against its context window (builtin and vLLM each)."""
+    from openai import BadRequestError
 
     for stream in (False, True):
         with pytest.raises(BadRequestError) as e:
@@ -438,6 +388,15 @@ def test_context_overflow_and_auth_and_chat_errors(client, base_url):
     with pytest.raises(BadRequestError) as e:
         client.chat.completions.create(model="tiny-a", messages=[], max_tokens=3)
     assert e.value.body["param"] == "messages"
+    # the server is still up and the next valid request succeeds
+    ok = client.completions.create(model="tiny-a", prompt="x", max_tokens=2)
+    assert ok.usage.completion_tokens == 2
+
+
+@ROUTER_ONLY  # keys, unknown models and unknown paths are the Router's, before any engine
+def test_auth_and_not_found_errors(client, base_url):
+    from openai import AuthenticationError, NotFoundError, OpenAI
+
     with pytest.raises(NotFoundError) as e:
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
     assert e.value.body["code"] == "model_not_found"
@@ -473,6 +432,7 @@ def test_timeout_gets_408_and_frees_the_engine(client, base_url):
     assert s["running"] == 0 and s["cancelled"] >= 1
 
 
+@ROUTER_ONLY  # Serve's queue (max_queued_requests) rejects it before any engine sees it
 def test_overload_beyond_the_queue_gets_503(base_url):
     body = {"model": "slow", "prompt": "x", "max_tokens": SLOW_LIMIT, "ignore_eos": True}
     results: list = [None] * 4
@@ -533,12 +493,13 @@ def test_client_disconnect_cancels_generation(base_url):
     assert first["generated_tokens"] - before["generated_tokens"] < SLOW_LIMIT
 
 
+@ROUTER_ONLY  # the lazy model is on the builtin engine in both apps: Serve's scale from zero
 def test_scale_from_zero(client):
     """No replica at first: the request starts one. A cold start longer than this app's 4 s
     request timeout gets an OpenAI-shaped 408 and the retry succeeds."""
     from openai import APIStatusError
 
-    assert stats_count("lazy") == 0
+    assert running_replicas("lazy") == 0
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -548,16 +509,12 @@ def test_scale_from_zero(client):
             assert e.status_code == 408 and e.body["type"] == "timeout"
             assert time.monotonic() < deadline, "lazy model never came up"
     assert out.usage.completion_tokens == 3
-    assert stats_count("lazy") == 1
+    assert running_replicas("lazy") == 1
 
 
-def stats_count(model: str) -> int:
-    from ray import serve
-
-    status = serve.status().applications["aigc"].deployments[f"model-{model}"]
-    return status.replica_states.get("RUNNING", 0)
-
-
+# Serve replaces a dead replica whatever its engine (vLLM's own failure and replacement: the
+# dead-engine test below)
+@ROUTER_ONLY
 def test_killed_replica_is_replaced_and_requests_succeed_again(client):
     old = stats("tiny-b")["pid"]
     os.kill(old, signal.SIGKILL)
@@ -576,11 +533,12 @@ def test_killed_replica_is_replaced_and_requests_succeed_again(client):
     assert all(s in (503, 408) for s in statuses), statuses  # OpenAI-shaped while down
 
 
+# the builtin engine runs in the replica's own process (the kill test above covers it)
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["vllm"], indirect=True)
 def test_dead_vllm_engine_gets_503_and_the_replica_is_replaced(engine, client, base_url):
     """vLLM's engine process dies inside a replica: the request in flight gets an OpenAI-shaped
     503, Serve's health check replaces the replica, later requests succeed."""
-    if engine != "vllm":
-        pytest.skip("the builtin engine runs in the replica's own process (see the kill test)")
     before = stats("tiny-a")
     assert before["engine_pids"], before
     result: dict = {}
