@@ -1,50 +1,33 @@
-"""Serving under change: replicas that autoscale with load and back (no failed request), a cold
-start after scale-to-zero that waits instead of failing, and a model replaced under load
-(rolling update, then rollback) with zero failed requests. Each test reports what it measured
-(requests sent and failed, times to scale and to switch) in the session's summary."""
+"""Serving under change: replicas that autoscale with load (both replicas answer) and back while
+clients keep sending (no failed request), a cold start after scale-to-zero that waits instead
+of failing, and a model replaced under load (rolling update, then rollback) with zero failed
+requests, plain and streamed, each answer the greedy text of the version that gave it. Each
+test reports what it measured (requests sent and failed, times to scale and to switch) in the
+session's summary."""
 
-import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-from s3env import free_port
+from serving import KEY, Load, deployed, greedy_text, model_dir, redeploy, running_replicas
 from waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-KEY = "test-key-1"
-PORT = free_port()
+PROMPT, MAX_TOKENS = "def main(", 8  # what the rollout's clients send (greedy)
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    from aigc_ray.config import ModelConfig
-    from aigc_ray.data import stdlib_files
-    from aigc_ray.model import build_model, train_tokenizer
-
-    root = tmp_path_factory.mktemp("elastic-models")
-    texts = [
-        Path(p).read_text(encoding="utf-8", errors="replace")[:4000]
-        for p in sorted(stdlib_files())[:30]
-    ]
-    tok = train_tokenizer(texts, 512, root / "tok")
-    out = {}
-    for name, seed in (("a", 11), ("b", 12)):
-        arch = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, max_position_embeddings=256)
-        build_model(arch, tok, seed=seed).save_pretrained(str(root / name))
-        tok.save_pretrained(str(root / name))
-        out[name] = str(root / name)
-    return out
+    return {name: model_dir(tmp_path_factory, name) for name in ("a", "b")}
 
 
-def _serve_cfg(dirs, live_dir: str, live_version: str | None = None):
+def _serve_cfg(dirs, port: int, live_dir: str, live_version: str | None = None):
     from aigc_ray.config import ServeConfig
 
     fast = {"upscale_delay_s": 1, "look_back_period_s": 3}
     return ServeConfig(
-        port=PORT,
+        port=port,
         num_cpus=0.25,
         engine="builtin",
         request_timeout_s=60,
@@ -77,75 +60,52 @@ def _serve_cfg(dirs, live_dir: str, live_version: str | None = None):
 
 
 @pytest.fixture(scope="module")
-def base(ray_session, dirs):
-    from ray import serve
-
-    from aigc_ray.serve import run_serve
-
-    yield run_serve(_serve_cfg(dirs, dirs["a"], "v1"))
-    serve.shutdown()
+def base(ray_session, serve_port, dirs):
+    with deployed(_serve_cfg(dirs, serve_port, dirs["a"], "v1")) as url:
+        yield url
 
 
-class Load:
-    """Closed-loop clients sending completions until stopped; every outcome is kept."""
-
-    def __init__(self, base: str, model: str, clients: int, max_tokens: int = 24):
-        self.url, self.model, self.max_tokens = f"{base}/v1/completions", model, max_tokens
-        self.results: list[tuple[float, int, str | None]] = []  # (time, status, fingerprint)
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run) for _ in range(clients)]
-
-    def _run(self):
-        body = {"model": self.model, "prompt": "def main(", "max_tokens": self.max_tokens}
-        body["temperature"] = 0
-        with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as c:
-            while not self.stop.is_set():
-                try:
-                    r = c.post(self.url, json=body)
-                    ok = r.status_code == 200
-                    fp = r.json().get("system_fingerprint") if ok else r.text[:300]
-                    self.results.append((time.monotonic(), r.status_code, fp))
-                except httpx.HTTPError as e:
-                    self.results.append((time.monotonic(), -1, repr(e)))
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join()
-
-    @property
-    def failed(self) -> list:
-        return [r for r in self.results if r[1] != 200]
-
-
-def _running(model: str) -> int:
-    from ray import serve
-
-    d = serve.status().applications["aigc"].deployments[f"model-{model}"]
-    return d.replica_states.get("RUNNING", 0)
-
-
-def test_replicas_grow_under_load_and_shrink_after_with_no_failed_request(base, measured):
-    assert _running("elastic") == 1
-    with Load(base, "elastic", clients=8) as load:
-        up = wait_until(lambda: _running("elastic") == 2, 90, "scaled to 2 replicas under load")
-        time.sleep(3)  # both replicas serve
-    sent = len(load.results)
-    down = wait_until(lambda: _running("elastic") == 1, 90, "back to 1 replica after the load")
-    assert not load.failed, load.failed[:3]
+def test_replicas_grow_under_load_and_shrink_while_clients_run_with_no_failed_request(
+    base, measured
+):
+    assert running_replicas("elastic") == 1
+    # two light clients (one streaming) run the whole time, six more make the load that scales
+    # up: 8 ongoing / target 2 wants 2 replicas; the light 2 alone want 1
+    with Load(base, "elastic", clients=2, streams=1) as light:
+        with Load(base, "elastic", clients=6) as heavy:
+            up = wait_until(
+                lambda: running_replicas("elastic") == 2, 90, "scaled to 2 replicas under load"
+            )
+            t_up = time.monotonic()
+            wait_until(
+                lambda: len({a.replica for a in heavy.ok(t_up) + light.ok(t_up)}) == 2,
+                60,
+                "both replicas answering",
+            )
+        both = {a.replica for a in heavy.ok(t_up) + light.ok(t_up)}
+        t_light = time.monotonic()
+        down = wait_until(
+            lambda: running_replicas("elastic") == 1, 90, "back to 1 replica, clients running"
+        )
+        t_down = time.monotonic()
+        wait_until(lambda: len(light.ok(t_down + 2)) >= 4, 60, "answers after scaling down")
+    assert None not in both and len(both) == 2, both  # two distinct replicas answered
+    assert not heavy.failed, heavy.failed[:3]
+    assert not light.failed, light.failed[:3]  # none failed while a replica was taken away
+    during = [a for a in light.results if a.sent >= t_light]
+    assert any(a.stream for a in during) and any(not a.stream for a in during)
+    after = {a.replica for a in light.ok(t_down + 2)}  # sent once the replica had stopped
+    assert len(after) == 1 and after < both, (after, both)
+    sent = len(heavy.results) + len(light.results)
     measured(
-        "autoscaling 1..2, 8 clients",
-        f"{sent} requests, {len(load.failed)} failed; up in {up:.1f} s, down in {down:.1f} s",
+        "autoscaling 1..2..1, 8 then 2 clients",
+        f"{sent} requests ({len(during)} while scaling down), 0 failed; both replicas "
+        f"answered; up in {up:.1f} s, down in {down:.1f} s",
     )
 
 
 def test_first_request_after_scale_to_zero_waits_for_a_cold_start(base, measured):
-    wait_until(lambda: _running("cold") == 0, 90, "scaled to zero when idle")
+    wait_until(lambda: running_replicas("cold") == 0, 90, "scaled to zero when idle")
     t0 = time.monotonic()
     r = httpx.post(
         f"{base}/v1/completions",
@@ -164,49 +124,65 @@ def _versions(base: str) -> dict:
     return {m["id"]: m["version"] for m in r.json()["data"]}
 
 
-def _update_under_load(base, cfg, old: str, new: str) -> tuple[Load, float]:
-    """Deploy `cfg` while 4 clients run; return the load and seconds until every response
-    comes from `new`."""
-    from aigc_ray.serve import run_serve
-
-    with Load(base, "live", clients=4, max_tokens=8) as load:
-        time.sleep(2)
-        t0 = time.monotonic()
-        run_serve(cfg)  # the same app name: Serve updates it in place
+def _update_under_load(base, cfg, old: str, new: str, expected: dict) -> tuple[Load, float]:
+    """Deploy `cfg` while 4 clients run (one of them streaming); return the load and seconds
+    until every client's answers come from `new`. Every answer, streamed or not, must be the
+    greedy text of the version that says it answered (`expected`: version -> text)."""
+    with Load(base, "live", clients=4, streams=1, max_tokens=MAX_TOKENS, prompt=PROMPT) as load:
         wait_until(
-            lambda: [fp for _, s, fp in load.results[-4:]] == [new] * 4,
+            lambda: {a.stream for a in load.ok()} == {True, False}, 30, "answers before the update"
+        )
+        t0 = time.monotonic()
+        redeploy(cfg)  # the same app name: Serve updates it in place
+        wait_until(
+            lambda: (
+                [a.version for a in load.results[-4:]] == [new] * 4
+                and any(a.stream and a.version == new for a in load.results)
+            ),
             90,
             f"responses from version {new}",
         )
         switched = time.monotonic() - t0  # from the deploy call to all answers from `new`
         time.sleep(1)
-    fps = [fp for _, s, fp in load.results if s == 200]
-    assert fps[0] == old and fps[-1] == new
-    # once the new version answered, the old one never answers again
-    first_new = fps.index(new)
-    assert old not in fps[first_new + 4 :], "old version answered after the switch"
+    ok = sorted(load.ok(), key=lambda a: a.done)
+    assert not load.failed, load.failed[:3]
+    assert ok[0].version == old and ok[-1].version == new
+    for kind in (False, True):  # plain and streamed answers of both versions
+        assert {a.version for a in ok if a.stream == kind} == {old, new}, kind
+    wrong = [(a.version, a.stream, a.text) for a in ok if a.text != expected[a.version]]
+    assert not wrong, wrong[:3]  # each answer is its own version's model's greedy text
+    # once the new version answered, the old one never answers again (after the answers
+    # already in flight then: one per client)
+    versions = [a.version for a in ok]
+    assert old not in versions[versions.index(new) + 4 :], "old version answered after the switch"
     return load, switched
 
 
-def test_model_update_and_rollback_under_load_fail_no_request(base, dirs, measured):
+def test_model_update_and_rollback_under_load_fail_no_request(base, dirs, serve_port, measured):
     from aigc_ray.storage import model_version
 
     assert _versions(base)["live"] == "v1"
-    # roll out: the same name to a new directory with no label (its files' fingerprint)
-    new = model_version(dirs["b"])
-    load, switched = _update_under_load(base, _serve_cfg(dirs, dirs["b"]), "v1", new)
-    assert not load.failed, load.failed[:3]
+    new = model_version(dirs["b"])  # the same name to a new directory with no label
+    expected = {
+        "v1": greedy_text(dirs["a"], PROMPT, MAX_TOKENS),
+        new: greedy_text(dirs["b"], PROMPT, MAX_TOKENS),
+    }
+    assert expected["v1"] != expected[new]  # the two versions can be told apart by their text
+    load, switched = _update_under_load(
+        base, _serve_cfg(dirs, serve_port, dirs["b"]), "v1", new, expected
+    )
     assert _versions(base)["live"] == new
     measured(
-        "model update under load (4 clients)",
-        f"{len(load.results)} requests, 0 failed; all answers from the new model in "
-        f"{switched:.1f} s",
+        "model update under load (4 clients, 1 streaming)",
+        f"{len(load.results)} requests, 0 failed, each the greedy text of its version; all "
+        f"answers from the new model in {switched:.1f} s",
     )
     # roll back: the previous config again
-    back, switched = _update_under_load(base, _serve_cfg(dirs, dirs["a"], "v1"), new, "v1")
-    assert not back.failed, back.failed[:3]
+    back, switched = _update_under_load(
+        base, _serve_cfg(dirs, serve_port, dirs["a"], "v1"), new, "v1", expected
+    )
     assert _versions(base)["live"] == "v1"
     measured(
-        "rollback under load (4 clients)",
+        "rollback under load (4 clients, 1 streaming)",
         f"{len(back.results)} requests, 0 failed; back in {switched:.1f} s",
     )
