@@ -1,6 +1,7 @@
-"""Privacy of the served API on the shared Ray: per-key usage in Prometheus by key fingerprint
-(never the key), and no prompt text in any log file of the Ray session (Serve's replica and
-proxy logs, the workers' output) or in error bodies, for good and malformed requests."""
+"""Privacy of the served API on the shared Ray, on both engines (vLLM logs and handles requests
+its own way): per-key usage in Prometheus by key fingerprint (never the key), and no prompt
+text in any log file of the Ray session (Serve's replica and proxy logs, the workers' output,
+vLLM's) or in error bodies, for good and malformed requests."""
 
 import hashlib
 import json
@@ -10,44 +11,34 @@ from pathlib import Path
 
 import httpx
 import pytest
-from s3env import free_port
+from serving import KEYS, deployed, model_dir
 
 pytestmark = pytest.mark.integration
-KEYS = ("test-key-1", "test-key-2")  # the replicas' keys (the ray_session fixture)
 MARKER = "zq7-PRIVATE-marker-9913"
+# the label each key must get, computed here from the key (security.key_fingerprint's definition)
 FP = [hashlib.sha256(k.encode()).hexdigest()[:8] for k in KEYS]
+MODEL = "tiny-private"
+VLLM = {  # as test_serve.py runs it: eager, a small KV cache
+    "engine": "vllm",
+    "vllm": {"kv_cache_memory_gb": 0.25, "engine_kwargs": {"enforce_eager": True}},
+}
 
 
-@pytest.fixture(scope="module")
-def app(ray_session, tmp_path_factory):
-    """(base URL, ServeConfig) of a one-model app (builtin engine, tiny random model)."""
-    from ray import serve
+@pytest.fixture(scope="module", params=["builtin", pytest.param("vllm", marks=pytest.mark.slow)])
+def app(request, ray_session, serve_port, tmp_path_factory):
+    """(base URL, ServeConfig, engine) of a one-model app (tiny random model)."""
+    from aigc_ray.config import ServeConfig
 
-    from aigc_ray.config import ModelConfig, ServeConfig
-    from aigc_ray.data import stdlib_files
-    from aigc_ray.model import build_model, train_tokenizer
-    from aigc_ray.serve import run_serve
-
-    root = tmp_path_factory.mktemp("privacy")
-    texts = [Path(p).read_text(errors="replace")[:4000] for p in stdlib_files()[:20]]
-    tok = train_tokenizer(texts, 300, root / "tok")
-    model = build_model(
-        ModelConfig(hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=128),
-        tok,
-        seed=0,
-    )
-    model.save_pretrained(str(root / "model"))
-    tok.save_pretrained(str(root / "model"))
+    engine = request.param
+    chosen = VLLM if engine == "vllm" else {"engine": "builtin"}
     cfg = ServeConfig(
-        port=free_port(),
-        model_name="tiny-private",
-        model_dir=str(root / "model"),
-        engine="builtin",
+        port=serve_port,
         num_cpus=0.25,
         max_tokens_limit=16,
+        models=[{"name": MODEL, "model_dir": model_dir(tmp_path_factory, "a"), **chosen}],
     )
-    yield f"{run_serve(cfg)}/v1", cfg
-    serve.shutdown()
+    with deployed(cfg) as url:
+        yield f"{url}/v1", cfg, engine
 
 
 def _post(base_url, path, body, key):
@@ -56,88 +47,152 @@ def _post(base_url, path, body, key):
     return httpx.post(f"{base_url}{path}", content=content, headers=headers, timeout=60)
 
 
-def _series(text: str, name: str, **labels) -> float:
-    total = 0.0
+def _series(text: str, name: str, **labels) -> dict[str, float]:
+    """{series (its full label set): value} of metric `name` with `labels`; one series per
+    Router replica (Serve adds the replica's tag)."""
+    out = {}
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+            series, value = line.rsplit(" ", 1)
+            out[series] = float(value)
+    return out
 
 
-def _logs_holding(node, needle: str) -> tuple[list[str], bool]:
-    """Files under the Ray session's log directory that hold ``needle``; and whether any holds
-    Serve's request log lines (so the search looked where requests are logged)."""
+# (series, labels) this test counts, by the fingerprint of each key: its own model's, and the
+# requests that name no model ("-": unparsable) or a missing one
+REQUESTS, TOKENS = "ray_aigc_ray_key_requests_total", "ray_aigc_ray_key_tokens_total"
+WATCHED = {
+    "fp0 200": (REQUESTS, dict(key_fingerprint=FP[0], model=MODEL, status="200")),
+    "fp1 200": (REQUESTS, dict(key_fingerprint=FP[1], model=MODEL, status="200")),
+    "fp1 400": (REQUESTS, dict(key_fingerprint=FP[1], model=MODEL, status="400")),
+    "fp1 400 no model": (REQUESTS, dict(key_fingerprint=FP[1], model="-", status="400")),
+    "fp1 404 missing": (REQUESTS, dict(key_fingerprint=FP[1], model="missing", status="404")),
+    "fp0 prompt": (TOKENS, dict(key_fingerprint=FP[0], model=MODEL, kind="prompt")),
+    "fp0 completion": (TOKENS, dict(key_fingerprint=FP[0], model=MODEL, kind="completion")),
+    "fp1 prompt": (TOKENS, dict(key_fingerprint=FP[1], model=MODEL, kind="prompt")),
+    "fp1 completion": (TOKENS, dict(key_fingerprint=FP[1], model=MODEL, kind="completion")),
+}
+
+
+def _counts(text: str) -> dict[str, dict[str, float]]:
+    return {k: _series(text, name, **labels) for k, (name, labels) in WATCHED.items()}
+
+
+def _delta(now: dict, before: dict) -> dict[str, float]:
+    """What each watched count grew by, series by series (a series of a Router replica that
+    is gone may stop being exported: only series exported now count)."""
+    return {k: sum(v - before[k].get(series, 0.0) for series, v in now[k].items()) for k in now}
+
+
+def _logs(node) -> list[tuple[str, bytes]]:
     logs = Path(node.get_logs_dir_path())
-    found, request_log = [], False
-    for f in logs.rglob("*"):
-        if f.is_file() and f.stat().st_size < 200_000_000:
-            data = f.read_bytes()
-            request_log |= b"POST /v1/completions" in data
-            if needle.encode() in data:
-                found.append(str(f.relative_to(logs)))
-    return found, request_log
+    return [
+        (str(f.relative_to(logs)), f.read_bytes())
+        for f in logs.rglob("*")
+        if f.is_file() and f.stat().st_size < 200_000_000
+    ]
+
+
+def _wait_for_request_logs(node, request_ids: list[str], timeout: float = 60) -> list:
+    """The session's log files once Serve's request log lines of every one of `request_ids`
+    are in them (so a search of them sees what these requests left)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        files = _logs(node)
+        lines = [line for _, data in files for line in data.splitlines() if b" -- " in line]
+        missing = [r for r in request_ids if not any(r.encode() in line for line in lines)]
+        if not missing:
+            return files
+        assert time.monotonic() < deadline, f"no request log line for {missing}"
+        time.sleep(1)
+
+
+def _usage(response: httpx.Response) -> dict:
+    """The usage of a whole response, or of a stream (on its last chunk that has one)."""
+    if not response.headers["content-type"].startswith("text/event-stream"):
+        return response.json()["usage"]
+    chunks = [
+        json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")
+    ]
+    return [c["usage"] for c in chunks if c.get("usage")][-1]
 
 
 def test_usage_by_key_fingerprint_and_no_prompt_in_logs(app, ray_session):
-    base_url, _ = app
+    base_url, _, engine = app
     node = ray_session._private.worker.global_worker.node
     metrics_url = f"http://127.0.0.1:{node.metrics_export_port}/metrics"
-    good = {"model": "tiny-private", "prompt": f"def {MARKER}(x):", "max_tokens": 5}
+    before = _counts(urllib.request.urlopen(metrics_url, timeout=10).read().decode())
+    sent: list[httpx.Response] = []
+    good = {"model": MODEL, "prompt": f"def {MARKER}(x):", "max_tokens": 5}
     for key in (KEYS[0], KEYS[0], KEYS[1]):
-        assert _post(base_url, "/completions", good, key).status_code == 200
+        sent.append(_post(base_url, "/completions", good, key))
+        assert sent[-1].status_code == 200, sent[-1].text
     chat = {
-        "model": "tiny-private",
+        "model": MODEL,
         "messages": [{"role": "user", "content": f"my secret is {MARKER}"}],
         "max_tokens": 3,
         "stream": True,
     }
-    assert _post(base_url, "/chat/completions", chat, KEYS[1]).status_code == 200
+    sent.append(_post(base_url, "/chat/completions", chat, KEYS[1]))
+    assert sent[-1].status_code == 200
+    usages = [_usage(r) for r in sent]  # what the metrics must have added, key by key
     bad = [
-        (f'{{"model": "tiny-private", "prompt": "{MARKER}'.encode(), 400),
-        ({"model": "tiny-private", "prompt": {"x": MARKER}}, 400),
-        ({"model": "tiny-private", "prompt": MARKER * 40, "max_tokens": 5}, 400),
+        (f'{{"model": "{MODEL}", "prompt": "{MARKER}'.encode(), 400),
+        ({"model": MODEL, "prompt": {"x": MARKER}}, 400),
+        ({"model": MODEL, "prompt": MARKER * 40, "max_tokens": 5}, 400),
         ({"model": "missing", "prompt": MARKER}, 404),
     ]
     for body, status in bad:
-        r = _post(base_url, "/completions", body, KEYS[1])
+        sent.append(_post(base_url, "/completions", body, KEYS[1]))
+        r = sent[-1]
         assert r.status_code == status and MARKER not in r.text, r.text
-    assert _post(base_url, "/completions", good, "wrong-key-424242").status_code == 401
+    sent.append(_post(base_url, "/completions", good, "wrong-key-424242"))
+    assert sent[-1].status_code == 401
 
-    deadline, text = time.monotonic() + 60, ""
+    def tokens(kind: str, *which: int) -> int:
+        return sum(usages[i][f"{kind}_tokens"] for i in which)
+
+    want = {  # this test's requests, counted on its own model
+        "fp0 200": 2,
+        "fp1 200": 2,  # a completion and the chat stream
+        "fp1 400": 1,  # the prompt too long for the model's context
+        "fp1 400 no model": 2,  # bad JSON and a prompt of the wrong type: no model parsed
+        "fp1 404 missing": 1,
+        "fp0 prompt": tokens("prompt", 0, 1),
+        "fp0 completion": tokens("completion", 0, 1),
+        "fp1 prompt": tokens("prompt", 2, 3),
+        "fp1 completion": tokens("completion", 2, 3),
+    }
+    deadline, text, delta = time.monotonic() + 60, "", {}
     while time.monotonic() < deadline:
         text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-        tokens = "ray_aigc_ray_key_tokens_total"
-        if (
-            _series(text, "ray_aigc_ray_key_requests_total", key_fingerprint=FP[0], status="200")
-            >= 2
-            and _series(text, tokens, key_fingerprint=FP[1], kind="completion") >= 1
-        ):
+        delta = _delta(_counts(text), before)
+        if delta == want:
             break
         time.sleep(2)
-    requests = "ray_aigc_ray_key_requests_total"
-    assert _series(text, requests, key_fingerprint=FP[0], status="200") >= 2
-    assert _series(text, requests, key_fingerprint=FP[1], status="200") >= 2
-    assert _series(text, requests, key_fingerprint=FP[1], status="400") >= 3
-    assert _series(text, "ray_aigc_ray_key_tokens_total", key_fingerprint=FP[0], kind="prompt") > 0
+    assert delta == want, engine
     for secret in (*KEYS, "wrong-key-424242", MARKER):
         assert secret not in text
 
-    leaks, request_log = _logs_holding(node, MARKER)
-    assert request_log and not leaks, leaks
+    request_ids = [r.headers["x-request-id"] for r in sent]
+    files = _wait_for_request_logs(node, request_ids)
+    leaks = [name for name, data in files if MARKER.encode() in data]
+    assert not leaks, leaks
 
 
+# the Router writes these logs whatever the engine: once, on the builtin app
+@pytest.mark.parametrize("app", ["builtin"], indirect=True)
 def test_log_prompts_true_writes_prompts_to_the_replica_log(app, ray_session):
     """The same search finds a prompt once serve.log_prompts is on: the check above can fail."""
     from aigc_ray.serve import run_serve
 
-    base_url, cfg = app
+    base_url, cfg, _ = app
     run_serve(cfg.model_copy(update={"log_prompts": True}))  # the Router restarts with it
     marker = "zq7-LOGGED-marker-5127"
-    good = {"model": "tiny-private", "prompt": f"def {marker}(x):", "max_tokens": 3}
-    assert _post(base_url, "/completions", good, KEYS[0]).status_code == 200
+    good = {"model": MODEL, "prompt": f"def {marker}(x):", "max_tokens": 3}
+    r = _post(base_url, "/completions", good, KEYS[0])
+    assert r.status_code == 200
     node = ray_session._private.worker.global_worker.node
-    deadline, found = time.monotonic() + 30, []
-    while time.monotonic() < deadline and not found:
-        found, _ = _logs_holding(node, marker)
-        time.sleep(1)
+    files = _wait_for_request_logs(node, [r.headers["x-request-id"]])
+    found = [name for name, data in files if marker.encode() in data]
     assert any("replica_aigc_Router" in f for f in found), found
