@@ -285,6 +285,12 @@ class TrainConfig(_Section):
         "shards' row groups (0 = corpus order).",
     )
     seed: int = Field(0, description="Seed for init and data order.")
+    step_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds each worker waits after every optimizer step: pacing for tests and "
+        "demos (e.g. to resize a cluster mid-run); 0 for real runs.",
+    )
 
     @model_validator(mode="after")
     def _check_workers(self) -> TrainConfig:

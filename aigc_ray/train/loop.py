@@ -225,6 +225,8 @@ def _run_steps(w: _Worker, feed: _Feed) -> None:
                 (i.to(w.device), None if lab is None else lab.to(w.device)) for i, lab in micro
             ]
             loss, norm = accumulate_step(w.model, micro, w.opt, w.sched, cfg.grad_clip, amp, scaler)
+            if cfg.step_delay_s:  # pacing for tests and demos only
+                time.sleep(cfg.step_delay_s)
             state.step += 1
             state.epoch_pos += feed.per_step
             state.tokens += sum(i.numel() for i, _ in micro) * feed.world
@@ -253,6 +255,25 @@ def _record_startup(w: _Worker) -> None:
     w.marks = {}
 
 
+def _world_size() -> int:
+    """Workers in the group that ran the logged steps (elastic runs change it)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def optimizer_steps(opt: torch.optim.Optimizer) -> int:
+    """Steps as the optimizer's own state counts them (AdamW's per-parameter `step`): the run's
+    step count unless that state was lost, e.g. not restored on a resume (or fp16's scaler
+    skipped steps). 0 before the first step."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            step = opt.state.get(p, {}).get("step")
+            if step is not None:
+                return int(step.full_tensor() if hasattr(step, "full_tensor") else step)
+    return 0
+
+
 def _after_step(w: _Worker, window: _LogWindow) -> bool:
     """Log every 10 steps, evaluate and checkpoint on schedule; True when a row was logged."""
     cfg, state = w.cfg, w.state
@@ -272,6 +293,8 @@ def _after_step(w: _Worker, window: _LogWindow) -> bool:
         "grad_norm": round(norm_avg, 4),
         "tokens_per_s": round((state.tokens - window.tokens) / max(dt, 1e-9), 1),
         "tokens": state.tokens,
+        "workers": _world_size(),
+        "optimizer_step": optimizer_steps(w.opt),
         "time": round(time.time(), 3),
     }
     if do_eval:

@@ -135,6 +135,25 @@ def test_train_step_lowers_loss(tiny_model, tiny_tokenizer):
     assert any(not torch.equal(a, b) for a, b in zip(before, tiny_model.parameters(), strict=True))
 
 
+def test_optimizer_steps_counts_adamw_steps_and_survives_a_state_dict(tiny_model, tiny_tokenizer):
+    """metrics.jsonl's optimizer_step: AdamW's own count, carried by its state dict; a fresh
+    optimizer (state lost on a resume) starts again from 0."""
+    from aigc_ray.train.loop import optimizer_steps
+
+    cfg = TrainConfig(lr=1e-3, warmup_steps=0)
+    opt = build_optimizer(tiny_model, cfg)
+    sched = build_scheduler(opt, cfg)
+    assert optimizer_steps(opt) == 0
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 16), generator=torch.Generator().manual_seed(3))
+    for _ in range(3):
+        train_step(tiny_model, ids, opt, sched, grad_clip=1.0)
+    assert optimizer_steps(opt) == 3
+    restored = build_optimizer(tiny_model, cfg)
+    restored.load_state_dict(opt.state_dict())
+    assert optimizer_steps(restored) == 3
+    assert optimizer_steps(build_optimizer(tiny_model, cfg)) == 0
+
+
 def test_train_step_reports_unclipped_norm(tiny_model, tiny_tokenizer):
     cfg = TrainConfig(lr=1e-3, warmup_steps=0)
     opt = build_optimizer(tiny_model, cfg)
