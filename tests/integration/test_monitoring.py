@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from s3env import free_port
+from ports import free_port
 
 from aigc_ray.config import load_config
 from aigc_ray.dashboards import DASHBOARD_FILES
@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 KEY = "test-key-1"  # set for the replicas by the ray_session fixture (runtime_env)
 RUN = "monitoring"
+APP = "monitoring"
 RATE_INTERVAL = "30s"  # $__rate_interval: Grafana's value for a 10 s scrape interval is 40 s
 OVERRIDES = [
     "data.inputs=[stdlib]",
@@ -186,21 +187,17 @@ def metric_names(expr: str) -> set[str]:
 def _model_dirs(root: Path) -> dict:
     """A random-init text model (its own small tokenizer) and a digits image model."""
     import torch
+    from tiny import tiny_model_dir, tiny_tokenizer
 
-    from aigc_ray.config import ImageModelConfig, ModelConfig
-    from aigc_ray.data import stdlib_files
+    from aigc_ray.config import ImageModelConfig
     from aigc_ray.images.model import build_unet, noise_scheduler, save_pipeline
-    from aigc_ray.model import build_model, train_tokenizer
 
-    texts = [Path(p).read_text(errors="replace")[:5000] for p in stdlib_files()[:20]]
-    tok = train_tokenizer(texts, 512, root / "tok")
-    text = build_model(ModelConfig(hidden_size=64, num_layers=2, num_heads=2), tok, seed=1)
-    text.save_pretrained(str(root / "text"))
-    tok.save_pretrained(str(root / "text"))
+    tok = tiny_tokenizer(root / "tok", vocab=512, files=20)
+    text = tiny_model_dir(root / "text", tok, seed=1, hidden_size=64, num_layers=2, num_heads=2)
     torch.manual_seed(0)
     unet = build_unet(ImageModelConfig(block_out_channels=[16, 32]), 16, 1, 10)
     save_pipeline(unet, noise_scheduler(1000), [str(i) for i in range(10)], root / "digits")
-    return {"text": str(root / "text"), "digits": str(root / "digits")}
+    return {"text": text, "digits": str(root / "digits")}
 
 
 def _traffic(base: str, stop: threading.Event, sent: dict) -> None:
@@ -251,7 +248,7 @@ def _train_in_thread(cfg) -> tuple[threading.Thread, dict]:
 
 
 @pytest.fixture(scope="module")
-def workload(prometheus, tmp_path_factory):
+def workload(prometheus, serve_port, tmp_path_factory):
     """A small corpus preprocessed (Ray Data), then two models served under steady traffic
     (until the module ends) while a 1-worker run trains in a thread; ``finished()`` waits for
     the run. Serve's replicas take 0.5 CPU, the training worker 0.5, its data ingest 1."""
@@ -272,7 +269,7 @@ def workload(prometheus, tmp_path_factory):
     trainer, box = _train_in_thread(cfg)  # its startup overlaps Serve's
     dirs = _model_dirs(root)
     serve_cfg = ServeConfig(
-        port=free_port(),
+        port=serve_port,
         num_cpus=0.25,
         num_inference_steps=2,
         models=[
@@ -280,7 +277,7 @@ def workload(prometheus, tmp_path_factory):
             {"name": "digits", "model_dir": dirs["digits"], "batch_wait_timeout_s": 0.05},
         ],
     )
-    base = run_serve(serve_cfg)
+    base = run_serve(serve_cfg, app_name=APP)
     stop, sent = threading.Event(), {}
     traffic = threading.Thread(target=_traffic, args=(base, stop, sent))
     traffic.start()
@@ -297,7 +294,7 @@ def workload(prometheus, tmp_path_factory):
     stop.set()
     traffic.join(120)
     trainer.join(600)
-    serve.shutdown()
+    serve.delete(APP)  # the session's Serve instance stays for the next module
 
 
 # ---------------------------------------------------------------- tests
