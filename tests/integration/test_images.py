@@ -1,11 +1,13 @@
 """Image generation on the shared local Ray instance: the data stage (Ray Data), diffusion
-training (TorchTrainer, checkpoint and resume), the Images API (batching, errors, a killed
-replica) and batch generation."""
+training (TorchTrainer, checkpoint and resume), the Images API serving the trained digits
+generator (the digits asked for, batching, errors, a killed replica) and batch generation. The
+Images API is one app of the session's Serve instance, deleted by name at the end."""
 
 import base64
 import io
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -14,12 +16,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from s3env import free_port
 
 pytestmark = pytest.mark.integration
+# Every test but the data stage's needs the trained digits generator (digits_run: the image data
+# stage and a TorchTrainer run, about a minute here): they are marked slow.
 
+APP = "images"
 KEY = "test-key-1"
 LABELS = [str(i) for i in range(10)]
+STEPS = 200  # the digits generator's training steps (2 workers x 32 images)
 
 
 def _png(w, h, mode="L"):
@@ -31,18 +36,44 @@ def _png(w, h, mode="L"):
 
 
 @pytest.fixture(scope="module")
-def image_dirs(tmp_path_factory):
-    import torch
+def digits_run(ray_session, tmp_path_factory):
+    """scikit-learn's digits through the image data stage (8x8) and a short diffusion training
+    on the TorchTrainer (2 workers): the Images API tests below serve what it exports, so the
+    digits they get back can be checked to be the ones asked for."""
+    from aigc_ray.config import ImageDataConfig, ImageModelConfig, ImageTrainConfig
+    from aigc_ray.images.data import run_image_preprocess
+    from aigc_ray.images.train import fit_images
 
-    from aigc_ray.config import ImageModelConfig
-    from aigc_ray.images.model import build_unet, noise_scheduler, save_pipeline, tiny_text_to_image
+    root = tmp_path_factory.mktemp("digits-run")
+    data = ImageDataConfig(image_size=8, output_dir=str(root / "data"))
+    run_image_preprocess(data)
+    mcfg = ImageModelConfig(block_out_channels=[16, 32])
+    cfg = ImageTrainConfig(
+        run_dir=str(root / "run"),
+        name="t",
+        num_workers=2,
+        cpus_per_worker=0.5,
+        batch_size=32,
+        max_steps=STEPS,
+        lr=3e-3,
+        warmup_steps=10,
+        eval_every=STEPS // 2,
+        checkpoint_every=STEPS // 2,
+        sample_steps=2,
+    )
+    result = fit_images(cfg, mcfg, data.output_dir)
+    served = root / "served"  # a copy: resuming the run re-exports run/model
+    shutil.copytree(result.model_dir, served)
+    return {"data": data, "model": mcfg, "train": cfg, "result": result, "served": str(served)}
+
+
+@pytest.fixture(scope="module")
+def image_dirs(tmp_path_factory, digits_run):
+    from aigc_ray.images.model import tiny_text_to_image
 
     root = tmp_path_factory.mktemp("image-models")
-    torch.manual_seed(0)
-    unet = build_unet(ImageModelConfig(block_out_channels=[16, 32]), 16, 1, len(LABELS))
-    save_pipeline(unet, noise_scheduler(1000), LABELS, root / "digits")
     tiny_text_to_image(root / "sd")
-    return {"digits": str(root / "digits"), "sd": str(root / "sd")}
+    return {"digits": digits_run["served"], "sd": str(root / "sd")}
 
 
 # ---------------------------------------------------------------- data and training
@@ -91,42 +122,27 @@ def test_image_data_stage_quarantines_bad_files_and_keeps_every_good_image(ray_s
     assert set(ids.tolist()) <= {0, 1}
 
 
-def test_diffusion_training_checkpoints_resumes_and_exports_a_diffusers_pipeline(
-    ray_session, tmp_path
-):
+@pytest.mark.slow
+def test_diffusion_training_checkpoints_resumes_and_exports_a_diffusers_pipeline(digits_run):
     from diffusers import DDPMPipeline
 
-    from aigc_ray.config import ImageDataConfig, ImageModelConfig, ImageTrainConfig
-    from aigc_ray.images.data import run_image_preprocess
     from aigc_ray.images.train import fit_images
 
-    data = ImageDataConfig(image_size=8, output_dir=str(tmp_path / "data"))
-    run_image_preprocess(data)
-    mcfg = ImageModelConfig(block_out_channels=[16, 32])
-    cfg = ImageTrainConfig(
-        run_dir=str(tmp_path / "run"),
-        name="t",
-        num_workers=2,
-        cpus_per_worker=0.5,
-        batch_size=16,
-        max_steps=20,
-        warmup_steps=2,
-        eval_every=10,
-        checkpoint_every=10,
-        sample_steps=2,
-    )
-    r = fit_images(cfg, mcfg, data.output_dir)
-    assert r.steps == 20 and r.val_loss_final is not None and len(r.grids) == 2
+    r, cfg = digits_run["result"], digits_run["train"]
+    half = STEPS // 2
+    assert r.steps == STEPS and r.val_loss_final is not None and len(r.grids) == 2
+    assert r.val_loss_final < 0.7 * r.val_loss_initial, (r.val_loss_initial, r.val_loss_final)
     pipe = DDPMPipeline.from_pretrained(r.model_dir)  # diffusers alone loads it
     assert pipe.unet.config.sample_size == 8
     rows = [json.loads(x) for x in Path(r.run_dir, "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in rows if "val_loss" in x] == [0, 10, 20]
+    assert [x["step"] for x in rows if "val_loss" in x] == [0, half, STEPS]
     assert os.path.getsize(f"{r.run_dir}/loss.png") > 0
-    # the same name resumes from the step-20 checkpoint: 10 more steps, history kept
-    r2 = fit_images(cfg.model_copy(update={"max_steps": 30}), mcfg, data.output_dir)
+    # the same name resumes from the last checkpoint: 10 more steps, history kept
+    more = cfg.model_copy(update={"max_steps": STEPS + 10})
+    r2 = fit_images(more, digits_run["model"], digits_run["data"].output_dir)
     rows2 = [json.loads(x) for x in Path(r2.run_dir, "metrics.jsonl").read_text().splitlines()]
-    assert r2.steps == 30 and rows2[: len(rows)] == rows
-    assert [x["step"] for x in rows2 if "val_loss" in x] == [0, 10, 20, 30]
+    assert r2.steps == STEPS + 10 and rows2[: len(rows)] == rows
+    assert [x["step"] for x in rows2 if "val_loss" in x] == [0, half, STEPS, STEPS + 10]
     assert len(r2.grids) == 3
 
 
@@ -134,14 +150,14 @@ def test_diffusion_training_checkpoints_resumes_and_exports_a_diffusers_pipeline
 
 
 @pytest.fixture(scope="module")
-def image_url(ray_session, image_dirs):
+def image_url(ray_session, serve_port, image_dirs):
     from ray import serve
 
     from aigc_ray.config import ServeConfig
     from aigc_ray.serve import run_serve
 
     cfg = ServeConfig(
-        port=free_port(),
+        port=serve_port,
         num_cpus=0.5,
         request_timeout_s=60,
         max_images_per_request=4,
@@ -156,8 +172,8 @@ def image_url(ray_session, image_dirs):
             {"name": "sd", "model_dir": image_dirs["sd"]},
         ],
     )
-    yield run_serve(cfg)
-    serve.shutdown()
+    yield run_serve(cfg, app_name=APP)
+    serve.delete(APP)  # the session's Serve instance stays for the next module
 
 
 def post(url, body, key=KEY, path="/v1/images/generations"):
@@ -168,7 +184,7 @@ def post(url, body, key=KEY, path="/v1/images/generations"):
 def image_stats(model):
     from ray import serve
 
-    return serve.get_deployment_handle(f"model-{model}", "aigc").stats.remote().result()
+    return serve.get_deployment_handle(f"model-{model}", APP).stats.remote().result()
 
 
 def _decode(b64):
@@ -177,6 +193,7 @@ def _decode(b64):
     return decode_png(base64.b64decode(b64))
 
 
+@pytest.mark.slow
 def test_openai_client_gets_seeded_pngs(image_url):
     from openai import OpenAI
 
@@ -185,7 +202,7 @@ def test_openai_client_gets_seeded_pngs(image_url):
         model="digits", prompt="7", n=3, response_format="b64_json", extra_body={"seed": 5}
     )
     images = [_decode(d.b64_json) for d in out.data]
-    assert [i.shape for i in images] == [(16, 16, 1)] * 3
+    assert [i.shape for i in images] == [(8, 8, 1)] * 3
     assert not np.array_equal(images[0], images[1])  # image i gets seed + i
     again = client.images.generate(
         model="digits", prompt="7", n=1, response_format="b64_json", extra_body={"seed": 6}
@@ -197,6 +214,20 @@ def test_openai_client_gets_seeded_pngs(image_url):
     assert _decode(sd.data[0].b64_json).shape == (16, 16, 3)
     models = {m.id: m for m in client.models.list().data}
     assert set(models) == {"digits", "sd"}
+
+
+@pytest.mark.slow
+def test_served_digits_are_the_digits_asked_for(image_url, tmp_path, monkeypatch, measured):
+    """Four digits of each class over HTTP, sampled as `aigc-ray pipeline` samples them, scored
+    by the digits classifier (fit on real digits; 0.989 on held-out ones): the served generator
+    makes the digit the prompt names (one trained on shuffled labels scores ~0.1)."""
+    from aigc_ray.images.flow import sample_served
+
+    monkeypatch.setenv("AIGC_RAY_API_KEYS", KEY)  # the client side of the pipeline's requests
+    s = sample_served(image_url, "digits", LABELS, 40, tmp_path / "grid.png")
+    measured("served digits classified as asked", f"{s['accuracy']:.3f} of {s['images']}")
+    assert s["images"] == 40 and (tmp_path / "grid.png").stat().st_size > 0
+    assert s["accuracy"] >= 0.8, s  # measured: 1.0 (0.97 at 200 steps in-process)
 
 
 @pytest.mark.parametrize(
@@ -212,6 +243,7 @@ def test_openai_client_gets_seeded_pngs(image_url):
         ({"model": "nope", "prompt": "3"}, 404, "model"),
     ],
 )
+@pytest.mark.slow
 def test_bad_image_requests_get_openai_errors_naming_the_parameter(image_url, body, status, param):
     resp = post(image_url, body)
     assert resp.status_code == status, resp.text
@@ -221,6 +253,7 @@ def test_bad_image_requests_get_openai_errors_naming_the_parameter(image_url, bo
         assert "'9'" in err["message"]  # lists the classes
 
 
+@pytest.mark.slow
 def test_image_api_keys_and_routes(image_url):
     assert post(image_url, {"model": "digits", "prompt": "3"}, key=None).status_code == 401
     assert post(image_url, {"model": "digits", "prompt": "3"}, key="wrong").status_code == 401
@@ -228,6 +261,7 @@ def test_image_api_keys_and_routes(image_url):
     assert resp.status_code == 400 and "/v1/images/generations" in resp.json()["error"]["message"]
 
 
+@pytest.mark.slow
 def test_concurrent_image_requests_share_pipeline_calls(image_url):
     before = image_stats("digits")
     results = [None] * 8
@@ -246,6 +280,7 @@ def test_concurrent_image_requests_share_pipeline_calls(image_url):
     assert after["calls"] - before["calls"] <= 4, (before, after)  # batched, not 8 calls
 
 
+@pytest.mark.slow
 def test_killed_image_replica_is_replaced(image_url):
     old = image_stats("sd")["pid"]
     os.kill(old, signal.SIGKILL)
@@ -272,6 +307,7 @@ def _images_made(text: str, model: str) -> float:
     )
 
 
+@pytest.mark.slow
 def test_image_metrics_move_with_requests(image_url, ray_session):
     import urllib.request
 
@@ -297,6 +333,7 @@ def test_image_metrics_move_with_requests(image_url, ray_session):
 # ---------------------------------------------------------------- batch generation
 
 
+@pytest.mark.slow
 def test_batch_image_generation_writes_pngs_and_an_index(ray_session, tmp_path, image_dirs):
     import pyarrow.parquet as pq
 
@@ -327,7 +364,7 @@ def test_batch_image_generation_writes_pngs_and_an_index(ray_session, tmp_path, 
     for line in (1, 2):
         from PIL import Image
 
-        assert Image.open(index[line]["path"]).size == (16, 16)
+        assert Image.open(index[line]["path"]).size == (8, 8)
     assert "unknown class" in index[4]["error"] and index[4]["path"] is None
     assert "seed" in index[6]["error"]
     q = pq.read_table(s["quarantine_dir"]).to_pylist()
