@@ -1,5 +1,6 @@
-"""Each stage on the shared local Ray: preprocess a small mixed corpus, train 2 workers
-(including a resume), serve the result and call it with the official openai client."""
+"""Each stage on the shared local Ray: preprocess a small mixed corpus, train 2 workers with
+LoRA adapters (including a resume; the merged model exported to object storage), serve the
+result and call it with the official openai client."""
 
 import json
 import os
@@ -9,14 +10,13 @@ import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from s3env import free_port
 
 from aigc_ray.config import load_config
 from aigc_ray.data import stdlib_files
 
 pytestmark = pytest.mark.integration
-PORT = free_port()
 KEY = "test-key-1"
+EXPORT = "s3://aigc-test/runs/stages/model"
 
 
 def _write_corpus(root: Path) -> list[str]:
@@ -30,7 +30,7 @@ def _write_corpus(root: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cfg(tmp_path_factory):
+def cfg(tmp_path_factory, serve_port):
     root = tmp_path_factory.mktemp("stages")
     corpus = root / "corpus"
     corpus.mkdir()
@@ -47,14 +47,18 @@ def cfg(tmp_path_factory):
         "model.num_layers=2",
         "model.num_heads=2",
         "model.max_position_embeddings=256",
+        "model.lora_r=4",  # adapters over the seeded random-init base
         f"train.run_dir={root / 'run'}",
+        f"train.export_dir={EXPORT}",
         "train.seq_len=64",
         "train.batch_size=4",
         "train.max_steps=6",
+        "train.lr=0.01",
+        "train.warmup_steps=2",
         "train.eval_every=3",
         "train.checkpoint_every=3",
         "train.eval_batches=2",
-        f"serve.port={PORT}",
+        f"serve.port={serve_port}",
     ]
     c = load_config("configs/tiny.yaml", overrides)
     c.__dict__["_docs"] = docs
@@ -113,15 +117,21 @@ def test_preprocess_blocks_hold_the_documents(manifest, cfg):
 
 
 @pytest.fixture(scope="module")
-def trained(manifest, cfg):
+def trained(manifest, cfg, s3_server):
     from aigc_ray.train import fit
 
     return fit(cfg.train, cfg.model, cfg.resolved_data_dir())
 
 
-def test_train_two_workers_exports_a_plain_transformers_model(trained, cfg):
+@pytest.mark.slow
+def test_train_two_workers_exports_a_plain_transformers_model(trained, cfg, s3_server):
+    """LoRA through the real TorchTrainer: the adapters train, the export is a plain merged
+    model (no adapter files or weights), also copied to train.export_dir in object storage
+    (moto S3) for other nodes to serve."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from aigc_ray.model import check_model_dir
 
     assert trained.steps == cfg.train.max_steps
     assert trained.tokens == cfg.train.max_steps * 2 * cfg.train.batch_size * cfg.train.seq_len
@@ -136,10 +146,22 @@ def test_train_two_workers_exports_a_plain_transformers_model(trained, cfg):
     assert all({"loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys() for r in rows[1:])
     assert (run / "loss.png").stat().st_size > 1000
     assert trained.val_loss_final < trained.val_loss_initial
+    files = {p.name for p in Path(trained.model_dir).iterdir()}
+    assert "config.json" in files and not any("adapter" in f for f in files)
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert trained.exported_to == trained.serving_dir == EXPORT
+    assert f"exported   {EXPORT}" in trained.summary()
+    prefix = EXPORT.removeprefix("s3://aigc-test/") + "/"
+    listed = s3_server.list_objects_v2(Bucket="aigc-test", Prefix=prefix)["Contents"]
+    keys = {o["Key"] for o in listed} - {prefix}  # (pyarrow may leave a directory marker)
+    assert keys == {prefix + name for name in files}
+    check_model_dir(EXPORT)
 
 
+@pytest.mark.slow
 def test_train_rerun_with_same_name_resumes(trained, cfg):
-    """Same name + storage: the run continues from step 6 instead of starting over."""
+    """Same name + storage: the run continues from step 6 (adapters restored over the same
+    base) instead of starting over."""
     from aigc_ray.train import fit
 
     more = cfg.train.model_copy(update={"max_steps": 8})
@@ -159,10 +181,11 @@ def endpoint(trained, cfg):
 
     from aigc_ray.serve import run_serve
 
-    yield run_serve(cfg.serve, trained.model_dir)
-    serve.shutdown()  # free the replica's CPU for the next module
+    yield run_serve(cfg.serve, trained.model_dir, app_name="stages")
+    serve.delete("stages")  # frees the replica's CPU; the session's Serve controller stays
 
 
+@pytest.mark.slow
 def test_serve_openai_client_completion(endpoint, cfg):
     from openai import OpenAI
 
@@ -180,6 +203,7 @@ def test_serve_openai_client_completion(endpoint, cfg):
     assert out.choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.mark.slow
 def test_serve_errors_use_openai_shape_and_server_stays_up(endpoint, cfg):
     from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI
 
@@ -213,6 +237,7 @@ def test_serve_errors_use_openai_shape_and_server_stays_up(endpoint, cfg):
     assert ok.usage.completion_tokens == 2
 
 
+@pytest.mark.slow
 def test_serve_concurrent_requests_are_batched(endpoint, cfg):
     """Eight concurrent requests all succeed and share decode steps (the engine's own step
     counter grows by far less than the 8 x 24 tokens they made)."""
@@ -227,7 +252,7 @@ def test_serve_concurrent_requests_are_batched(endpoint, cfg):
 
     def steps() -> int:
         async def ask():
-            return await serve.get_deployment_handle(name, "aigc").stats.remote()
+            return await serve.get_deployment_handle(name, "stages").stats.remote()
 
         return asyncio.run(ask())["steps"]
 
