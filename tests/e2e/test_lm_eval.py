@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from ports import free_port
+from tiny import tiny_model_dir, tiny_tokenizer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,20 +25,12 @@ KEY = "eval-key"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
-    from aigc_ray.config import ModelConfig
-    from aigc_ray.data import stdlib_files
-    from aigc_ray.model import build_model, train_tokenizer
-
     root = tmp_path_factory.mktemp("eval-model")
-    texts = [
-        Path(p).read_text(encoding="utf-8", errors="replace")[:5000]
-        for p in sorted(stdlib_files())[:40]
-    ]
-    tok = train_tokenizer(texts, 512, root)
+    tok = tiny_tokenizer(root, vocab=512, files=40, chars=5000)
     # head size 32: vLLM's CPU attention has no kernel for the unit tests' 16
-    cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, max_position_embeddings=512)
-    build_model(cfg, tok, seed=0).save_pretrained(str(root))
-    return str(root)
+    return tiny_model_dir(
+        root, tok, seed=0, hidden_size=64, num_layers=2, num_heads=2, max_position_embeddings=512
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +80,6 @@ def evaluate(base_url: str, model: str, model_dir: str, task_dir: str) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    os.environ["OPENAI_API_KEY"] = KEY
     out = simple_evaluate(
         model="local-completions",
         model_args={
@@ -127,37 +119,14 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_lm_eval_scores_agree_with_vllms_own_server(tmp_path, model_dir, task_dir):
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "disabled",
-        "AIGC_RAY_API_KEYS": KEY,
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
-    os.environ.update({"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+def test_lm_eval_scores_agree_with_vllms_own_server(tmp_path, model_dir, task_dir, monkeypatch):
+    offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    for var, value in {**offline, "OPENAI_API_KEY": KEY}.items():  # lm-eval reads these here
+        monkeypatch.setenv(var, value)
+    env = {**os.environ, **offline, "RAY_AUTH_MODE": "disabled", "AIGC_RAY_API_KEYS": KEY}
     exe = str(Path(sys.executable).with_name("aigc-ray"))
     ours_port, vllm_port = free_port(), free_port()
-    ours = start(
-        [
-            exe,
-            "serve",
-            "--config",
-            "configs/tiny.yaml",
-            "--keep-serving",
-            f"serve.model_dir={model_dir}",
-            "serve.model_name=tiny",
-            f"serve.port={ours_port}",
-            "serve.engine=builtin",
-            "serve.sample_prompts=[]",
-        ],
-        env,
-    )
-    try:
-        wait_ready(f"http://127.0.0.1:{ours_port}/health", ours)
-        mine = evaluate(f"http://127.0.0.1:{ours_port}", "tiny", model_dir, task_dir)
-    finally:
-        stop(ours)
+    # Both servers start at once (each mostly waits on its own startup); each is evaluated alone.
     vllm = start(
         [
             sys.executable,
@@ -178,6 +147,26 @@ def test_lm_eval_scores_agree_with_vllms_own_server(tmp_path, model_dir, task_di
         {**env, "VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     try:
+        ours = start(
+            [
+                exe,
+                "serve",
+                "--config",
+                "configs/tiny.yaml",
+                "--keep-serving",
+                f"serve.model_dir={model_dir}",
+                "serve.model_name=tiny",
+                f"serve.port={ours_port}",
+                "serve.engine=builtin",
+                "serve.sample_prompts=[]",
+            ],
+            env,
+        )
+        try:
+            wait_ready(f"http://127.0.0.1:{ours_port}/health", ours)
+            mine = evaluate(f"http://127.0.0.1:{ours_port}", "tiny", model_dir, task_dir)
+        finally:
+            stop(ours)
         wait_ready(f"http://127.0.0.1:{vllm_port}/health", vllm)
         theirs = evaluate(f"http://127.0.0.1:{vllm_port}", "tiny", model_dir, task_dir)
     finally:
