@@ -353,11 +353,15 @@ def evaluate(cfg: OptimizeConfig, original: str, optimized: str, data_dir: str |
     """Size, parameters, perplexity, greedy agreement and engine speed of both directories."""
     blocks = val_blocks(data_dir, cfg.eval_blocks) if data_dir else None
     prompts = held_prompts(blocks, cfg.held_prompts) if blocks is not None else None
-    rows, outputs = {}, {}
-    for name, path in (("original", original), ("optimized", optimized)):
-        rows[name], outputs[name] = measure_dir(
-            path, blocks, prompts, cfg.agreement_tokens, cfg.benchmark
-        )
+    measured = measure_dirs(
+        {"original": original, "optimized": optimized},
+        blocks,
+        prompts,
+        cfg.agreement_tokens,
+        cfg.benchmark,
+    )
+    rows = {name: row for name, (row, _) in measured.items()}
+    outputs = {name: out for name, (_, out) in measured.items()}
     report = {"original": rows["original"], "optimized": rows["optimized"]}
     o, n = rows["original"], rows["optimized"]
     report["size_ratio"] = round(n["size_mb"] / o["size_mb"], 3)
@@ -402,17 +406,32 @@ def held_prompts(blocks: torch.Tensor, n: int, length: int = 24) -> list[list[in
     return [b[:length].tolist() for b in blocks[-n:]]
 
 
-def measure_dir(
-    path: str, blocks, prompts, agreement_tokens: int, benchmark: bool = True
-) -> tuple[dict, list]:
-    """One directory through the built-in engine, in a fresh process (an engine started after
+def measure_dirs(
+    paths: dict[str, str], blocks, prompts, agreement_tokens: int, benchmark: bool = True
+) -> dict[str, tuple[dict, list]]:
+    """Each directory through the built-in engine in a fresh process: {name: (its figures, its
+    greedy outputs)}. With ``benchmark``, a process per directory (an engine started after
     another in the same process runs on throttled OpenMP workers: its speed would depend on the
-    order): its figures and its greedy outputs."""
+    order); without, one process measures them all (perplexity and greedy outputs do not
+    depend on the order), a process start less per directory."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(_measure_dir, (path, blocks, prompts, agreement_tokens, benchmark))
+    if not benchmark:
+        with ctx.Pool(1) as pool:
+            return pool.apply(_measure_dirs, (paths, blocks, prompts, agreement_tokens))
+    out = {}
+    for name, path in paths.items():
+        with ctx.Pool(1) as pool:
+            out[name] = pool.apply(_measure_dir, (path, blocks, prompts, agreement_tokens, True))
+    return out
+
+
+def _measure_dirs(paths: dict[str, str], blocks, prompts, agreement_tokens: int) -> dict:
+    return {
+        name: _measure_dir(path, blocks, prompts, agreement_tokens, False)
+        for name, path in paths.items()
+    }
 
 
 def _measure_dir(
