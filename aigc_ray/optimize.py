@@ -202,17 +202,46 @@ QUANT_FORMATS = {
 }
 
 
+CLIP_SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
+
+
+@torch.no_grad()
+def rtn_qparams(grouped: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points [rows, groups] of round-to-nearest quantization of ``grouped``
+    weights [rows, groups, group size]: per group, the range [min, max] shrunk by the factor of
+    CLIP_SHRINKS whose rounding reconstructs the group with the least squared error (clipping a
+    few outliers instead of coarsening every other weight; the "mse" observer of llm-compressor).
+    Unshrunk min/max is among the candidates, so the error is never larger than min/max's."""
+    from compressed_tensors.quantization.utils import calculate_qparams, calculate_range
+
+    qmin, qmax = calculate_range(args, grouped.device)
+    lo, hi = grouped.amin(-1), grouped.amax(-1)
+    best = best_err = None
+    for shrink in CLIP_SHRINKS:
+        scale, zero = calculate_qparams(lo * shrink, hi * shrink, args)
+        s, z = scale[..., None], zero[..., None].to(scale.dtype)
+        q = torch.clamp(torch.round(grouped / s + z), qmin, qmax)
+        err = (((q - z) * s - grouped) ** 2).sum(-1)
+        if best is None:
+            best, best_err = (scale, zero), err
+            continue
+        better = err < best_err
+        best = (torch.where(better, scale, best[0]), torch.where(better, zero, best[1]))
+        best_err = torch.minimum(err, best_err)
+    return best
+
+
 @torch.no_grad()
 def quantize_and_save(model, method: str, group_size: int | None, out_dir: Path) -> None:
-    """Round-to-nearest quantization of every block Linear (min/max scales, as compressed-tensors'
-    memoryless observer), saved compressed so vLLM and transformers load it."""
+    """Round-to-nearest quantization of every block Linear (per output channel for int8, per
+    group for int4; ranges from rtn_qparams), saved compressed so vLLM and transformers load
+    it."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationConfig,
         apply_quantization_config,
         preset_name_to_scheme,
     )
-    from compressed_tensors.quantization.utils import calculate_qparams
 
     scheme = preset_name_to_scheme(QUANT_SCHEMES[method], ["Linear"])
     if method == "int4_weight_only":
@@ -229,12 +258,8 @@ def quantize_and_save(model, method: str, group_size: int | None, out_dir: Path)
     )
     for _, m in _linears(model):
         args, w = m.quantization_scheme.weights, m.weight.float()
-        if args.strategy == "group":
-            grouped = w.reshape(w.shape[0], -1, args.group_size)
-            lo, hi = grouped.amin(-1), grouped.amax(-1)
-        else:
-            lo, hi = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
-        scale, zero = calculate_qparams(lo, hi, args)
+        size = args.group_size if args.strategy == "group" else w.shape[1]
+        scale, zero = rtn_qparams(w.reshape(w.shape[0], -1, size), args)
         m.weight_scale.data.copy_(scale.reshape(m.weight_scale.shape))
         if hasattr(m, "weight_zero_point"):
             m.weight_zero_point.data.copy_(zero.reshape(m.weight_zero_point.shape))

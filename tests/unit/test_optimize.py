@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from tiny import stdlib_sample
 
 from aigc_ray.config import OptimizeConfig
 from aigc_ray.optimize import (
@@ -24,8 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, tiny_tokenizer):
     """A data-stage-shaped directory: manifest.json and one val shard of 32-token blocks."""
-    from conftest import stdlib_sample
-
     root = tmp_path_factory.mktemp("opt-data")
     ids = tiny_tokenizer("\n".join(stdlib_sample(20_000)))["input_ids"]
     blocks = [ids[i : i + 32] for i in range(0, len(ids) - 32, 32)][:24]
@@ -94,27 +93,47 @@ def test_mlp_channel_pruning_gives_a_smaller_model_that_still_runs(tiny_model, t
     assert logits.shape[-1] == tiny_model.config.vocab_size and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("method", ["w8a8", "int8_weight_only", "int4_weight_only"])
-def test_quantized_directory_is_served_on_int_kernels_and_reported(
-    tmp_path, tiny_model_dir, data_dir, method
+DEFAULT_GATE = OptimizeConfig().max_perplexity_increase  # +5%
+
+
+# Perplexity rise measured on the trained model: w8a8 +0.34%, int8 weight-only +0.08%, int4
+# +5.0% (round-to-nearest of a 32-wide model plus bf16 for the rest; +5.9% with plain min/max
+# ranges): int4 is just over the default gate, so it runs at +8%. The int8 budget (1%) is what
+# catches a coarse int8 grid: scales x16 (16 levels) still pass the +5% gate at +4.9%.
+@pytest.mark.parametrize(
+    ("method", "gate", "budget"),
+    [
+        ("w8a8", DEFAULT_GATE, 0.01),
+        ("int8_weight_only", DEFAULT_GATE, 0.01),
+        ("int4_weight_only", 0.08, 0.08),
+    ],
+)
+def test_quantized_trained_model_passes_the_gate_and_runs_on_int_kernels(
+    tmp_path, trained_model_dir, data_dir, method, gate, budget, measured
 ):
+    """The trained model (on a random-init one, whose outputs are near uniform, a broken
+    quantizer passes as well as a good one) quantized with the quality gate on: perplexity
+    within the gate (int8: the default +5%) and the method's budget, greedy outputs kept
+    (>= 0.8; measured 1.0 for all three); the directory is served on int kernels."""
     from aigc_ray.engine import GenerationEngine, SamplingParams
     from aigc_ray.engine.quant import Int4Linear, Int8Linear
 
-    report = run_optimize(
-        opt(tmp_path, quantization=method, max_perplexity_increase=1.0),
-        str(tiny_model_dir),
-        data_dir,
+    cfg = opt(tmp_path, quantization=method, max_perplexity_increase=gate)
+    report = run_optimize(cfg, trained_model_dir, data_dir)
+    measured(
+        f"{method} of the trained tiny model",
+        f"perplexity {report['perplexity_increase']:+.2%}, "
+        f"greedy agreement {report['greedy_agreement']:.3f}",
     )
     out = Path(report["output_dir"])
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     assert json.loads((out / "report.json").read_text())["steps"] == report["steps"]
     assert report["size_ratio"] < 0.6 and report["passed"]
-    o, n = report["original"], report["optimized"]
-    assert o["perplexity"] > 1 and n["perplexity"] > 1
-    assert abs(report["perplexity_increase"]) < 0.2  # a random tiny model, RTN quantization
-    assert 0 <= report["greedy_agreement"] <= 1
+    # trained: damage shows (a random model's perplexity is near its vocabulary size, 400)
+    assert report["original"]["perplexity"] < 10
+    assert report["perplexity_increase"] <= min(gate, budget), report
+    assert report["greedy_agreement"] >= 0.8, report
     engine = GenerationEngine.from_pretrained(str(out), device="cpu")
     try:
         kind = Int4Linear if "int4" in method else Int8Linear
