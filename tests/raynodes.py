@@ -51,7 +51,7 @@ def stop_nodes_under(temp_dir) -> None:
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=15)
+    _, alive = psutil.wait_procs(procs, timeout=5)
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()

@@ -7,6 +7,7 @@ gap across each resize, and the optimizer's state carried through every restart.
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -89,6 +90,7 @@ def cluster():
         yield tmp, port
     finally:
         stop_nodes_under(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _aigc(port: int, tmp: Path, command: str, *overrides: str) -> subprocess.Popen:
