@@ -31,17 +31,28 @@ def processes_under(temp_dir) -> list[psutil.Process]:
     return list({p.pid: p for r in _roots(temp_dir) for p in _tree(r)}.values())
 
 
-def actor_pids_under(temp_dir, class_name: str) -> list[int]:
-    """Pids of live actors of `class_name` running on the nodes under `temp_dir` (Ray names an
-    actor's worker process `ray::ClassName...`)."""
-    pids = []
-    for p in processes_under(temp_dir):
-        with contextlib.suppress(psutil.Error):
-            if p.name().startswith(f"ray::{class_name}") or " ".join(p.cmdline()).startswith(
-                f"ray::{class_name}"
-            ):
-                pids.append(p.pid)
-    return pids
+def actor_pids(logs_dir, class_name: str) -> list[int]:
+    """Pids of the live actors of `class_name` that a Ray session started, read from that
+    session's own worker logs under `logs_dir` (a session's logs dir, or a --temp-dir holding
+    sessions): each actor's worker writes `:actor_name:<Class>` at the top of its
+    `worker-<id>-<job>-<pid>.out`. No process table is searched."""
+    from pathlib import Path
+
+    pids = set()
+    for out in Path(logs_dir).rglob("worker-*.out"):
+        try:
+            head = out.read_text(errors="replace")[:2000]
+        except OSError:
+            continue
+        names = [
+            x[len(":actor_name:") :] for x in head.splitlines() if x.startswith(":actor_name:")
+        ]
+        if names and names[-1].startswith(class_name):
+            pid = int(out.stem.rsplit("-", 1)[1])
+            with contextlib.suppress(psutil.Error):
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    pids.add(pid)
+    return sorted(pids)
 
 
 def stop_nodes_under(temp_dir) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from ports import free_port
-from raynodes import actor_pids_under, stop_nodes_under
+from raynodes import actor_pids, stop_nodes_under
 from tiny import stdlib_texts
 from waiting import wait_until
 
@@ -108,8 +108,8 @@ def _aigc(port: int, tmp: Path, command: str, *overrides: str) -> subprocess.Pop
 
 
 def _workers(tmp: Path) -> list[int]:
-    """Pids of the Ray Train workers on this test's own nodes."""
-    return actor_pids_under(tmp, "RayTrainWorker")
+    """Pids of the Ray Train workers on this test's own nodes (their sessions' logs)."""
+    return actor_pids(tmp, "RayTrainWorker")
 
 
 def _latest(run_dir: Path) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from raynodes import actor_pids_under
+from raynodes import actor_pids
 
 from aigc_ray.config import load_config
 
@@ -73,17 +73,12 @@ def _train_cfg(cfg, root, name, **extra):
 
 def _workers() -> set[int]:
     """Pids of the live Ray Train workers (Train V2's RayTrainWorker actors) of this session's
-    Ray: the actor processes under its own raylets, each found by the raylet's socket path.
-    (Ray's state API is not served here: the session runs without the dashboard, and 2.60
-    then loads no state module.)"""
+    Ray, from the session's own worker logs. (Ray's state API is not served here: the session
+    runs without the dashboard, and 2.60 then loads no state module.)"""
     import ray
 
-    return {
-        pid
-        for node in ray.nodes()
-        if node["Alive"]
-        for pid in actor_pids_under(node["RayletSocketName"], "RayTrainWorker")
-    }
+    node = ray._private.worker.global_worker.node
+    return set(actor_pids(node.get_logs_dir_path(), "RayTrainWorker"))
 
 
 def _committed_step(storage: Path) -> int:
