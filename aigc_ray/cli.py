@@ -299,6 +299,30 @@ def _indent(text: str) -> str:
     return "\n".join("      " + line for line in text.splitlines()[:12])
 
 
+def cmd_cluster(args) -> int:
+    """`aigc-ray cluster local up|down|status` (see aigc_ray.cluster)."""
+    from aigc_ray import cluster as lc
+
+    try:
+        if args.action == "up":
+            c = lc.local_up(
+                args.cluster_yaml,
+                args.dir,
+                idle_timeout_s=args.idle_timeout_s,
+                object_store_mb=args.object_store_mb,
+            )
+            print(lc.banner(c, lc.load_cluster_yaml(args.cluster_yaml)), flush=True)
+        elif args.action == "down":
+            n = lc.local_down(args.dir)
+            print(f"local cluster in {args.dir} stopped ({n} processes; none left)", flush=True)
+        else:
+            print(lc.local_status(args.dir), flush=True)
+    except AigcRayError as e:
+        print(f"aigc-ray: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_pipeline(cfg: PipelineConfig) -> tuple[str, str]:
     """Run every stage; print the summary; return (endpoint URL, summary). Leaves it serving."""
     t0 = time.time()
@@ -360,6 +384,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="Grafana config dir to install into (default: the latest Ray session's, "
         "<ray temp dir>/session_latest/metrics/grafana)",
     )
+    cl = sub.add_parser(
+        "cluster",
+        help="cluster.yaml on this machine: `aigc-ray cluster local up|down|status` "
+        "(the Ray autoscaler on the fake-multinode provider; docs/cluster.md)",
+    )
+    cl.add_argument("where", choices=["local"])
+    cl.add_argument("action", choices=["up", "down", "status"])
+    cl.add_argument("--cluster-yaml", default="cluster.yaml", help="the cluster file to copy")
+    cl.add_argument(
+        "--dir", default="runs/local-cluster", help="state dir (token, derived config, addresses)"
+    )
+    cl.add_argument(
+        "--idle-timeout-s",
+        type=float,
+        help="remove idle workers after this many seconds (default: cluster.yaml's "
+        "idle_timeout_minutes)",
+    )
+    cl.add_argument(
+        "--object-store-mb", type=int, default=256, help="object store of each local node"
+    )
     sub.add_parser(
         "submit",
         add_help=False,
@@ -392,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "dashboards":
         return cmd_dashboards(args.grafana_dir)
+    if args.command == "cluster":
+        return cmd_cluster(args)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -164,6 +164,13 @@ class DataConfig(_Section):
         ge=1,
         description="Concurrent tokenize tasks (1 CPU each); empty = the cluster's CPUs.",
     )
+    max_cpus: int | None = Field(
+        None,
+        ge=1,
+        description="Most CPUs the stage uses at once (Ray Data's resource limit and the "
+        "stage's own task pools); on an autoscaling cluster also the most it asks the "
+        "autoscaler for. Empty = the cluster's CPUs (Ray Data may ask for more nodes).",
+    )
     seed: int = Field(
         0, description="Seed of the deterministic train/validation split and MinHash."
     )

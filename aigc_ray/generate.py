@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from aigc_ray.config import GenerateConfig
 from aigc_ray.engine import InvalidParamError, SamplingParams, load_engine
 from aigc_ray.engine.loader import cpu_threads, placed_device
+from aigc_ray.engine.params import usable_device
 from aigc_ray.errors import AigcRayError, StorageError
 from aigc_ray.storage import is_uri, list_files, portable_location, read_bytes
 
@@ -242,7 +243,7 @@ class GenerateUDF:
         self.engine, self.choice = load_engine(
             model_dir,
             engine=self.cfg.engine,
-            device=placed_device("auto", self.cfg.num_gpus),
+            device=usable_device(placed_device("auto", self.cfg.num_gpus), "generate actor"),
             dtype=self.cfg.dtype,
             max_batch_size=self.cfg.max_batch_size,
             max_model_len=self.cfg.max_model_len,

@@ -245,7 +245,7 @@ def _dedup(meta: pa.Table, cleaned, cfg: DataConfig) -> tuple[np.ndarray, int, i
     n_candidates = int((~drop_exact).sum())
     if cfg.near_dedup and n_candidates:
         exact = np.sort(order[drop_exact])
-        refs = candidate_signatures(cleaned, exact, minhash_params(cfg))
+        refs = candidate_signatures(cleaned, exact, minhash_params(cfg), data_cpus(cfg))
         if n_candidates > cfg.near_dedup_driver_max_docs:
             near = _near_dedup_distributed(refs, cfg, n_candidates)
         else:
@@ -291,8 +291,7 @@ def _near_dedup_distributed(sig_refs: list, cfg: DataConfig, n: int) -> np.ndarr
 
     params = minhash_params(cfg)
     sigs = ray.data.from_arrow_refs(sig_refs)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    partitions = max(cpus, math.ceil(n * params.bands / 2_000_000))
+    partitions = max(data_cpus(cfg), math.ceil(n * params.bands / 2_000_000))
     pairs = (
         sigs.map_batches(
             band_batch,
@@ -440,11 +439,22 @@ def tokenize_pool_size(cfg: DataConfig) -> int:
     Their input is the materialized, cleaned dataset, so no read task competes for CPUs
     (tasks taking every CPU while reads are pending would starve them: GUIDE §5).
     """
-    import ray
 
     if cfg.num_tokenize_actors:
         return cfg.num_tokenize_actors
-    return max(1, min(32, int(ray.cluster_resources().get("CPU", 1))))
+    return min(32, data_cpus(cfg))
+
+
+def data_cpus(cfg: DataConfig) -> int:
+    """CPUs the stage's own task pools use: the cluster's CPUs now, at most data.max_cpus. On
+    an autoscaling cluster still at zero CPU workers it is max_cpus (the pending tasks make the
+    autoscaler launch nodes for them), else 1."""
+    import ray
+
+    have = int(ray.cluster_resources().get("CPU", 0))
+    if cfg.max_cpus:
+        return min(have, cfg.max_cpus) if have else cfg.max_cpus
+    return max(1, have)
 
 
 _UDFS: dict[int, TokenizePackUDF] = {}
@@ -568,11 +578,15 @@ def run_preprocess(cfg: DataConfig) -> dict:
     _clear_outputs(cfg)
     tok = prepare_tokenizer(cfg, files)
     ctx = ray.data.DataContext.get_current()
-    previous, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    opts = ctx.execution_options
+    previous = opts.preserve_order, opts.resource_limits
+    opts.preserve_order = True
+    if cfg.max_cpus:  # also caps what Ray Data asks the cluster autoscaler for
+        opts.resource_limits = opts.resource_limits.copy(cpu=cfg.max_cpus)
     try:
         return _run(cfg, files, tok, t0)
     finally:
-        ctx.execution_options.preserve_order = previous
+        opts.preserve_order, opts.resource_limits = previous
 
 
 def _run(cfg: DataConfig, files: list[InputFile], tok, t0: float) -> dict:

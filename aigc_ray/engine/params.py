@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -128,6 +130,37 @@ def validate_params(params: SamplingParams) -> None:
         if value is not None and not 0 <= value <= MAX_LOGPROBS:
             message = f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}"
             raise InvalidParamError(message, name)
+
+
+FAKE_CLUSTER_ENV = "RAY_FAKE_CLUSTER"  # set on every node of `aigc-ray cluster local`
+_log = logging.getLogger(__name__)
+
+
+class GpuUnavailableError(AigcRayError, RuntimeError):
+    """Ray reserved a GPU for this worker, replica or actor, but torch cannot use it."""
+
+
+def usable_device(device: str, where: str) -> str:
+    """`device` as it can be used here. A cuda device torch cannot see is an error that names
+    the cause (a node that advertises a GPU without a driver or a CUDA build of torch), except
+    on the fake nodes of `aigc-ray cluster local` (RAY_FAKE_CLUSTER=1), whose GPUs are resource
+    counts only: there, and only there, the work runs on CPU, with a warning."""
+    if not str(device).startswith("cuda") or torch.cuda.is_available():
+        return device
+    if os.environ.get(FAKE_CLUSTER_ENV) == "1":
+        _log.warning(
+            "%s: fake GPU node (RAY_FAKE_CLUSTER=1): the GPU Ray reserved has no CUDA device; "
+            "computing on CPU",
+            where,
+        )
+        return "cpu"
+    raise GpuUnavailableError(
+        f"{where}: Ray reserved a GPU (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}) but torch {torch.__version__} sees "
+        f"none (torch.cuda.is_available() is False): this node advertises a GPU that it cannot "
+        f"use. Check the NVIDIA driver (nvidia-smi) and that torch is a CUDA build on it, or "
+        f"ask for no GPU (num_gpus: 0 / train.use_gpu: false)"
+    )
 
 
 def resolve_device(device: str = "auto") -> torch.device:

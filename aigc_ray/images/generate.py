@@ -41,13 +41,15 @@ class ImageGenerateUDF:
         import torch
 
         from aigc_ray.engine.loader import cpu_threads, placed_device
+        from aigc_ray.engine.params import usable_device
         from aigc_ray.images.model import ImagePipeline
 
         self.cfg = ImageGenerateConfig(**cfg)
         threads = cpu_threads(self.cfg.num_cpus, self.cfg.num_gpus)
         if threads:
             torch.set_num_threads(threads)
-        self.pipe = ImagePipeline(model_dir, placed_device("auto", self.cfg.num_gpus))
+        device = usable_device(placed_device("auto", self.cfg.num_gpus), "image generate actor")
+        self.pipe = ImagePipeline(model_dir, device)
         self.out = f"{self.cfg.output_dir.rstrip('/')}/images"
 
     def __call__(self, batch: pa.Table) -> pa.Table:

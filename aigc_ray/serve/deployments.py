@@ -41,6 +41,7 @@ from aigc_ray.engine import (
     load_engine,
 )
 from aigc_ray.engine.loader import cpu_threads, placed_device
+from aigc_ray.engine.params import usable_device
 from aigc_ray.serve.images import ImageGenerationRequest, image_job, images_response
 from aigc_ray.serve.metrics import KeyUsageMetrics, ModelMetrics, RouterMetrics
 from aigc_ray.serve.privacy import PromptGuard
@@ -90,7 +91,7 @@ class ModelServer:
             torch.set_num_threads(threads)
         self.name, self.version = cfg.name, cfg.version
         self.replica = _replica_id()
-        device = placed_device(cfg.device, cfg.num_gpus)
+        device = usable_device(placed_device(cfg.device, cfg.num_gpus), f"replica of {cfg.name}")
         self.engine, self.choice = load_engine(
             cfg.model_dir,
             engine=cfg.engine,

@@ -125,13 +125,14 @@ class ImageServer:
         import torch
 
         from aigc_ray.engine.loader import cpu_threads, placed_device
+        from aigc_ray.engine.params import usable_device
         from aigc_ray.images.model import ImagePipeline
         from aigc_ray.serve.metrics import ImageMetrics
 
         cfg = ServedModel(**model)
         threads = cpu_threads(cfg.num_cpus, cfg.num_gpus)
         self.name = cfg.name
-        device = placed_device(cfg.device, cfg.num_gpus)
+        device = usable_device(placed_device(cfg.device, cfg.num_gpus), f"replica of {cfg.name}")
 
         def load():
             if threads:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from aigc_ray.config import ModelConfig, TrainConfig, write_resolved
+from aigc_ray.engine.params import FAKE_CLUSTER_ENV
 from aigc_ray.model import perplexity
 from aigc_ray.storage import check_export_dir, copy_model_dir, is_uri, portable_location
 from aigc_ray.train.checkpoint import latest_complete_checkpoint
@@ -143,6 +144,18 @@ def worker_cpus(cfg: TrainConfig, cluster_cpus: float) -> float:
     return fitted
 
 
+def _torch_config(cfg: TrainConfig):
+    """NCCL on GPUs (Ray Train's default), gloo on CPUs; gloo also on the fake GPU nodes of
+    `aigc-ray cluster local` (RAY_FAKE_CLUSTER=1), where the workers compute on CPU
+    (engine.params.usable_device)."""
+    from ray.train.torch import TorchConfig
+
+    if cfg.use_gpu and os.environ.get(FAKE_CLUSTER_ENV) == "1":
+        log.warning("fake GPU nodes (RAY_FAKE_CLUSTER=1): training on CPU over gloo")
+        return TorchConfig(backend="gloo")
+    return TorchConfig()
+
+
 def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
     """Train with a TorchTrainer; export the final model to `run_dir/model`; write metrics."""
     import ray
@@ -162,6 +175,7 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
     columns = ["input_ids", "labels"] if manifest.get("format") == "sft" else ["input_ids"]
     trainer = TorchTrainer(
         train_loop_per_worker,
+        torch_config=_torch_config(cfg),
         train_loop_config={
             "train": cfg.model_dump(),
             "model": model_cfg.model_dump(),

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from aigc_ray.config import ModelConfig, TrainConfig
+from aigc_ray.engine.params import usable_device
 from aigc_ray.model import perplexity
 from aigc_ray.train import metrics as train_metrics
 from aigc_ray.train.checkpoint import (
@@ -152,6 +153,8 @@ def train_loop_per_worker(config: dict) -> None:
     model, saved = _restore(config, tok)
     marks["model"] = time.time()
     device = ray.train.torch.get_device()
+    if cfg.use_gpu:  # fails loudly on a GPU torch cannot see (CPU only on fake GPU nodes)
+        device = torch.device(usable_device(str(device), f"training worker {rank}"))
     model = _prepare(model, cfg, device)
     marks["prepare"] = time.time()
     opt = build_optimizer(model, cfg)
@@ -194,7 +197,7 @@ def _prepare(model, cfg: TrainConfig, device: torch.device):
         from aigc_ray.train.fsdp import shard_model
 
         return shard_model(model, device, precision(cfg, device)[0])
-    return ray.train.torch.prepare_model(model)
+    return ray.train.torch.prepare_model(model, move_to_device=device)
 
 
 def _commit_ledger(state: _State) -> None:

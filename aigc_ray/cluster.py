@@ -1,0 +1,465 @@
+"""cluster.yaml, understood: its node types, whether a config fits them, and a local copy of it.
+
+`aigc-ray cluster local up|down|status` runs cluster.yaml's autoscaling cluster on this machine
+with Ray's fake-multinode node provider (RAY_FAKE_CLUSTER=1): the Ray autoscaler reads the same
+node types and launches each node it decides on as local raylet processes that carry the
+resources the type declares, GPUs included, and removes idle ones after the idle timeout. The
+config it runs is derived from cluster.yaml, never hand-copied: the same `available_node_types`
+(names, resources, min_workers, max_workers), `max_workers`, `upscaling_speed` and
+`idle_timeout_minutes` (overridable, so a test can use a short one). What only a cloud needs
+(provider, node_config, auth, file mounts, setup and start commands) is dropped. Like cluster.yaml's
+start commands, the head runs with Ray token authentication (a token made for this cluster).
+
+`fit_problems(cfg, spec)` is the preflight `aigc-ray doctor --config` and `aigc-ray submit` run:
+a stage that asks for GPUs when no node type has any, or for more per worker than any node type
+holds, would wait forever for a node that can never come.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from aigc_ray.errors import AigcRayError
+
+FAKE_HEAD_TYPE = "ray.head.default"  # the type name the fake provider gives its head node
+# keys of a node type the local copy keeps, and those only a cloud needs (dropped)
+KEPT_KEYS = {"resources", "min_workers", "max_workers", "labels"}
+CLOUD_KEYS = {"node_config", "worker_setup_commands", "docker"}
+NUMERIC = (int, float)
+STATE_FILE = "cluster.json"
+
+
+class ClusterError(AigcRayError, ValueError):
+    """cluster.yaml cannot be run locally as it is, or a config does not fit its node types."""
+
+
+# ---------------------------------------------------------------- cluster.yaml
+
+
+def load_cluster_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ClusterError(f"{p}: no such cluster file")
+    try:
+        spec = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ClusterError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(spec, dict) or not isinstance(spec.get("available_node_types"), dict):
+        raise ClusterError(f"{p}: no available_node_types mapping")
+    if spec.get("head_node_type") not in spec["available_node_types"]:
+        raise ClusterError(
+            f"{p}: head_node_type {spec.get('head_node_type')!r} is not one of "
+            f"available_node_types ({', '.join(spec['available_node_types'])})"
+        )
+    return spec
+
+
+def node_types(spec: dict) -> dict[str, dict]:
+    """Each node type's resources and worker bounds, checked: a key the local copy cannot map
+    (anything besides resources, min/max_workers, labels and the cloud-only node_config,
+    worker_setup_commands, docker), a type without `resources` (a cloud provider may detect them
+    from the instance type; a local node cannot) or a resource that is not a non-negative number
+    (GPU: a whole number) is an error naming it."""
+    out = {}
+    head = spec["head_node_type"]
+    for name, t in spec["available_node_types"].items():
+        where = f"cluster.yaml: available_node_types.{name}"
+        if not isinstance(t, dict):
+            raise ClusterError(f"{where}: not a mapping")
+        unknown = set(t) - KEPT_KEYS - CLOUD_KEYS
+        if unknown:
+            raise ClusterError(
+                f"{where}: {', '.join(sorted(unknown))} cannot be mapped to a local node "
+                f"(known: {', '.join(sorted(KEPT_KEYS | CLOUD_KEYS))})"
+            )
+        res = t.get("resources")
+        if not isinstance(res, dict):
+            raise ClusterError(
+                f"{where}: no `resources` mapping; a local node carries only what the type "
+                "declares (e.g. resources: {CPU: 4, GPU: 1})"
+            )
+        for key, value in res.items():
+            if isinstance(value, bool) or not isinstance(value, NUMERIC) or value < 0:
+                raise ClusterError(
+                    f"{where}.resources.{key}: {value!r} is not a non-negative number"
+                )
+            if key == "GPU" and value != int(value):
+                raise ClusterError(f"{where}.resources.GPU: {value!r} is not a whole number")
+        lo, hi = t.get("min_workers", 0), t.get("max_workers", spec.get("max_workers", 2))
+        if name != head and not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi):
+            raise ClusterError(
+                f"{where}: min_workers {lo!r} / max_workers {hi!r} are not 0 <= min <= max"
+            )
+        out[name] = {
+            "resources": dict(res),
+            "min_workers": 0 if name == head else lo,
+            "max_workers": 0 if name == head else hi,
+            "head": name == head,
+            **({"labels": dict(t["labels"])} if t.get("labels") else {}),
+        }
+    return out
+
+
+def derive_local_config(
+    spec: dict,
+    gcs_address: str,
+    node_temp_root: str,
+    idle_timeout_minutes: float | None = None,
+    object_store_bytes: int | None = None,
+    cluster_name: str | None = None,
+) -> dict:
+    """The fake-multinode autoscaling config for cluster.yaml `spec`. The head type is renamed
+    to the provider's `ray.head.default`; every worker type keeps its name, resources (GPU
+    included), min_workers and max_workers. `object_store_bytes` caps each local node's object
+    store (all nodes share this machine's memory) unless the type sets object_store_memory.
+    The provider is Ray's fake-multinode one, each node in its own temp dir under
+    `node_temp_root` (aigc_ray.local_provider says why)."""
+    types = node_types(spec)
+    available = {}
+    for name, t in types.items():
+        res = dict(t["resources"])
+        if object_store_bytes and "object_store_memory" not in res:
+            res["object_store_memory"] = object_store_bytes
+        entry = {
+            "resources": res,
+            "node_config": {},
+            "min_workers": t["min_workers"],
+            "max_workers": t["max_workers"],
+        }
+        if "labels" in t:
+            entry["labels"] = t["labels"]
+        available[FAKE_HEAD_TYPE if t["head"] else name] = entry
+    idle = (
+        spec.get("idle_timeout_minutes", 5)
+        if idle_timeout_minutes is None
+        else idle_timeout_minutes
+    )
+    return {
+        "cluster_name": cluster_name or f"{spec.get('cluster_name', 'aigc-ray')}-local",
+        "max_workers": spec.get("max_workers", 2),
+        "upscaling_speed": spec.get("upscaling_speed", 1.0),
+        "idle_timeout_minutes": idle,
+        "provider": {
+            "type": "external",
+            "module": "aigc_ray.local_provider.LocalNodeProvider",
+            "node_temp_root": node_temp_root,
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": gcs_address,
+        },
+        "available_node_types": available,
+        "head_node_type": FAKE_HEAD_TYPE,
+        "auth": {},
+        "docker": {},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+
+
+def describe(spec: dict) -> str:
+    """One line per node type: name, resources, worker bounds."""
+    lines = []
+    for name, t in node_types(spec).items():
+        res = ", ".join(f"{k} {v:g}" for k, v in t["resources"].items())
+        bounds = "head" if t["head"] else f"{t['min_workers']}..{t['max_workers']} workers"
+        lines.append(f"  {name:<14} {res:<28} {bounds}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- does a config fit?
+
+
+def _demands(cfg) -> list[tuple[str, dict]]:
+    """(what, resources per worker/replica/actor) for the GPU users of a PipelineConfig."""
+    out = []
+    t = cfg.train
+    if t.use_gpu:
+        out.append(
+            (
+                f"train: {t.num_workers} workers x",
+                {"GPU": 1, "CPU": t.cpus_per_worker, **t.worker_resources},
+            )
+        )
+    for what, s in (("serve: a replica", cfg.serve), ("generate: an actor", cfg.generate)):
+        if s.num_gpus > 0:
+            out.append((what, {"GPU": s.num_gpus, "CPU": s.num_cpus}))
+    return out
+
+
+def fit_problems(cfg, spec: dict) -> list[str]:
+    """Why a PipelineConfig's GPU workers, replicas or actors could never be placed on
+    cluster.yaml's node types (empty when they fit)."""
+    types = {n: t for n, t in node_types(spec).items() if t["head"] or t["max_workers"] > 0}
+    gpu_types = {n: t for n, t in types.items() if t["resources"].get("GPU", 0) > 0}
+    problems = []
+    for what, need in _demands(cfg):
+        if not gpu_types:
+            problems.append(
+                f"{what} asks for GPUs but cluster.yaml has no node type with a GPU "
+                f"(types: {', '.join(types)}); add one or set the stage to CPU"
+            )
+            continue
+        fits = [
+            n
+            for n, t in types.items()
+            if all(t["resources"].get(k, 0) >= v for k, v in need.items())
+        ]
+        if not fits:
+            most = max(t["resources"].get("GPU", 0) for t in gpu_types.values())
+            have = "; ".join(f"{n}: {_fmt(t['resources'])}" for n, t in gpu_types.items())
+            problems.append(
+                f"{what} needs {_fmt(need)} on one node, more than any node type of cluster.yaml "
+                f"holds (the most GPUs on one node: {most:g}; {have})"
+            )
+    return problems
+
+
+def _fmt(res: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in res.items())
+
+
+# ---------------------------------------------------------------- the local cluster
+
+
+@dataclass
+class LocalCluster:
+    dir: str  # where cluster.json, the derived config and the token live
+    temp_dir: str  # Ray's --temp-dir (short: Ray's unix sockets live under it)
+    gcs_address: str
+    dashboard_url: str
+    token_path: str
+    config_path: str
+    head_type: str  # the head's name in cluster.yaml
+    types: dict
+
+    def client_env(self) -> dict[str, str]:
+        """What `ray job submit`, `ray status` or ray.init need to reach this cluster."""
+        return {
+            "RAY_ADDRESS": self.dashboard_url,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": self.token_path,
+        }
+
+    def token(self) -> str:
+        return Path(self.token_path).read_text().strip()
+
+    @classmethod
+    def load(cls, directory: str | Path) -> LocalCluster:
+        state = Path(directory) / STATE_FILE
+        if not state.is_file():
+            raise ClusterError(f"{directory}: no local cluster here (no {STATE_FILE})")
+        return cls(**json.loads(state.read_text()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _ray_bin() -> str:
+    ray = Path(sys.executable).parent / "ray"
+    return str(ray) if ray.exists() else shutil.which("ray") or "ray"
+
+
+def local_up(
+    cluster_yaml: str | Path,
+    directory: str | Path,
+    idle_timeout_s: float | None = None,
+    object_store_mb: int = 256,
+    update_interval_s: int = 1,
+    node_lost_after_s: int = 10,
+) -> LocalCluster:
+    """Start cluster.yaml's head with the autoscaler on the fake provider; return how to reach
+    it. Refuses (before starting anything) a cluster.yaml it cannot map, or a directory that
+    already holds a running cluster."""
+    import ray._private.services as services
+
+    spec = load_cluster_yaml(cluster_yaml)
+    types = node_types(spec)  # raises on what cannot be mapped, before anything starts
+    d = Path(directory).resolve()
+    if (d / STATE_FILE).exists() and processes_of(LocalCluster.load(d)):
+        raise ClusterError(f"{d}: a local cluster is already running; `down` it first")
+    d.mkdir(parents=True, exist_ok=True)
+    ip = services.get_node_ip_address()
+    gcs = f"{ip}:{_free_port()}"
+    dash_port = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="aigc_lc_", dir="/tmp")
+    cfg = derive_local_config(
+        spec,
+        gcs,
+        temp_dir,
+        idle_timeout_minutes=None if idle_timeout_s is None else idle_timeout_s / 60,
+        object_store_bytes=object_store_mb * 2**20,
+    )
+    config_path = d / "autoscaling.yaml"
+    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    token = d / "auth_token"
+    if not token.exists():
+        token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    head_name = spec["head_node_type"]
+    cluster = LocalCluster(
+        dir=str(d),
+        temp_dir=temp_dir,
+        gcs_address=gcs,
+        dashboard_url=f"http://127.0.0.1:{dash_port}",
+        token_path=str(token),
+        config_path=str(config_path),
+        head_type=head_name,
+        types=types,
+    )
+    head_res = dict(types[head_name]["resources"])
+    cmd = [
+        _ray_bin(),
+        "start",
+        "--head",
+        f"--port={gcs.rsplit(':', 1)[1]}",
+        f"--autoscaling-config={config_path}",
+        f"--temp-dir={cluster.temp_dir}",
+        f"--num-cpus={head_res.pop('CPU', 0):g}",
+        f"--num-gpus={head_res.pop('GPU', 0):g}",
+        f"--object-store-memory={head_res.pop('object_store_memory', object_store_mb * 2**20):.0f}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash_port}",
+        f"--ray-client-server-port={_free_port()}",
+        "--disable-usage-stats",
+        # a lost node is declared dead in ~3 s (Ray's default: 15 s), so the autoscaler and
+        # Train react to a preempted node quickly
+        '--system-config={"health_check_period_ms":1000,"health_check_failure_threshold":3}',
+    ]
+    if "memory" in head_res:
+        cmd.append(f"--memory={head_res.pop('memory'):.0f}")
+    if head_res:
+        cmd.append(f"--resources={json.dumps(head_res)}")
+    env = {
+        **os.environ,
+        "RAY_FAKE_CLUSTER": "1",
+        "AUTOSCALER_UPDATE_INTERVAL_S": str(update_interval_s),
+        "AUTOSCALER_HEARTBEAT_TIMEOUT_S": str(node_lost_after_s),
+        **cluster.client_env(),
+        # as cluster.yaml's start commands do: this venv first, so a job's `python` is its python
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    env.pop("RAY_ADDRESS")
+    (d / STATE_FILE).write_text(json.dumps(asdict(cluster), indent=1))
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    if r.returncode != 0:
+        local_down(d)
+        raise ClusterError(f"ray start --head failed ({r.returncode}): {r.stderr[-2000:]}")
+    return cluster
+
+
+def processes_of(cluster: LocalCluster) -> list:
+    """Every process of the local cluster: those whose command line names its temp dir or GCS
+    address (GCS, raylets, dashboard, monitor, client server, the fake provider's nodes) and all
+    their descendants (workers, agents). Never this process or its parents."""
+    import psutil
+
+    own = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    marks = (cluster.temp_dir, cluster.gcs_address)
+    roots = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            line = " ".join(p.info["cmdline"] or [])
+            if p.pid not in own and any(m in line for m in marks):
+                roots.append(p)
+    found = {}
+    for r in roots:
+        with contextlib.suppress(psutil.Error):
+            for p in [r, *r.children(recursive=True)]:
+                if p.pid not in own and p.status() != psutil.STATUS_ZOMBIE:
+                    found[p.pid] = p
+    return list(found.values())
+
+
+def local_down(directory: str | Path, timeout_s: float = 10) -> int:
+    """Stop every process of the local cluster in `directory` (terminate, then kill); return
+    how many there were. Raises if any survives."""
+    import psutil
+
+    cluster = LocalCluster.load(directory)
+    procs = processes_of(cluster)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=timeout_s)
+    left = processes_of(cluster)
+    if left:
+        raise ClusterError(
+            f"{len(left)} processes of the local cluster survived: {[p.pid for p in left]}"
+        )
+    shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+    return len(procs)
+
+
+def local_status(directory: str | Path) -> str:
+    """The autoscaler's view (`ray status`: nodes by type, pending launches, demands)."""
+    cluster = LocalCluster.load(directory)
+    env = {**os.environ, **cluster.client_env()}
+    r = subprocess.run(
+        [_ray_bin(), "status", f"--address={cluster.gcs_address}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if r.returncode != 0:
+        raise ClusterError(f"ray status failed: {(r.stderr or r.stdout)[-1000:]}")
+    return r.stdout
+
+
+def banner(cluster: LocalCluster, spec: dict) -> str:
+    env = cluster.client_env()
+    return "\n".join(
+        [
+            f"local cluster from cluster.yaml (fake-multinode autoscaler), state in {cluster.dir}",
+            "node types:",
+            describe(spec),
+            f"dashboard / Jobs API: {cluster.dashboard_url}",
+            f"GCS: {cluster.gcs_address}",
+            "submit work to it with:",
+            "  export " + " ".join(f"{k}={v}" for k, v in env.items()),
+            "  aigc-ray submit -- python jobs/<stage>.py --config <config.yaml>",
+        ]
+    )
+
+
+def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.5):
+    """Poll `predicate` until it returns something truthy; ClusterError naming `what` on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = predicate()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise ClusterError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(every_s)
