@@ -375,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor", help="versions, GPUs, token auth, cluster resources; warns on mismatches (exit 1)"
     )
     doc.add_argument("--verbose", action="store_true", help="show Ray's logs")
+    doc.add_argument(
+        "--config", help="also check that this config's GPU demands fit cluster.yaml's node types"
+    )
+    doc.add_argument("--cluster-yaml", default="cluster.yaml", help="the cluster file")
+    doc.add_argument("overrides", nargs="*", help="section.key=value overrides of --config")
     dash = sub.add_parser(
         "dashboards",
         help="install the Grafana dashboards into Ray's Grafana setup (docs/monitoring.md)",
@@ -430,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             return submit(argv[1:])
-        except UploadError as e:
+        except (UploadError, AigcRayError) as e:
             print(f"aigc-ray: error: {e}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
@@ -447,6 +452,19 @@ def main(argv: list[str] | None = None) -> int:
 
         text, warnings = report()
         print(text)
+        if args.config:
+            from aigc_ray.cluster import fit_problems, load_cluster_yaml
+
+            try:
+                cfg = load_config(args.config, args.overrides)
+                problems = fit_problems(cfg, load_cluster_yaml(args.cluster_yaml))
+            except AigcRayError as e:
+                problems = [str(e)]
+            for p in problems:
+                print(f"WARNING: {p}")
+            if not problems:
+                print(f"ok: {args.config} fits the node types of {args.cluster_yaml}")
+            warnings = [*warnings, *problems]
         return 1 if warnings else 0
     try:
         cfg = load_config(args.config, args.overrides)

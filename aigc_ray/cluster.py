@@ -274,15 +274,16 @@ class LocalCluster:
         return cls(**json.loads(state.read_text()))
 
 
+def ray_cli() -> str:
+    """The `ray` executable next to this Python (the venv's), else the one on PATH."""
+    beside = Path(sys.executable).parent / "ray"
+    return str(beside) if beside.exists() else "ray"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
-
-
-def _ray_bin() -> str:
-    ray = Path(sys.executable).parent / "ray"
-    return str(ray) if ray.exists() else shutil.which("ray") or "ray"
 
 
 def local_up(
@@ -334,7 +335,7 @@ def local_up(
     )
     head_res = dict(types[head_name]["resources"])
     cmd = [
-        _ray_bin(),
+        ray_cli(),
         "start",
         "--head",
         f"--port={gcs.rsplit(':', 1)[1]}",
@@ -426,7 +427,7 @@ def local_status(directory: str | Path) -> str:
     cluster = LocalCluster.load(directory)
     env = {**os.environ, **cluster.client_env()}
     r = subprocess.run(
-        [_ray_bin(), "status", f"--address={cluster.gcs_address}"],
+        [ray_cli(), "status", f"--address={cluster.gcs_address}"],
         env=env,
         capture_output=True,
         text=True,
@@ -463,3 +464,142 @@ def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.5):
         if time.monotonic() > deadline:
             raise ClusterError(f"timed out after {timeout_s:g} s waiting for {what}")
         time.sleep(every_s)
+
+
+# ---------------------------------------------------------------- watching it
+
+
+class ClusterApi:
+    """The cluster's dashboard HTTP APIs (state and Serve), with its token."""
+
+    def __init__(self, cluster: LocalCluster):
+        self.url = cluster.dashboard_url
+        self.headers = {"Authorization": f"Bearer {cluster.token()}"}
+        self.types = cluster.types
+
+    def get(self, path: str) -> dict:
+        import urllib.request
+
+        req = urllib.request.Request(self.url + path, headers=self.headers)
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    def _state(self, kind: str, **filters) -> list[dict]:
+        from urllib.parse import quote
+
+        q = "".join(
+            f"&filter_keys={k}&filter_predicates=%3D&filter_values={quote(str(v), safe='')}"
+            for k, v in filters.items()
+        )
+        return self.get(f"/api/v0/{kind}?detail=1&limit=10000{q}")["data"]["result"]["result"]
+
+    def nodes(self) -> list[dict]:
+        """Every node (alive or dead) with its cluster.yaml type (`node_type`)."""
+        out = self._state("nodes")
+        for n in out:
+            n["node_type"] = self.type_of(n)
+        return out
+
+    def tasks(self, **filters) -> list[dict]:
+        return self._state("tasks", **filters)
+
+    def actors(self, **filters) -> list[dict]:
+        return self._state("actors", **filters)
+
+    def type_of(self, node: dict) -> str:
+        """A node's type in cluster.yaml, by the resources it carries (CPU, GPU, custom)."""
+        if node.get("is_head_node"):
+            return next(n for n, t in self.types.items() if t["head"])
+        have = node.get("resources_total", {})
+        skip = ("memory", "object_store_memory")
+        for name, t in self.types.items():
+            want = {k: v for k, v in t["resources"].items() if k not in skip}
+            same = all(have.get(k, 0) == v for k, v in want.items())
+            if not t["head"] and same and have.get("GPU", 0) == want.get("GPU", 0):
+                return name
+        return "unknown"
+
+    def alive_by_type(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for n in self.nodes():
+            if n["state"] == "ALIVE":
+                counts[n["node_type"]] = counts.get(n["node_type"], 0) + 1
+        return counts
+
+    def replicas(self, app: str, deployment: str) -> list[dict]:
+        """Serve's replicas of one deployment ({state, node_id, ...}); [] before it exists."""
+        apps = self.get("/api/serve/applications/").get("applications") or {}
+        dep = (apps.get(app) or {}).get("deployments", {}).get(deployment) or {}
+        return dep.get("replicas") or []
+
+
+class Timeline:
+    """Samples nodes by type, running replicas and the request rate once a second (a thread),
+    for docs/cluster.md's figure: `Timeline(api, app, deployment, completed=callable)`."""
+
+    def __init__(self, api: ClusterApi, app: str, deployment: str, completed):
+        import threading
+
+        self.api, self.app, self.deployment, self.completed = api, app, deployment, completed
+        self.rows: list[dict] = []
+        self.events: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.t0 = time.time()
+
+    def __enter__(self) -> Timeline:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def mark(self, what: str) -> None:
+        self.events.append({"t": round(time.time() - self.t0, 2), "event": what})
+
+    def _run(self) -> None:
+        last_n, last_t = self.completed(), time.time()
+        while not self._stop.wait(1.0):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                nodes = self.api.alive_by_type()
+                reps = self.api.replicas(self.app, self.deployment)
+                n, now = self.completed(), time.time()
+                self.rows.append(
+                    {
+                        "t": round(now - self.t0, 2),
+                        "nodes": nodes,
+                        "replicas": sum(r.get("state") == "RUNNING" for r in reps),
+                        "rps": round((n - last_n) / max(now - last_t, 1e-6), 2),
+                    }
+                )
+                last_n, last_t = n, now
+
+    def to_json(self) -> dict:
+        return {"rows": self.rows, "events": self.events}
+
+
+def plot_timeline(timeline: dict, out: str | Path) -> None:
+    """Nodes by type and running replicas (top), requests/s (bottom), events as lines."""
+    from matplotlib.figure import Figure
+
+    rows = timeline["rows"]
+    t = [r["t"] for r in rows]
+    fig = Figure(figsize=(9, 5.5))
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    types = sorted({k for r in rows for k in r["nodes"]})
+    for name in types:
+        top.step(t, [r["nodes"].get(name, 0) for r in rows], where="post", label=f"{name} nodes")
+    top.step(t, [r["replicas"] for r in rows], where="post", ls="--", lw=2, label="replicas")
+    top.set_ylabel("count")
+    top.legend(loc="upper right", fontsize=8)
+    bottom.plot(t, [r["rps"] for r in rows], color="k")
+    bottom.set_ylabel("completed requests/s")
+    bottom.set_xlabel("seconds")
+    for ax in (top, bottom):
+        for e in timeline["events"]:
+            ax.axvline(e["t"], color="grey", lw=0.8, ls=":")
+    for e in timeline["events"]:
+        top.annotate(e["event"], (e["t"], top.get_ylim()[1]), fontsize=7, rotation=90, va="top")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)

@@ -457,6 +457,12 @@ class ServeConfig(ReplicaSettings):
     )
     host: str = Field("127.0.0.1", description="HTTP bind address.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    proxy_location: Literal["HeadOnly", "EveryNode", "Disabled"] = Field(
+        "HeadOnly",
+        description="Where Serve's HTTP proxies run: HeadOnly (the endpoint is the head's "
+        "host:port, what cluster.yaml's SSH tunnel reaches) or EveryNode (one per node with a "
+        "replica, behind your load balancer).",
+    )
     request_timeout_s: float = Field(300.0, gt=0, description="Past this a request gets a 408.")
     max_tokens_limit: int = Field(512, ge=1, description="Largest max_tokens a request may ask.")
     sample_prompts: list[str] = Field(

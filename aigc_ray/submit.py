@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aigc_ray.cluster import ray_cli
 from aigc_ray.errors import AigcRayError
 from aigc_ray.storage import is_uri
 
@@ -175,10 +176,33 @@ def split_submit_args(args: list[str]) -> SubmitArgs:
     )
 
 
-def ray_cli() -> str:
-    """The `ray` executable next to this Python (the venv's), else the one on PATH."""
-    beside = Path(sys.executable).parent / "ray"
-    return str(beside) if beside.exists() else "ray"
+def entrypoint_config(entrypoint: list[str]):
+    """The PipelineConfig an entrypoint `python jobs/<x>.py --config C [k=v ...]` will load
+    (None when it names no --config)."""
+    from aigc_ray.config import load_config
+
+    if "--config" not in entrypoint:
+        return None
+    i = entrypoint.index("--config")
+    if i + 1 >= len(entrypoint):
+        return None
+    overrides = [a for a in entrypoint[i + 2 :] if "=" in a and not a.startswith("-")]
+    return load_config(entrypoint[i + 1], overrides)
+
+
+def check_fits_cluster(parsed: SubmitArgs) -> None:
+    """Refuse a job whose GPU workers, replicas or actors no node type of the working dir's
+    cluster.yaml (or AIGC_RAY_CLUSTER_YAML) can hold: it would wait forever for a node that
+    can never come."""
+    from aigc_ray.cluster import ClusterError, fit_problems, load_cluster_yaml
+
+    path = os.environ.get("AIGC_RAY_CLUSTER_YAML") or str(Path(parsed.working_dir) / "cluster.yaml")
+    if is_uri(parsed.working_dir) or not Path(path).is_file():
+        return
+    cfg = entrypoint_config(parsed.entrypoint)
+    problems = fit_problems(cfg, load_cluster_yaml(path)) if cfg is not None else []
+    if problems:
+        raise ClusterError(f"the job does not fit {path}: " + "; ".join(problems))
 
 
 def submit(args: list[str], limit: int | None = None) -> int:
@@ -198,6 +222,7 @@ def submit(args: list[str], limit: int | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
+    check_fits_cluster(parsed)
     argv = parsed.argv(ray_cli())
     os.execvp(argv[0], argv)
     return 0  # only reached when exec is patched out in tests

@@ -123,7 +123,9 @@ def run_serve(cfg: ServeConfig, model_dir: str | None = None, app_name: str = "a
     if model_dir and not cfg.models:
         args["model_dir"] = model_dir
     app = build_app(args)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(
+        http_options={"host": cfg.host, "port": cfg.port}, proxy_location=cfg.proxy_location
+    )
     serve.run(app, name=app_name, route_prefix="/", blocking=False)
     return f"http://{cfg.host}:{cfg.port}"
 

@@ -397,7 +397,12 @@ def _auth_error() -> ApiError:
     )
 
 
-@serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
+# On the head, beside Serve's controller and proxy: a node the autoscaler removes when it is
+# idle (no CPU or GPU in use) must never be the one holding the 0-CPU router.
+@serve.deployment(
+    max_ongoing_requests=1024,
+    ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
+)
 @serve.ingress(api)
 class Router:
     """The OpenAI HTTP API in front of one ModelServer deployment per model."""

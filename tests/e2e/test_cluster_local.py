@@ -1,0 +1,429 @@
+"""cluster.yaml as users run it, on this machine: `aigc-ray cluster local up` starts the head
+with the Ray autoscaler reading cluster.yaml's node types (fake-multinode provider: every node it
+launches is a set of local raylet processes carrying its type's resources, GPUs included), with
+token authentication as cluster.yaml starts Ray. Every stage goes through `ray job submit
+--working-dir .` as docs/cluster.md says; what ran where is read back from Ray's state API.
+
+One cluster for the module, in order: preprocessing on CPU worker nodes; training asking for
+GPUs on GPU worker nodes, one of which is killed mid-run (a spot reclaim) and replaced; a Serve
+app with one GPU per replica autoscaling 1..3 under streaming and non-streaming load and back,
+GPU nodes launched and removed with it, then scaled to zero and woken by a request; `down`
+leaves no process. AIGC_RAY_CLUSTER_TIMELINE=path also writes the serving timeline there
+(benchmarks/cluster_autoscaling.py draws docs/cluster.md's figure from it)."""
+
+import http.client
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+from ports import free_port
+
+from aigc_ray.cluster import ClusterApi, LocalCluster, Timeline, processes_of
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+IDLE_S = 8  # the local idle timeout (cluster.yaml: 10 minutes)
+NODE_UP_S = 30  # a node of the right type is up this soon after the demand appears
+STEPS, PER_STEP = 40, 2 * 4  # 2 GPU workers x batch 4
+SMALL = [  # a small corpus and model: the cluster's plumbing is under test, not learning
+    "data.max_docs=150",
+    "data.vocab_size=512",
+    "data.seq_len=64",
+    "data.near_dedup=false",
+    "data.max_cpus=4",  # one cpu-worker (16 CPUs) is enough; without it Ray Data asks for more
+    "train.seq_len=64",
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.max_position_embeddings=128",
+]
+
+
+@dataclass
+class Local:
+    cluster: LocalCluster
+    api: ClusterApi
+    root: Path
+
+    def ray(self, *args, timeout=300):
+        env = {**os.environ, **self.cluster.client_env()}
+        return subprocess.run(
+            [str(BIN / "ray"), *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def submit(self, script: str, *overrides: str, wait=True, timeout=300):
+        """`ray job submit --working-dir . [--no-wait] -- python jobs/<script> ...`."""
+        flags = [] if wait else ["--no-wait"]
+        r = self.ray(
+            "job",
+            "submit",
+            "--working-dir",
+            ".",
+            *flags,
+            "--",
+            "python",
+            f"jobs/{script}",
+            "--config",
+            "configs/tiny.yaml",
+            *overrides,
+            timeout=timeout,
+        )
+        out = r.stdout + r.stderr
+        ids = re.findall(r"raysubmit_\w+", out)
+        assert r.returncode == 0 and ids, out[-4000:]
+        return ids[0], out
+
+    def job(self, submission_id: str) -> dict:
+        return self.api.get(f"/api/jobs/{submission_id}")
+
+    def wait_job(self, submission_id: str, timeout_s=300) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while (j := self.job(submission_id))["status"] not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            assert time.monotonic() < deadline, f"job {submission_id} still {j['status']}"
+            time.sleep(1)
+        return j
+
+    def job_logs(self, submission_id: str) -> str:
+        return self.api.get(f"/api/jobs/{submission_id}/logs")["logs"]
+
+    def nodes_by_id(self) -> dict[str, dict]:
+        return {n["node_id"]: n for n in self.api.nodes()}
+
+
+def _cli(*args, timeout=180):
+    return subprocess.run(
+        [str(BIN / "aigc-ray"), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _wait(predicate, timeout_s, what, every_s=0.5):
+    deadline = time.monotonic() + timeout_s
+    while not (got := predicate()):
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s: {what}"
+        time.sleep(every_s)
+    return got
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    d = tmp_path_factory.mktemp("local_cluster")
+    up = _cli("cluster", "local", "up", "--dir", str(d), "--idle-timeout-s", str(IDLE_S))
+    assert up.returncode == 0, up.stderr[-3000:]
+    for line in ("cpu-worker", "CPU 16", "gpu-worker", "CPU 4, GPU 1", "dashboard / Jobs API"):
+        assert line in up.stdout, up.stdout
+    cluster = LocalCluster.load(d)
+    try:
+        yield Local(cluster, ClusterApi(cluster), d)
+    finally:
+        down = _cli("cluster", "local", "down", "--dir", str(d))
+        assert down.returncode == 0 and "none left" in down.stdout, down.stdout + down.stderr
+        assert not processes_of(cluster), "processes of the local cluster survived down"
+
+
+def _ran_on(local: Local, tasks: list[dict]) -> dict[str, set]:
+    """{node type: node ids} of the nodes that ran `tasks`."""
+    nodes = local.nodes_by_id()
+    out: dict[str, set] = {}
+    for t in tasks:
+        if t.get("node_id"):
+            out.setdefault(nodes[t["node_id"]]["node_type"], set()).add(t["node_id"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def preprocessed(local):
+    data = local.root / "data"
+    sid, out = local.submit("preprocess.py", *SMALL, f"data.output_dir={data}")
+    return sid, out, data
+
+
+def test_preprocessing_runs_on_cpu_worker_nodes_launched_for_it(local, preprocessed):
+    sid, out, data = preprocessed
+    assert "succeeded" in out and (data / "manifest.json").is_file(), out[-3000:]
+    job_id = local.job(sid)["job_id"]
+    tasks = [
+        t
+        for t in local.api.tasks(job_id=job_id)
+        if t["name"].startswith(("MapBatches(read_clean)", "tokenize_block"))
+    ]
+    assert tasks, "no data task of the job in Ray's state API"
+    where = _ran_on(local, tasks)
+    assert set(where) == {"cpu-worker"}, where
+    # the node was launched for the demand: up within NODE_UP_S of the first pending data task
+    nodes = local.nodes_by_id()
+    first_task = min(t["creation_time_ms"] for t in tasks) / 1000
+    started = min(nodes[n]["start_time_ms"] for n in where["cpu-worker"]) / 1000
+    assert started - first_task <= NODE_UP_S, started - first_task
+    assert not any(n["node_type"] == "gpu-worker" for n in nodes.values()), "GPU node launched"
+
+
+def _train_overrides(data: Path, run_dir: Path) -> list[str]:
+    return [
+        *SMALL,
+        f"data.output_dir={data}",
+        f"train.run_dir={run_dir}",
+        "train.name=gpu",
+        "train.use_gpu=true",
+        "train.num_workers=2",
+        "train.batch_size=4",
+        f"train.max_steps={STEPS}",
+        "train.checkpoint_every=5",
+        "train.eval_every=20",
+        "train.eval_batches=1",
+        "train.warmup_steps=5",
+        "train.ledger=true",
+        "train.max_failures=3",
+        "train.step_delay_s=0.1",  # the kill lands mid-run, after the first checkpoint
+    ]
+
+
+def _kill_node(local: Local, node_id: str) -> int:
+    """A spot reclaim: SIGKILL the node's raylet and every process under it (its workers)."""
+    procs = processes_of(local.cluster)
+    raylets = [p for p in procs if f"--node_id={node_id}" in " ".join(p.cmdline())]
+    assert len(raylets) == 1, f"raylet of {node_id}: {raylets}"
+    victims = [raylets[0], *raylets[0].children(recursive=True)]
+    for p in victims:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=10)
+    return len(victims)
+
+
+@pytest.fixture(scope="module")
+def trained(local, preprocessed):
+    """Training that asks for 2 GPUs (1 per worker), a GPU node killed after the first
+    committed checkpoint; returns what happened."""
+    _, _, data = preprocessed
+    run_dir = local.root / "train"
+    sid, _ = local.submit("train.py", *_train_overrides(data, run_dir), wait=False)
+    snapshot = run_dir / "ray" / "gpu" / "checkpoint_manager_snapshot.json"
+    _wait(snapshot.exists, 240, "the first committed checkpoint")
+    workers = _wait(
+        lambda: [a for a in local.api.actors(class_name="RayTrainWorker") if a["state"] == "ALIVE"],
+        30,
+        "live training workers",
+    )
+    victim = workers[0]["node_id"]
+    killed_at = time.time()
+    _kill_node(local, victim)
+    job = local.wait_job(sid, timeout_s=300)
+    return {
+        "job": job,
+        "logs": local.job_logs(sid),
+        "victim": victim,
+        "killed_at": killed_at,
+        "run_dir": run_dir,
+        "model": run_dir / "model",
+    }
+
+
+def test_training_on_gpu_nodes_survives_losing_one(local, trained):
+    assert trained["job"]["status"] == "SUCCEEDED", trained["logs"][-4000:]
+    # the one fallback the fake GPUs allow, said out loud
+    assert "fake GPU nodes (RAY_FAKE_CLUSTER=1): training on CPU over gloo" in trained["logs"]
+    nodes = local.nodes_by_id()
+    workers = local.api.actors(class_name="RayTrainWorker")
+    hosts = {a["node_id"] for a in workers}
+    assert {nodes[n]["node_type"] for n in hosts} == {"gpu-worker"}, hosts
+    assert nodes[trained["victim"]]["state"] == "DEAD"
+    # the restarted group ran on a GPU node launched after the kill
+    replacement = [
+        n
+        for n in hosts
+        if nodes[n]["start_time_ms"] / 1000 > trained["killed_at"] and n != trained["victim"]
+    ]
+    assert replacement, "no GPU node launched to replace the lost one"
+    # every position once, in one continuous run: the optimizer's own step equals the step
+    run_dir = trained["run_dir"]
+    ledger = [tuple(x) for x in json.loads((run_dir / "ledger.json").read_text())]
+    assert len(ledger) == len(set(ledger)), "a sample was repeated"
+    assert sorted(ledger) == [(0, p) for p in range(STEPS * PER_STEP)], "a sample skipped"
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == STEPS
+    assert all(r["optimizer_step"] == r["step"] for r in rows[1:])
+    before = [r["step"] for r in rows if r.get("time", math.inf) < trained["killed_at"]]
+    assert before and before[-1] >= 5, "the run started over instead of resuming"
+    losses = {r["step"]: r.get("val_loss") for r in rows if r.get("val_loss")}
+    assert losses[STEPS] < losses[0], losses
+    assert (trained["model"] / "config.json").is_file()
+
+
+# ---------------------------------------------------------------- serving
+
+APP, DEPLOYMENT = "aigc", "model-aigc-tiny"
+
+
+class Load:
+    """Clients that count every failure themselves: half stream (SSE until [DONE]), half not."""
+
+    def __init__(self, port: int, clients: int):
+        self.port, self.clients = port, clients
+        self.ok = self.failed = 0
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._run, args=(i % 2 == 0,), daemon=True)
+            for i in range(clients)
+        ]
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+    def completed(self) -> int:
+        return self.ok
+
+    def _run(self, stream: bool):
+        while not self.stop.is_set():
+            try:
+                request(self.port, stream=stream, timeout=120)
+                with self.lock:
+                    self.ok += 1
+            except Exception as e:  # noqa: BLE001 - every failure is counted and kept
+                with self.lock:
+                    self.failed += 1
+                    self.errors.append(repr(e)[:300])
+
+
+def request(port: int, stream: bool, timeout: float, max_tokens: int = 8) -> float:
+    """One completion; returns seconds to the first token. Raises on anything but a full
+    200 answer."""
+    body = json.dumps(
+        {
+            "model": "aigc-tiny",
+            "prompt": "def f(x):",
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": stream,
+        }
+    )
+    t0 = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {r.read()[:200]!r}")
+        if not stream:
+            out = json.loads(r.read())
+            assert out["usage"]["completion_tokens"] >= 1, out
+            return time.monotonic() - t0
+        first = None
+        for raw in r:
+            line = raw.decode().strip()
+            if line.startswith("data:") and first is None:
+                first = time.monotonic() - t0
+            if line == "data: [DONE]":
+                return first
+        raise RuntimeError("stream ended without [DONE]")
+    finally:
+        conn.close()
+
+
+def _serve_overrides(model: Path, port: int, min_replicas: int) -> list[str]:
+    return [
+        f"serve.model_dir={model}",
+        f"serve.port={port}",
+        "serve.num_gpus=1",
+        "serve.num_cpus=1",
+        "serve.engine=builtin",
+        "serve.sample_max_tokens=4",
+        f"serve.autoscaling.min_replicas={min_replicas}",
+        "serve.autoscaling.max_replicas=3",
+        "serve.autoscaling.target_ongoing_requests=2",
+        "serve.autoscaling.upscale_delay_s=1",
+        "serve.autoscaling.downscale_delay_s=5",
+        # >= the 10 s at which handles push their metrics: a shorter window holds no sample at
+        # times, reads as no load, and stops the replicas that are still starting
+        "serve.autoscaling.look_back_period_s=10",
+    ]
+
+
+def _gpu_nodes(local: Local) -> int:
+    return local.api.alive_by_type().get("gpu-worker", 0)
+
+
+def _running(local: Local) -> int:
+    return sum(r.get("state") == "RUNNING" for r in local.api.replicas(APP, DEPLOYMENT))
+
+
+def test_serving_scales_gpu_replicas_and_nodes_up_down_and_from_zero(local, trained):
+    port = free_port()
+    model = trained["model"]
+    _, out = local.submit("serve.py", *_serve_overrides(model, port, 1))
+    assert "left serving at" in out, out[-3000:]
+    # the training nodes have gone idle; the replica holds one GPU node
+    _wait(lambda: _gpu_nodes(local) == 1 and _running(local) == 1, 60, "1 replica on 1 GPU node")
+    load = Load(port, clients=6)
+    with Timeline(local.api, APP, DEPLOYMENT, load.completed) as tl:
+        tl.mark("load on (6 clients)")
+        t_load = time.time()
+        with load:
+            _wait(lambda: _running(local) == 3, 150, "3 replicas under load")
+            t3 = time.time()
+            tl.mark("3 replicas")
+            time.sleep(5)  # steady state at 3
+            assert _gpu_nodes(local) == 3
+        tl.mark("load off")
+        t_off = time.time()
+        _wait(lambda: _running(local) == 1, 60, "back to 1 replica")
+        _wait(lambda: _gpu_nodes(local) == 1, 60, "idle GPU nodes removed")
+        tl.mark("idle nodes removed")
+        t_down = time.time()
+        # min_replicas 0: the last replica and GPU node go; a request wakes both
+        _, out = local.submit("serve.py", *_serve_overrides(model, port, 0))
+        _wait(lambda: _running(local) == 0, 60, "0 replicas")
+        _wait(lambda: _gpu_nodes(local) == 0, 60, "no GPU node")
+        tl.mark("scaled to zero")
+        first_token = request(port, stream=True, timeout=180)
+        tl.mark("first token after zero")
+        time.sleep(2)
+    timeline = {
+        **tl.to_json(),
+        "summary": {
+            "load_to_3_replicas_s": round(t3 - t_load, 1),
+            "load_off_to_idle_nodes_removed_s": round(t_down - t_off, 1),
+            "first_token_from_zero_s": round(first_token, 1),
+            "requests_ok": load.ok,
+            "requests_failed": load.failed,
+        },
+    }
+    if os.environ.get("AIGC_RAY_CLUSTER_TIMELINE"):
+        Path(os.environ["AIGC_RAY_CLUSTER_TIMELINE"]).write_text(json.dumps(timeline, indent=1))
+    assert load.failed == 0, load.errors[:5]
+    assert load.ok > 20
+    # every replica of the app ran on a GPU node, the router on the head
+    nodes = local.nodes_by_id()
+    servers = local.api.actors(class_name="ServeReplica:aigc:model-aigc-tiny")
+    assert servers and {nodes[a["node_id"]]["node_type"] for a in servers} == {"gpu-worker"}
+    routers = local.api.actors(class_name="ServeReplica:aigc:Router")
+    assert routers and {nodes[a["node_id"]]["node_type"] for a in routers} == {"head"}
+    # a GPU node of the right type was up within NODE_UP_S of the load
+    rows = timeline["rows"]
+    up = [r["t"] for r in rows if r["nodes"].get("gpu-worker", 0) >= 2]
+    assert up and up[0] - (t_load - tl.t0) <= NODE_UP_S, up[:1]
+    assert first_token < 120, first_token
