@@ -398,13 +398,9 @@ def processes_of(cluster: LocalCluster) -> list:
     return list(found.values())
 
 
-def local_down(directory: str | Path, timeout_s: float = 10) -> int:
-    """Stop every process of the local cluster in `directory` (terminate, then kill); return
-    how many there were. Raises if any survives."""
+def _stop(procs: list, timeout_s: float) -> None:
     import psutil
 
-    cluster = LocalCluster.load(directory)
-    procs = processes_of(cluster)
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.terminate()
@@ -413,13 +409,29 @@ def local_down(directory: str | Path, timeout_s: float = 10) -> int:
         with contextlib.suppress(psutil.Error):
             p.kill()
     psutil.wait_procs(alive, timeout=timeout_s)
+
+
+def local_down(directory: str | Path, timeout_s: float = 10) -> int:
+    """Stop every process of the local cluster in `directory` (terminate, then kill); return
+    how many there were. The autoscaler goes first, so it launches no node meanwhile; a process
+    started while the rest stop is caught by the next round. Raises if any survives."""
+    cluster = LocalCluster.load(directory)
+    stopped = 0
+    for _ in range(3):
+        procs = processes_of(cluster)
+        if not procs:
+            break
+        monitor = [p for p in procs if "autoscaler/_private/monitor.py" in " ".join(p.cmdline())]
+        _stop(monitor, timeout_s)
+        _stop(procs, timeout_s)
+        stopped += len(procs)
     left = processes_of(cluster)
     if left:
         raise ClusterError(
             f"{len(left)} processes of the local cluster survived: {[p.pid for p in left]}"
         )
     shutil.rmtree(cluster.temp_dir, ignore_errors=True)
-    return len(procs)
+    return stopped
 
 
 def local_status(directory: str | Path) -> str:

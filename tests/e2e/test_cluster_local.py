@@ -4,12 +4,17 @@ launches is a set of local raylet processes carrying its type's resources, GPUs 
 token authentication as cluster.yaml starts Ray. Every stage goes through `ray job submit
 --working-dir .` as docs/cluster.md says; what ran where is read back from Ray's state API.
 
-One cluster for the module, in order: preprocessing on CPU worker nodes; training asking for
-GPUs on GPU worker nodes, one of which is killed mid-run (a spot reclaim) and replaced; a Serve
-app with one GPU per replica autoscaling 1..3 under streaming and non-streaming load and back,
-GPU nodes launched and removed with it, then scaled to zero and woken by a request; `down`
-leaves no process. AIGC_RAY_CLUSTER_TIMELINE=path also writes the serving timeline there
-(benchmarks/cluster_autoscaling.py draws docs/cluster.md's figure from it)."""
+One cluster for the module, in order, with the stages sharing their outputs through object
+storage as docs/cluster.md's recipe does (an S3-compatible server, moto, on loopback; the jobs
+get its settings through the runtime env): preprocessing on CPU worker nodes; training asking
+for GPUs on GPU worker nodes, one of which is killed mid-run (a spot reclaim) and replaced; a
+Serve app with one GPU per replica autoscaling 0..3 under streaming and non-streaming load, GPU
+nodes launched and removed with it, down to zero and woken by a request; a client without the
+token refused; `down` leaves no process. AIGC_RAY_CLUSTER_TIMELINE=path also writes the
+serving timeline there (benchmarks/cluster_autoscaling.py draws docs/cluster.md's figure).
+
+This module replaces test_cluster_jobs.py (a hand-started two-node cluster), which it covers:
+`ray job submit --working-dir .` under token auth, stages sharing s3://, the endpoint left up."""
 
 import http.client
 import json
@@ -50,11 +55,16 @@ SMALL = [  # a small corpus and model: the cluster's plumbing is under test, not
 ]
 
 
+BUCKET = "aigc-local"
+
+
 @dataclass
 class Local:
     cluster: LocalCluster
     api: ClusterApi
     root: Path
+    s3: object  # boto3 client of the bucket's server
+    job_env: dict  # the jobs' runtime-env variables (S3 settings, model cache)
 
     def ray(self, *args, timeout=300):
         env = {**os.environ, **self.cluster.client_env()}
@@ -75,6 +85,8 @@ class Local:
             "submit",
             "--working-dir",
             ".",
+            "--runtime-env-json",
+            json.dumps({"env_vars": self.job_env}),
             *flags,
             "--",
             "python",
@@ -105,6 +117,10 @@ class Local:
     def nodes_by_id(self) -> dict[str, dict]:
         return {n["node_id"]: n for n in self.api.nodes()}
 
+    def keys(self, prefix: str = "") -> set[str]:
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        return {o["Key"] for page in pages for o in page.get("Contents", [])}
+
 
 def _cli(*args, timeout=180):
     return subprocess.run(
@@ -121,15 +137,60 @@ def _wait(predicate, timeout_s, what, every_s=0.5):
 
 
 @pytest.fixture(scope="module")
-def local(tmp_path_factory):
+def bucket():
+    """moto's S3 server on loopback with one bucket: (client, its settings for the jobs)."""
+    import boto3
+
+    port = free_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+        _wait(lambda: _try(client.create_bucket, Bucket=BUCKET), 30, "moto_server", 0.2)
+        yield client, env
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def _try(fn, **kw) -> bool:
+    try:
+        fn(**kw)
+        return True
+    except Exception:  # noqa: BLE001 - the server is still starting
+        return False
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory, bucket):
     d = tmp_path_factory.mktemp("local_cluster")
     up = _cli("cluster", "local", "up", "--dir", str(d), "--idle-timeout-s", str(IDLE_S))
     assert up.returncode == 0, up.stderr[-3000:]
     for line in ("cpu-worker", "CPU 16", "gpu-worker", "CPU 4, GPU 1", "dashboard / Jobs API"):
         assert line in up.stdout, up.stdout
     cluster = LocalCluster.load(d)
+    client, s3_env = bucket
+    job_env = {
+        **s3_env,
+        "AIGC_RAY_CACHE": str(d / "cache"),  # where replicas copy the s3:// model
+    }
     try:
-        yield Local(cluster, ClusterApi(cluster), d)
+        yield Local(cluster, ClusterApi(cluster), d, client, job_env)
     finally:
         down = _cli("cluster", "local", "down", "--dir", str(d))
         assert down.returncode == 0 and "none left" in down.stdout, down.stdout + down.stderr
@@ -146,16 +207,21 @@ def _ran_on(local: Local, tasks: list[dict]) -> dict[str, set]:
     return out
 
 
+DATA = f"s3://{BUCKET}/data"
+
+
 @pytest.fixture(scope="module")
 def preprocessed(local):
-    data = local.root / "data"
-    sid, out = local.submit("preprocess.py", *SMALL, f"data.output_dir={data}")
-    return sid, out, data
+    sid, out = local.submit("preprocess.py", *SMALL, f"data.output_dir={DATA}")
+    return sid, out
 
 
 def test_preprocessing_runs_on_cpu_worker_nodes_launched_for_it(local, preprocessed):
-    sid, out, data = preprocessed
-    assert "succeeded" in out and (data / "manifest.json").is_file(), out[-3000:]
+    sid, out = preprocessed
+    assert "succeeded" in out, out[-3000:]
+    keys = local.keys("data/")
+    assert "data/manifest.json" in keys
+    assert any(k.startswith("data/train/") and k.endswith(".parquet") for k in keys), keys
     job_id = local.job(sid)["job_id"]
     tasks = [
         t
@@ -173,11 +239,13 @@ def test_preprocessing_runs_on_cpu_worker_nodes_launched_for_it(local, preproces
     assert not any(n["node_type"] == "gpu-worker" for n in nodes.values()), "GPU node launched"
 
 
-def _train_overrides(data: Path, run_dir: Path) -> list[str]:
+def _train_overrides(run_dir: Path) -> list[str]:
     return [
         *SMALL,
-        f"data.output_dir={data}",
+        f"data.output_dir={DATA}",
         f"train.run_dir={run_dir}",
+        f"train.storage_path=s3://{BUCKET}/ray",
+        f"train.export_dir=s3://{BUCKET}/model",
         "train.name=gpu",
         "train.use_gpu=true",
         "train.num_workers=2",
@@ -209,11 +277,10 @@ def _kill_node(local: Local, node_id: str) -> int:
 def trained(local, preprocessed):
     """Training that asks for 2 GPUs (1 per worker), a GPU node killed after the first
     committed checkpoint; returns what happened."""
-    _, _, data = preprocessed
     run_dir = local.root / "train"
-    sid, _ = local.submit("train.py", *_train_overrides(data, run_dir), wait=False)
-    snapshot = run_dir / "ray" / "gpu" / "checkpoint_manager_snapshot.json"
-    _wait(snapshot.exists, 240, "the first committed checkpoint")
+    sid, _ = local.submit("train.py", *_train_overrides(run_dir), wait=False)
+    snapshot = "ray/gpu/checkpoint_manager_snapshot.json"  # Ray Train's commit record
+    _wait(lambda: snapshot in local.keys("ray/gpu/"), 240, "the first committed checkpoint", 1)
     workers = _wait(
         lambda: [a for a in local.api.actors(class_name="RayTrainWorker") if a["state"] == "ALIVE"],
         30,
@@ -229,7 +296,7 @@ def trained(local, preprocessed):
         "victim": victim,
         "killed_at": killed_at,
         "run_dir": run_dir,
-        "model": run_dir / "model",
+        "model": f"s3://{BUCKET}/model",
     }
 
 
@@ -262,7 +329,8 @@ def test_training_on_gpu_nodes_survives_losing_one(local, trained):
     assert before and before[-1] >= 5, "the run started over instead of resuming"
     losses = {r["step"]: r.get("val_loss") for r in rows if r.get("val_loss")}
     assert losses[STEPS] < losses[0], losses
-    assert (trained["model"] / "config.json").is_file()
+    assert "model/config.json" in local.keys("model/")  # exported to the bucket
+    assert any(k.startswith("ray/gpu/checkpoint_") for k in local.keys("ray/gpu/"))
 
 
 # ---------------------------------------------------------------- serving
@@ -344,7 +412,7 @@ def request(port: int, stream: bool, timeout: float, max_tokens: int = 8) -> flo
         conn.close()
 
 
-def _serve_overrides(model: Path, port: int, min_replicas: int) -> list[str]:
+def _serve_overrides(model: str, port: int) -> list[str]:
     return [
         f"serve.model_dir={model}",
         f"serve.port={port}",
@@ -352,14 +420,15 @@ def _serve_overrides(model: Path, port: int, min_replicas: int) -> list[str]:
         "serve.num_cpus=1",
         "serve.engine=builtin",
         "serve.sample_max_tokens=4",
-        f"serve.autoscaling.min_replicas={min_replicas}",
+        "serve.autoscaling.min_replicas=0",
+        "serve.autoscaling.initial_replicas=1",
         "serve.autoscaling.max_replicas=3",
-        "serve.autoscaling.target_ongoing_requests=2",
+        "serve.autoscaling.target_ongoing_requests=1",
         "serve.autoscaling.upscale_delay_s=1",
         "serve.autoscaling.downscale_delay_s=5",
-        # >= the 10 s at which handles push their metrics: a shorter window holds no sample at
-        # times, reads as no load, and stops the replicas that are still starting
-        "serve.autoscaling.look_back_period_s=10",
+        # longer than the 10 s at which Serve's handles push their load: a shorter window holds
+        # no sample at times, reads as no load, and stops replicas that are still starting
+        "serve.autoscaling.look_back_period_s=15",
     ]
 
 
@@ -371,42 +440,40 @@ def _running(local: Local) -> int:
     return sum(r.get("state") == "RUNNING" for r in local.api.replicas(APP, DEPLOYMENT))
 
 
-def test_serving_scales_gpu_replicas_and_nodes_up_down_and_from_zero(local, trained):
+def test_serving_scales_gpu_replicas_and_nodes_up_down_to_zero_and_back(local, trained):
+    """min_replicas 0, initial 1, max 3, one GPU per replica, the model read from the bucket."""
     port = free_port()
-    model = trained["model"]
-    _, out = local.submit("serve.py", *_serve_overrides(model, port, 1))
+    _, out = local.submit("serve.py", *_serve_overrides(trained["model"], port))
     assert "left serving at" in out, out[-3000:]
-    # the training nodes have gone idle; the replica holds one GPU node
-    _wait(lambda: _gpu_nodes(local) == 1 and _running(local) == 1, 60, "1 replica on 1 GPU node")
-    load = Load(port, clients=6)
+    # the training's GPU nodes have gone idle and away: a GPU node per running replica (1, or 0
+    # if the idle replica has already scaled to zero)
+    _wait(
+        lambda: _gpu_nodes(local) == _running(local) <= 1, 60, "no idle GPU node left by training"
+    )
+    load = Load(port, clients=4)
     with Timeline(local.api, APP, DEPLOYMENT, load.completed) as tl:
-        tl.mark("load on (6 clients)")
+        tl.mark("load on (4 clients)")
         t_load = time.time()
         with load:
             _wait(lambda: _running(local) == 3, 150, "3 replicas under load")
             t3 = time.time()
             tl.mark("3 replicas")
-            time.sleep(5)  # steady state at 3
+            time.sleep(3)  # steady state at 3
             assert _gpu_nodes(local) == 3
         tl.mark("load off")
         t_off = time.time()
-        _wait(lambda: _running(local) == 1, 60, "back to 1 replica")
-        _wait(lambda: _gpu_nodes(local) == 1, 60, "idle GPU nodes removed")
-        tl.mark("idle nodes removed")
-        t_down = time.time()
-        # min_replicas 0: the last replica and GPU node go; a request wakes both
-        _, out = local.submit("serve.py", *_serve_overrides(model, port, 0))
         _wait(lambda: _running(local) == 0, 60, "0 replicas")
-        _wait(lambda: _gpu_nodes(local) == 0, 60, "no GPU node")
-        tl.mark("scaled to zero")
-        first_token = request(port, stream=True, timeout=180)
+        _wait(lambda: _gpu_nodes(local) == 0, 60, "every GPU node removed")
+        tl.mark("zero replicas, zero GPU nodes")
+        t_down = time.time()
+        first_token = request(port, stream=True, timeout=180)  # waits for a node and a replica
         tl.mark("first token after zero")
         time.sleep(2)
     timeline = {
         **tl.to_json(),
         "summary": {
             "load_to_3_replicas_s": round(t3 - t_load, 1),
-            "load_off_to_idle_nodes_removed_s": round(t_down - t_off, 1),
+            "load_off_to_zero_gpu_nodes_s": round(t_down - t_off, 1),
             "first_token_from_zero_s": round(first_token, 1),
             "requests_ok": load.ok,
             "requests_failed": load.failed,
@@ -427,3 +494,10 @@ def test_serving_scales_gpu_replicas_and_nodes_up_down_and_from_zero(local, trai
     up = [r["t"] for r in rows if r["nodes"].get("gpu-worker", 0) >= 2]
     assert up and up[0] - (t_load - tl.t0) <= NODE_UP_S, up[:1]
     assert first_token < 120, first_token
+    # the cluster's APIs refuse a client without the token (cluster.yaml's token auth)
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{local.cluster.dashboard_url}/api/jobs/", timeout=30)
+    assert refused.value.code in (401, 403)
