@@ -411,7 +411,7 @@ def _stop(procs: list, timeout_s: float) -> None:
     psutil.wait_procs(alive, timeout=timeout_s)
 
 
-def local_down(directory: str | Path, timeout_s: float = 10) -> int:
+def local_down(directory: str | Path, timeout_s: float = 3) -> int:
     """Stop every process of the local cluster in `directory` (terminate, then kill); return
     how many there were. The autoscaler goes first, so it launches no node meanwhile; a process
     started while the rest stop is caught by the next round. Raises if any survives."""

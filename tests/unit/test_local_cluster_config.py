@@ -144,3 +144,17 @@ def test_a_gpu_torch_cannot_see_fails_loudly_except_on_fake_nodes(monkeypatch, c
     monkeypatch.setenv("RAY_FAKE_CLUSTER", "1")
     assert usable_device("cuda:0", "training worker 0") == "cpu"
     assert "fake GPU node" in caplog.text
+
+
+def test_up_refuses_an_unmappable_cluster_yaml_before_starting_anything(tmp_path, capsys):
+    from aigc_ray.cli import main
+
+    spec = copy.deepcopy(RAW)
+    spec["available_node_types"]["gpu-worker"]["resources"]["GPU"] = "one"
+    bad = tmp_path / "cluster.yaml"
+    bad.write_text(yaml.safe_dump(spec))
+    state = tmp_path / "state"
+    rc = main(["cluster", "local", "up", "--cluster-yaml", str(bad), "--dir", str(state)])
+    assert rc == 2
+    assert "gpu-worker.resources.GPU: 'one' is not a non-negative number" in capsys.readouterr().err
+    assert not state.exists()  # nothing written, nothing started
