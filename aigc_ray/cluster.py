@@ -466,18 +466,6 @@ def banner(cluster: LocalCluster, spec: dict) -> str:
     )
 
 
-def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.5):
-    """Poll `predicate` until it returns something truthy; ClusterError naming `what` on timeout."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = predicate()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise ClusterError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(every_s)
-
-
 # ---------------------------------------------------------------- watching it
 
 
