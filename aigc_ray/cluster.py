@@ -254,6 +254,7 @@ class LocalCluster:
     config_path: str
     head_type: str  # the head's name in cluster.yaml
     types: dict
+    head_pid: int = 0  # `ray start --head --block`: every process of the cluster is under it
 
     def client_env(self) -> dict[str, str]:
         """What `ray job submit`, `ray status` or ray.init need to reach this cluster."""
@@ -335,8 +336,6 @@ def local_up(
     )
     head_res = dict(types[head_name]["resources"])
     cmd = [
-        ray_cli(),
-        "start",
         "--head",
         f"--port={gcs.rsplit(':', 1)[1]}",
         f"--autoscaling-config={config_path}",
@@ -367,35 +366,94 @@ def local_up(
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     env.pop("RAY_ADDRESS")
+    cluster.head_pid = start_ray_node(cmd, env, d / "head.log")
     (d / STATE_FILE).write_text(json.dumps(asdict(cluster), indent=1))
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    if r.returncode != 0:
-        local_down(d)
-        raise ClusterError(f"ray start --head failed ({r.returncode}): {r.stderr[-2000:]}")
     return cluster
 
 
-def processes_of(cluster: LocalCluster) -> list:
-    """Every process of the local cluster: those whose command line names its temp dir or GCS
-    address (GCS, raylets, dashboard, monitor, client server, the fake provider's nodes) and all
-    their descendants (workers, agents). Never this process or its parents."""
+def start_ray_node(args: list[str], env: dict, log_path: str | Path, timeout_s: float = 180) -> int:
+    """`ray start <args> --block` as a process of its own (its own session, its output in
+    `log_path`); returns its pid once Ray says the node started. Every process of the node (GCS,
+    raylet, dashboard, autoscaler, the nodes the fake provider launches, workers, drivers) runs
+    under that pid, so `process_tree(pid)` finds them all without searching the machine."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [ray_cli(), "start", *args, "--block"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_adopt_orphans,
+        )
+    deadline = time.monotonic() + timeout_s
+    while "Ray runtime started" not in Path(log_path).read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_tree(proc.pid, 3)
+            tail = Path(log_path).read_text(errors="replace")[-2000:]
+            raise ClusterError(f"ray start failed (exit {proc.poll()}): {tail}")
+        time.sleep(0.2)
+    return proc.pid
+
+
+def _adopt_orphans() -> None:
+    """In the child before exec: become a child subreaper (Linux), so a process of the node
+    whose parent dies (a job's driver, a worker) is re-parented to the node's root instead of
+    init, and stays in its tree. Elsewhere nothing is done."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def process_tree(pid: int) -> list:
+    """The live process `pid` and every process under it (none if it is gone)."""
     import psutil
 
-    own = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    marks = (cluster.temp_dir, cluster.gcs_address)
-    roots = []
-    for p in psutil.process_iter(["cmdline"]):
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+    alive = []
+    for p in procs:
         with contextlib.suppress(psutil.Error):
-            line = " ".join(p.info["cmdline"] or [])
-            if p.pid not in own and any(m in line for m in marks):
-                roots.append(p)
-    found = {}
-    for r in roots:
-        with contextlib.suppress(psutil.Error):
-            for p in [r, *r.children(recursive=True)]:
-                if p.pid not in own and p.status() != psutil.STATUS_ZOMBIE:
-                    found[p.pid] = p
-    return list(found.values())
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+    return alive
+
+
+def processes_of(cluster: LocalCluster) -> list:
+    """Every process of the local cluster: the head's `ray start --block` and its descendants."""
+    return process_tree(cluster.head_pid) if cluster.head_pid else []
+
+
+def stop_tree(pid: int, timeout_s: float = 3) -> int:
+    """Stop `pid` and everything under it, in rounds (a process started while the others stop
+    is caught by the next); returns how many processes there were. The autoscaler goes first in
+    each round, so it launches no node meanwhile. Raises if any survives."""
+    stopped = 0
+    for _ in range(3):
+        procs = process_tree(pid)
+        if not procs:
+            break
+        monitor = [p for p in procs if "autoscaler/_private/monitor.py" in _cmdline(p)]
+        _stop(monitor, timeout_s)
+        _stop(procs, timeout_s)
+        stopped += len(procs)
+    left = process_tree(pid)
+    if left:
+        raise ClusterError(f"{len(left)} Ray processes survived: {[p.pid for p in left]}")
+    return stopped
+
+
+def _cmdline(p) -> str:
+    import psutil
+
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def _stop(procs: list, timeout_s: float) -> None:
@@ -413,23 +471,9 @@ def _stop(procs: list, timeout_s: float) -> None:
 
 def local_down(directory: str | Path, timeout_s: float = 3) -> int:
     """Stop every process of the local cluster in `directory` (terminate, then kill); return
-    how many there were. The autoscaler goes first, so it launches no node meanwhile; a process
-    started while the rest stop is caught by the next round. Raises if any survives."""
+    how many there were. Raises if any survives."""
     cluster = LocalCluster.load(directory)
-    stopped = 0
-    for _ in range(3):
-        procs = processes_of(cluster)
-        if not procs:
-            break
-        monitor = [p for p in procs if "autoscaler/_private/monitor.py" in " ".join(p.cmdline())]
-        _stop(monitor, timeout_s)
-        _stop(procs, timeout_s)
-        stopped += len(procs)
-    left = processes_of(cluster)
-    if left:
-        raise ClusterError(
-            f"{len(left)} processes of the local cluster survived: {[p.pid for p in left]}"
-        )
+    stopped = stop_tree(cluster.head_pid, timeout_s) if cluster.head_pid else 0
     shutil.rmtree(cluster.temp_dir, ignore_errors=True)
     return stopped
 

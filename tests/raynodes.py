@@ -1,34 +1,12 @@
-"""Ray nodes a test starts itself with `ray start --temp-dir=...`, and the processes they run.
+"""The actors' processes of a Ray session a test started, read from that session's own logs.
 
-Everything is found from the test's own temp dir (the roots' command lines hold it) and the
-process tree under those roots: never by name across the machine, where another run's Ray may be
-running."""
+Nodes a test starts itself are `aigc_ray.cluster.start_ray_node` processes: everything of a node
+is under its pid (`process_tree`, `stop_tree`). Nothing is ever found by name across the
+machine, where another run's Ray may be running."""
 
 import contextlib
 
 import psutil
-
-
-def _roots(temp_dir) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if str(temp_dir) in " ".join(p.info["cmdline"] or []):
-                found.append(p)
-    return found
-
-
-def _tree(proc: psutil.Process) -> list[psutil.Process]:
-    try:
-        return [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return [proc]
-
-
-def processes_under(temp_dir) -> list[psutil.Process]:
-    """The Ray processes started with a --temp-dir under `temp_dir` (GCS, raylets, dashboard,
-    log monitors) and every process they started (workers, drivers)."""
-    return list({p.pid: p for r in _roots(temp_dir) for p in _tree(r)}.values())
 
 
 def actor_pids(logs_dir, class_name: str) -> list[int]:
@@ -53,16 +31,3 @@ def actor_pids(logs_dir, class_name: str) -> list[int]:
                 if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
                     pids.add(pid)
     return sorted(pids)
-
-
-def stop_nodes_under(temp_dir) -> None:
-    """Terminate (then kill) every process of the nodes under `temp_dir`: `ray stop` would stop
-    every Ray on the machine."""
-    procs = processes_under(temp_dir)
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=5)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()

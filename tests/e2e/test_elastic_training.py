@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 from ports import free_port
-from raynodes import actor_pids, stop_nodes_under
+from raynodes import actor_pids
+
+from aigc_ray.cluster import start_ray_node, stop_tree
 from tiny import stdlib_texts
 from waiting import wait_until
 
@@ -58,38 +60,38 @@ def _env(gcs_port: int | None = None) -> dict:
     return env
 
 
-def _ray_start(tmp: Path, name: str, *args: str) -> None:
+def _ray_start(tmp: Path, name: str, *args: str) -> int:
+    """`ray start --block` of one node of this test (its processes all under the pid returned)."""
     # A worker group that cannot start (its node just left) gives up after 30 s, not 60 s, and
     # the run restarts at the size that fits.
     env = {**_env(), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
-    out = subprocess.run(
-        [str(BIN / "ray"), "start", f"--temp-dir={tmp / name}", "--disable-usage-stats", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
+    args = [f"--temp-dir={tmp / name}", "--disable-usage-stats", *args]
+    return start_ray_node(args, env, tmp / f"{name}.log")
 
 
 @pytest.fixture
 def cluster():
-    """(temp dir, GCS port) of a one-node Ray head; the test adds and removes a worker node."""
+    """(temp dir, GCS port, node pids) of a one-node Ray head; the test adds and removes a
+    worker node (its pid added to the list)."""
     tmp = Path(tempfile.mkdtemp(prefix="aigc_el_", dir="/tmp"))
     port = free_port()
+    nodes: list[int] = []
     try:
-        _ray_start(
-            tmp,
-            "h",
-            "--head",
-            f"--port={port}",
-            "--num-cpus=2",
-            "--include-dashboard=false",
-            '--resources={"trainer": 1}',
+        nodes.append(
+            _ray_start(
+                tmp,
+                "h",
+                "--head",
+                f"--port={port}",
+                "--num-cpus=2",
+                "--include-dashboard=false",
+                '--resources={"trainer": 1}',
+            )
         )
-        yield tmp, port
+        yield tmp, port, nodes
     finally:
-        stop_nodes_under(tmp)
+        for pid in reversed(nodes):
+            stop_tree(pid)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -194,7 +196,7 @@ def check_epochs(ledger: list, rows: list[dict], epoch_rows: int) -> list[str]:
 
 
 def test_elastic_run_grows_and_shrinks_with_the_nodes_exactly_once(cluster, measured):
-    tmp, port = cluster
+    tmp, port, nodes = cluster
     corpus = tmp / "corpus"
     corpus.mkdir()
     for i, text in enumerate(stdlib_texts(files=24, chars=2000)):
@@ -230,16 +232,17 @@ def test_elastic_run_grows_and_shrinks_with_the_nodes_exactly_once(cluster, meas
             240,
             "one worker training with a checkpoint",
         )
-        _ray_start(
+        worker = _ray_start(
             tmp, "w", f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"trainer": 1}'
         )
+        nodes.append(worker)
         grow = wait_until(
             going(lambda: len(_workers(tmp)) == 2), 180, "grown to two workers (node joined)"
         )
         wait_until(
             going(lambda: _latest(run_dir).get("workers") == 2), 300, "a checkpoint of two workers"
         )
-        stop_nodes_under(tmp / "w")
+        stop_tree(worker)  # the node leaves: every process of it stopped
         at_kill = _latest(run_dir)["step"]
 
         def one_worker_steps() -> bool:  # a checkpoint after the kill, its steps at one worker

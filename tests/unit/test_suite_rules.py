@@ -70,10 +70,18 @@ def test_file_follows_the_suite_rules(path):
     assert not bad, f"{path.name} imports a test module or a conftest: {bad}"
     assert not _top_level_calls(tree, "free_port"), f"{path.name}: a port picked at import time"
     assert not _environ_writes(tree), f"{path.name}: os.environ written without restoring it"
-    if path.name != "raynodes.py":
-        assert "process_iter" not in path.read_text() or path.name == Path(__file__).name, (
-            f"{path.name}: processes found by name machine-wide; use raynodes / Ray's state API"
-        )
+    assert "process_iter" not in path.read_text() or path.name == Path(__file__).name, (
+        f"{path.name}: processes found by name machine-wide; use aigc_ray.cluster.process_tree"
+        " of the node's pid, raynodes.actor_pids or Ray's state API"
+    )
+
+
+def test_the_package_never_searches_the_machine_for_processes():
+    """`aigc-ray cluster local down` stops the processes under the head's pid, not every
+    process whose command line looks like the cluster's."""
+    pkg = TESTS.parent / "aigc_ray"
+    found = [p.name for p in pkg.rglob("*.py") if "process_iter" in p.read_text()]
+    assert not found, found
 
 
 def test_the_rules_catch_what_they_forbid():
