@@ -2,18 +2,25 @@
 
 import pytest
 
-_REPORTS: list[tuple[str, str]] = []
-
 
 @pytest.fixture
-def measured():
+def measured(request):
     """Record a measured figure (what, value) for the session's summary (`make test` prints
-    it): tests that measure scaling or switching times report them there."""
-    return lambda what, value: _REPORTS.append((what, value))
+    it): tests that measure scaling or switching times report them there. Kept in the test's
+    report (user_properties), so figures from pytest-xdist's workers reach the summary too."""
+    return lambda what, value: request.node.user_properties.append(("measured", (what, value)))
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _REPORTS:
+    figures = [
+        value
+        for key in ("passed", "failed")
+        for report in terminalreporter.stats.get(key, [])
+        if report.when == "call"
+        for name, value in report.user_properties
+        if name == "measured"
+    ]
+    if figures:
         terminalreporter.section("measured")
-        for what, value in _REPORTS:
+        for what, value in figures:
             terminalreporter.write_line(f"{what}: {value}")
