@@ -342,14 +342,18 @@ class VllmSettings(_Section):
         description="GPUs one replica spans (vLLM's workers in the replica's placement group).",
     )
     gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="Fraction of each GPU's memory vLLM may use."
+        0.9, gt=0, le=1, description="Fraction of each GPU's memory vLLM may use (GPUs only)."
     )
     quantization: str | None = Field(
         None, description="vLLM quantization method; empty = what the model directory says."
     )
     enable_prefix_caching: bool = Field(True, description="Reuse KV cache of shared prefixes.")
     kv_cache_memory_gb: float | None = Field(
-        None, gt=0, description="KV-cache size per replica in GiB; empty = vLLM sizes it."
+        None,
+        gt=0,
+        description="KV-cache size per replica in GiB; empty = on GPUs vLLM sizes it from "
+        "gpu_memory_utilization, on CPUs room for 64 full-context sequences, at most 25% of the "
+        "memory free when the engine starts.",
     )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Any other AsyncEngineArgs, passed through."

@@ -7,6 +7,8 @@ PipelineError). The command line prints their message and exits 2 (found before 
 ValueErrors (RuntimeError for PipelineError) for callers that catch those.
 """
 
+import re
+
 
 class AigcRayError(Exception):
     """A problem with the inputs, configuration or environment, explained in the message."""
@@ -18,3 +20,19 @@ class StorageError(AigcRayError, ValueError):
 
 class ModelDirError(AigcRayError, ValueError):
     """A path given as a model directory does not hold a Hugging Face model."""
+
+
+def root_cause(log: str) -> str:
+    """The last exception line of a traceback in `log` ("ValueError: Available memory ..."),
+    else the last ERROR line; "" when there is neither."""
+    # vLLM prefixes its child processes' lines: "(EngineCore_DP0 pid=81) ValueError: ..."
+    line = r"^(?:\(\S+ pid=\d+\)\s+)?(?:[\w.]*\.)?(\w+(?:Error|Exception)): (.+)$"
+    errors = re.findall(line, log, re.M)
+    errors = [(n, m) for n, m in errors if "See root cause above" not in m]
+    if errors:
+        name, message = errors[-1]
+        return f"{name}: {message.strip()}"
+    lines = [
+        x for x in log.splitlines() if re.search(r"\bERROR\b", x) and "root cause" not in x
+    ]
+    return lines[-1].strip()[-500:] if lines else ""

@@ -33,6 +33,7 @@ from aigc_ray.engine.params import (
     validate_params,
 )
 from aigc_ray.engine.request import EngineRequest
+from aigc_ray.errors import root_cause
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class VllmEngine:
         self.counters = new_counters(running=0, waiting=0, kv_cache_usage=0.0)
         loggers = [stats_logger_factory(self.counters), *(stat_loggers or [])]
         if _on_cpu(args):
+            size_cpu_kv_cache(args, model_dir, available_memory())
             # Ray sets OMP_NUM_THREADS to an actor's CPUs; vLLM then keeps that many torch
             # threads in its engine processes, whose OpenMP workers spin between ops and take
             # CPU from the forward pass. Unset, vLLM binds its worker to its own cores and runs
@@ -163,13 +165,14 @@ class VllmEngine:
         async def start():
             return AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=loggers)
 
+        log = StderrTail()  # vLLM's engine core logs its own error there, not in `e`
         try:
             self.llm = asyncio.run_coroutine_threadsafe(start(), self._loop).result()
         except Exception as e:
             self._stop_loop()
-            raise EngineUnavailableError(
-                f"vLLM could not load {model_dir}: {type(e).__name__}: {e}"
-            ) from e
+            # vLLM's own reason, else its message ("... See root cause above": in this log)
+            why = root_cause(log.new_text()) or f"{type(e).__name__}: {e}"
+            raise EngineUnavailableError(f"vLLM could not load {model_dir}: {why}") from e
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.context_window = int(self.llm.model_config.max_model_len)
         self.max_logprobs = int(getattr(self.llm.model_config, "max_logprobs", 20))
@@ -421,6 +424,97 @@ def _names(proc) -> list[str]:
         return [proc.name(), *proc.cmdline()]
     except Exception:  # noqa: BLE001 - a process that just exited has no name
         return []
+
+
+# ---------------------------------------------------------------- vLLM's CPU build
+
+GiB = 1024**3
+CPU_KV_SHARE = 0.25  # of the memory free now, at most, for one replica's KV cache (default)
+CPU_KV_SEQS = 64  # full-length sequences the default KV cache is sized for, at most
+
+
+def available_memory() -> int:
+    """Bytes of memory free for new allocations now (the kernel's MemAvailable)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def kv_bytes_per_token(config: dict, dtype: str) -> int:
+    """K and V of one token over every layer: 2 x layers x KV heads x head size x dtype size."""
+    import torch
+
+    layers = config.get("num_hidden_layers") or config["n_layer"]
+    heads = config.get("num_attention_heads") or config["n_head"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or (config.get("hidden_size") or config["n_embd"]) // heads
+    size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return 2 * layers * kv_heads * head_dim * size
+
+
+def size_cpu_kv_cache(args: dict, model_dir: str, free: int) -> None:
+    """The KV cache of vLLM's CPU build, when nothing sets it (kv_cache_memory_gb,
+    engine_kwargs.kv_cache_memory_bytes, VLLM_CPU_KVCACHE_SPACE): room for CPU_KV_SEQS
+    sequences of the full context (or max_num_seqs, if fewer), at most CPU_KV_SHARE of the memory
+    free now, and never less than one full sequence. vLLM's own default there reserves
+    gpu_memory_utilization (0.9) of all memory and refuses to start unless that much is free,
+    which a machine running anything else never has. An explicit size that exceeds what is free
+    is refused here, with the numbers, before vLLM starts."""
+    import json
+    from pathlib import Path
+
+    explicit = args.get("kv_cache_memory_bytes")
+    if explicit is None and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        explicit = int(os.environ["VLLM_CPU_KVCACHE_SPACE"]) * GiB
+    if explicit is not None:
+        if explicit > free:
+            raise EngineUnavailableError(
+                f"vLLM's KV cache of {explicit / GiB:.2f} GiB for {model_dir} does not fit in "
+                f"the {free / GiB:.2f} GiB of memory free on this node: lower "
+                "serve.vllm.kv_cache_memory_gb (or generate.vllm.kv_cache_memory_gb), or leave "
+                "it empty to size it from the free memory"
+            )
+        return
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    context = args.get("max_model_len") or config.get("max_position_embeddings") or 2048
+    per_seq = kv_bytes_per_token(config, args.get("dtype") or "float32") * int(context)
+    want = per_seq * min(CPU_KV_SEQS, args.get("max_num_seqs") or CPU_KV_SEQS)
+    size = min(want, int(free * CPU_KV_SHARE))
+    if size < per_seq:
+        raise EngineUnavailableError(
+            f"vLLM needs {per_seq / GiB:.2f} GiB of KV cache for one {context}-token sequence "
+            f"of {model_dir}, more than {CPU_KV_SHARE:.0%} of the {free / GiB:.2f} GiB free on "
+            "this node: set serve.max_model_len lower, or serve.vllm.kv_cache_memory_gb"
+        )
+    args["kv_cache_memory_bytes"] = size
+    logger.info(
+        "vLLM on CPU: KV cache %.3f GiB for %s (%d full %d-token sequences; %.1f GiB free)",
+        size / GiB,
+        model_dir,
+        size // per_seq,
+        context,
+        free / GiB,
+    )
+
+
+class StderrTail:
+    """What is written to this process's stderr from now on, when stderr is a file (a Ray
+    worker's log): vLLM's engine core, a child process sharing it, logs the real reason it
+    failed there and raises only "Engine core initialization failed. See root cause above"."""
+
+    def __init__(self):
+        try:
+            self.path = os.readlink("/proc/self/fd/2")
+            self.start = os.path.getsize(self.path) if os.path.isfile(self.path) else None
+        except OSError:
+            self.path, self.start = None, None
+
+    def new_text(self, limit: int = 200_000) -> str:
+        if self.start is None:
+            return ""
+        with open(self.path, "rb") as f:
+            f.seek(max(self.start, os.path.getsize(self.path) - limit))
+            return f.read().decode(errors="replace")
 
 
 def _on_cpu(args: dict) -> bool:

@@ -126,8 +126,32 @@ def run_serve(cfg: ServeConfig, model_dir: str | None = None, app_name: str = "a
     serve.start(
         http_options={"host": cfg.host, "port": cfg.port}, proxy_location=cfg.proxy_location
     )
-    serve.run(app, name=app_name, route_prefix="/", blocking=False)
+    try:
+        serve.run(app, name=app_name, route_prefix="/", blocking=False)
+    except RuntimeError as e:  # Serve says only "Failed to update the deployments [...]"
+        reasons = deploy_failures(app_name)
+        serve.delete(app_name)  # no replica left retrying a constructor that fails
+        raise ServeError(
+            f"app {app_name!r} failed to deploy and was deleted: "
+            + ("; ".join(reasons) or str(e))
+        ) from None
     return f"http://{cfg.host}:{cfg.port}"
+
+
+def deploy_failures(app_name: str) -> list[str]:
+    """'<deployment>: <the exception its replicas raised>' for each deployment of the app that
+    failed, the exception read from the traceback Serve keeps in the deployment's status."""
+    from aigc_ray.errors import root_cause
+
+    try:
+        deployments = serve.status().applications[app_name].deployments
+    except KeyError:
+        return []
+    return [
+        f"{name}: {root_cause(d.message) or d.message.strip()[-500:]}"
+        for name, d in deployments.items()
+        if str(d.status).endswith(("DEPLOY_FAILED", "UNHEALTHY"))
+    ]
 
 
 def engine_report(app_name: str = "aigc") -> dict[str, dict]:

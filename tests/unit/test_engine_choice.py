@@ -122,3 +122,83 @@ def test_vllm_settings_become_engine_options():
 
 def test_cpu_threads():
     assert cpu_threads(2, 0) == 2 and cpu_threads(0.25, 0) == 1 and cpu_threads(4, 1) is None
+
+
+# ---------------------------------------------------------------- vLLM's CPU build defaults
+
+GiB = 1024**3
+
+
+def _llama(tmp_path, **config) -> str:
+    """A config of 2 layers x 4 KV heads x head size 32, 1024 positions: fp32 K+V of one token
+    is 2 * 2 * 4 * 32 * 4 = 2048 bytes, of one full sequence 2 MiB."""
+    base = {
+        "num_hidden_layers": 2,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "hidden_size": 256,
+        "max_position_embeddings": 1024,
+    }
+    return _model_dir(tmp_path, **{**base, **config})
+
+
+def test_cpu_kv_cache_is_sized_from_the_model_when_memory_allows(tmp_path, monkeypatch):
+    from aigc_ray.engine.vllm_engine import CPU_KV_SEQS, size_cpu_kv_cache
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    args = {"dtype": "float32"}
+    size_cpu_kv_cache(args, _llama(tmp_path), free=16 * GiB)
+    assert args["kv_cache_memory_bytes"] == CPU_KV_SEQS * 2 * 2**20  # 64 sequences of 2 MiB
+    args = {"dtype": "bfloat16", "max_model_len": 256, "max_num_seqs": 8}
+    size_cpu_kv_cache(args, _llama(tmp_path), free=16 * GiB)
+    assert args["kv_cache_memory_bytes"] == 8 * 256 * 1024  # bf16 halves a token
+
+
+def test_cpu_kv_cache_takes_at_most_a_share_of_free_memory(tmp_path, monkeypatch):
+    from aigc_ray.engine.vllm_engine import CPU_KV_SHARE, size_cpu_kv_cache
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    args = {"dtype": "float32"}
+    free = 40 * 2**20  # 25% of it holds 5 full sequences, not 64
+    size_cpu_kv_cache(args, _llama(tmp_path), free=free)
+    assert args["kv_cache_memory_bytes"] == int(free * CPU_KV_SHARE)
+    with pytest.raises(EngineUnavailableError, match="one 1024-token sequence"):
+        size_cpu_kv_cache({"dtype": "float32"}, _llama(tmp_path), free=4 * 2**20)
+
+
+def test_an_explicit_cpu_kv_cache_is_kept_or_refused_with_the_numbers(tmp_path, monkeypatch):
+    from aigc_ray.engine.vllm_engine import size_cpu_kv_cache
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    args = {"dtype": "float32", "kv_cache_memory_bytes": 2**29}
+    size_cpu_kv_cache(args, _llama(tmp_path), free=16 * GiB)
+    assert args["kv_cache_memory_bytes"] == 2**29
+    with pytest.raises(EngineUnavailableError, match=r"4\.00 GiB .* the 2\.00 GiB of memory free"):
+        size_cpu_kv_cache({"kv_cache_memory_bytes": 4 * GiB}, _llama(tmp_path), free=2 * GiB)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")  # vLLM's own variable, in GiB
+    with pytest.raises(EngineUnavailableError, match=r"3\.00 GiB"):
+        size_cpu_kv_cache({"dtype": "float32"}, _llama(tmp_path), free=2 * GiB)
+    args = {"dtype": "float32"}
+    size_cpu_kv_cache(args, _llama(tmp_path), free=16 * GiB)
+    assert "kv_cache_memory_bytes" not in args  # vLLM reads its variable itself
+
+
+def test_root_cause_is_read_from_the_engine_cores_log():
+    from aigc_ray.errors import root_cause
+
+    log = (
+        "INFO 12-03 10:00:00 [core.py:90] Initializing a V1 LLM engine\n"
+        "(EngineCore_DP0 pid=81) ERROR 12-03 10:00:01 [core.py:700] EngineCore failed to start.\n"
+        "(EngineCore_DP0 pid=81) Traceback (most recent call last):\n"
+        '(EngineCore_DP0 pid=81)   File "cpu_worker.py", line 80, in __init__\n'
+        "(EngineCore_DP0 pid=81) ValueError: Available memory on node 0 (10.1/23.4 GiB) on "
+        "startup is less than desired CPU memory utilization (0.9, 21.1 GiB).\n"
+        "RuntimeError: Engine core initialization failed. See root cause above. Failed core "
+        "proc(s): {}\n"
+    )
+    assert root_cause(log) == (
+        "ValueError: Available memory on node 0 (10.1/23.4 GiB) on startup is less than "
+        "desired CPU memory utilization (0.9, 21.1 GiB)."
+    )
+    assert root_cause("ERROR 12-03 x.py:1] the model is broken\n").endswith("the model is broken")
+    assert root_cause("all good\n") == ""
