@@ -467,6 +467,13 @@ class ServeConfig(ReplicaSettings):
         "host:port, what cluster.yaml's SSH tunnel reaches) or EveryNode (one per node with a "
         "replica, behind your load balancer).",
     )
+    ingress: Literal["proxy", "haproxy"] = Field(
+        "proxy",
+        description="What takes HTTP in front of the Router: proxy (Serve's Python proxy actor) "
+        "or haproxy (Ray's HAProxy ingress: HAProxy forwards straight to the Router replicas, "
+        "one Python hop less; HTTP only). Applies when this command starts Serve; when HAProxy "
+        "is not usable here the proxy is used and the reason logged.",
+    )
     request_timeout_s: float = Field(300.0, gt=0, description="Past this a request gets a 408.")
     max_tokens_limit: int = Field(512, ge=1, description="Largest max_tokens a request may ask.")
     sample_prompts: list[str] = Field(

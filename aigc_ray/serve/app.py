@@ -123,8 +123,13 @@ def run_serve(cfg: ServeConfig, model_dir: str | None = None, app_name: str = "a
     if model_dir and not cfg.models:
         args["model_dir"] = model_dir
     app = build_app(args)
+    from aigc_ray.serve.ingress import controller_options
+
+    options = controller_options(cfg.ingress)  # None: Serve's proxy
     serve.start(
-        http_options={"host": cfg.host, "port": cfg.port}, proxy_location=cfg.proxy_location
+        http_options={"host": cfg.host, "port": cfg.port},
+        proxy_location=cfg.proxy_location,
+        controller_options=options,
     )
     try:
         serve.run(app, name=app_name, route_prefix="/", blocking=False)
@@ -135,7 +140,28 @@ def run_serve(cfg: ServeConfig, model_dir: str | None = None, app_name: str = "a
             f"app {app_name!r} failed to deploy and was deleted: "
             + ("; ".join(reasons) or str(e))
         ) from None
-    return f"http://{cfg.host}:{cfg.port}"
+    url = f"http://{cfg.host}:{cfg.port}"
+    if options:  # HAProxy learns the new routes a reload after Serve says RUNNING
+        _wait_for_route(url)
+    return url
+
+
+def _wait_for_route(url: str, timeout_s: float = 60) -> None:
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (OSError, urllib.error.URLError):
+            pass
+        if time.monotonic() > deadline:
+            raise ServeError(f"the app is deployed but {url}/health did not answer in {timeout_s} s")
+        time.sleep(0.5)
 
 
 def deploy_failures(app_name: str) -> list[str]:

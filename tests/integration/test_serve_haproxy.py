@@ -1,0 +1,122 @@
+"""serve.ingress: haproxy on the session's Ray: Ray 2.60's HAProxy ingress in front of the Router
+replicas (which serve HTTP themselves), the OpenAI surface through it (keys, streaming), and
+HAProxy never outliving what started it: SIGKILL of the HAProxyManager actor (what `ray stop
+--force` does) takes HAProxy and its port with it and Serve starts a new one; serve.shutdown()
+leaves no HAProxy process and the port free.
+
+Serve reads the switch when its controller starts, so this module stops the session's Serve
+controller first and stops its own at the end (the next module starts a plain one again)."""
+
+import os
+import signal
+import socket
+
+import httpx
+import psutil
+import pytest
+from serving import KEY, model_dir
+from waiting import wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _manager():
+    """The HAProxyManager actor of this node (Serve names proxies per node)."""
+    import ray
+
+    name = f"SERVE_PROXY_ACTOR-{ray.get_runtime_context().get_node_id()}"
+    return ray.get_actor(name, namespace="serve")
+
+
+def _haproxies(manager_pid: int) -> list[psutil.Process]:
+    """The HAProxy processes the manager started (its children running the haproxy binary)."""
+    try:
+        kids = psutil.Process(manager_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    found = []
+    for p in kids:
+        try:
+            if os.path.basename(p.exe()) == "haproxy" and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _manager_pid() -> int:
+    import ray
+
+    return ray.get(_manager().__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+
+
+@pytest.fixture(scope="module")
+def haproxy_app(ray_session, serve_port, tmp_path_factory):
+    from ray import serve
+
+    from aigc_ray.config import ServeConfig
+    from aigc_ray.serve import run_serve
+
+    serve.shutdown()  # the switch is read when the controller starts
+    cfg = ServeConfig(
+        port=serve_port,
+        num_cpus=0.25,
+        ingress="haproxy",
+        models=[{"name": "tiny", "model_dir": model_dir(tmp_path_factory, "a"), "engine": "builtin"}],
+    )
+    url = run_serve(cfg, app_name="haproxy")
+    try:
+        yield url, serve_port
+    finally:
+        serve.shutdown()
+
+
+def _complete(url: str, stream: bool = False, key: str | None = KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 4, "stream": stream}
+    return httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
+
+
+def test_haproxy_fronts_the_router_with_the_openai_surface(haproxy_app):
+    url, port = haproxy_app
+    pid = _manager_pid()
+    assert _haproxies(pid), "no HAProxy under the HAProxyManager actor"
+    r = _complete(url)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+    streamed = _complete(url, stream=True)
+    lines = [x for x in streamed.text.splitlines() if x.startswith("data:")]
+    assert streamed.status_code == 200 and lines[-1] == "data: [DONE]" and len(lines) >= 3
+    refused = _complete(url, key=None)  # the Router's keys hold behind HAProxy
+    assert refused.status_code == 401 and refused.json()["error"]["type"], refused.text
+
+
+def test_haproxy_dies_with_its_manager_and_is_replaced(haproxy_app):
+    """`ray stop --force` SIGKILLs Ray's processes, never HAProxy: without the kernel's
+    parent-death signal it kept the port. Serve then starts a new manager and HAProxy."""
+    url, port = haproxy_app
+    pid = _manager_pid()
+    before = _haproxies(pid)
+    assert before
+    os.kill(pid, signal.SIGKILL)
+    gone = psutil.wait_procs(before, timeout=15)[1]
+    assert not gone, f"HAProxy outlived its manager: {[p.pid for p in gone]}"
+    wait_until(lambda: _complete(url).status_code == 200, 120, "a new HAProxy serving")
+    assert _manager_pid() != pid
+
+
+def test_serve_shutdown_leaves_no_haproxy_and_frees_the_port(haproxy_app):
+    from ray import serve
+
+    url, port = haproxy_app
+    procs = _haproxies(_manager_pid())
+    assert procs and _listening(port)
+    serve.shutdown()
+    alive = psutil.wait_procs(procs, timeout=30)[1]
+    assert not alive, f"HAProxy left running: {[p.pid for p in alive]}"
+    wait_until(lambda: not _listening(port), 30, f"port {port} free")
