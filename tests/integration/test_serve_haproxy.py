@@ -83,6 +83,13 @@ def _complete(url: str, stream: bool = False, key: str | None = KEY) -> httpx.Re
     return httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
 
 
+def _answers(url: str) -> bool:
+    try:
+        return _complete(url).status_code == 200
+    except httpx.HTTPError:  # nothing listening yet
+        return False
+
+
 def test_haproxy_fronts_the_router_with_the_openai_surface(haproxy_app):
     url, port = haproxy_app
     pid = _manager_pid()
@@ -106,7 +113,8 @@ def test_haproxy_dies_with_its_manager_and_is_replaced(haproxy_app):
     os.kill(pid, signal.SIGKILL)
     gone = psutil.wait_procs(before, timeout=15)[1]
     assert not gone, f"HAProxy outlived its manager: {[p.pid for p in gone]}"
-    wait_until(lambda: _complete(url).status_code == 200, 120, "a new HAProxy serving")
+    assert not _answers(url), "something still answers on the port"
+    wait_until(lambda: _answers(url), 120, "a new HAProxy serving")
     assert _manager_pid() != pid
 
 

@@ -471,3 +471,16 @@ def test_haproxy_ingress_options_pick_their_own_ports():
     assert env["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith("/aigc-ray-haproxy")
     ports = [env[f"RAY_SERVE_{k}"] for k in ("HAPROXY_STATS_PORT", "HAPROXY_METRICS_PORT")]
     assert "8404" not in ports and "9101" not in ports and len(set(ports)) == 2
+
+
+def test_the_haproxy_wrapper_never_execs_itself(monkeypatch):
+    """Ray's wheel honours RAY_SERVE_HAPROXY_BINARY_PATH, set to the wrapper where it runs."""
+    from aigc_ray.serve import ingress
+
+    wrapper = ingress.controller_options("haproxy")["runtime_env"]["env_vars"][
+        "RAY_SERVE_HAPROXY_BINARY_PATH"
+    ]
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", wrapper)
+    real = ingress.real_haproxy()
+    assert real and real != wrapper and real.endswith("haproxy")
+    assert ingress.os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] == wrapper  # restored
