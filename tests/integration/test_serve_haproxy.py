@@ -104,8 +104,8 @@ def test_haproxy_fronts_the_router_with_the_openai_surface(haproxy_app):
 
 
 def test_haproxy_dies_with_its_manager_and_is_replaced(haproxy_app):
-    """`ray stop --force` SIGKILLs Ray's processes, never HAProxy: without the kernel's
-    parent-death signal it kept the port. Serve then starts a new manager and HAProxy."""
+    """The HAProxyManager actor's process killed (its raylet alive, which reaps what it
+    leaves): HAProxy goes with it and Serve starts a new manager and HAProxy."""
     url, port = haproxy_app
     pid = _manager_pid()
     before = _haproxies(pid)
@@ -128,3 +128,70 @@ def test_serve_shutdown_leaves_no_haproxy_and_frees_the_port(haproxy_app):
     alive = psutil.wait_procs(procs, timeout=30)[1]
     assert not alive, f"HAProxy left running: {[p.pid for p in alive]}"
     wait_until(lambda: not _listening(port), 30, f"port {port} free")
+
+
+def test_ray_stop_force_leaves_no_haproxy_holding_the_port(tmp_path, tmp_path_factory):
+    """`ray stop --force` SIGKILLs every Ray process, raylet included, and never HAProxy: with
+    nothing left to reap it, HAProxy kept the port and the next `aigc-ray serve` could not
+    bind. Here on a node of its own (`aigc-ray serve --keep-serving` with serve.ingress haproxy
+    against it): every process of the node is SIGKILLed at once, and HAProxy dies too (the
+    kernel's parent-death signal, set by aigc-ray-haproxy) and the port is free."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from ports import free_port
+
+    from aigc_ray.cluster import process_tree, start_ray_node
+
+    bin_dir = Path(sys.executable).parent
+    gcs, port = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    ray_dir = tempfile.mkdtemp(prefix="aigc_hp_", dir="/tmp")  # short: Ray's unix sockets
+    args = ["--head", f"--port={gcs}", f"--temp-dir={ray_dir}", "--num-cpus=2"]
+    root = start_ray_node([*args, "--include-dashboard=false"], env, tmp_path / "head.log")
+    driver = subprocess.Popen(
+        [str(bin_dir / "aigc-ray"), "serve", "--config", "configs/tiny.yaml", "--keep-serving"]
+        + [f"serve.model_dir={model_dir(tmp_path_factory, 'a')}", f"serve.port={port}"]
+        + ["serve.ingress=haproxy", "serve.engine=builtin", "serve.num_cpus=0.5"],
+        cwd=Path(__file__).resolve().parents[2],
+        env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until(lambda: _listening(port) and _haproxies_under(root), 180, "HAProxy up")
+        haproxies = _haproxies_under(root)
+        everything = process_tree(root)
+        for p in everything:  # what `ray stop --force` does to Ray's processes
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
+        alive = psutil.wait_procs(haproxies, timeout=15)[1]
+        assert not alive, f"HAProxy outlived `ray stop --force`: {[p.pid for p in alive]}"
+        wait_until(lambda: not _listening(port), 15, f"port {port} free")
+    finally:
+        driver.kill()
+        out = driver.communicate(timeout=30)[0]
+        for p in process_tree(root):
+            p.kill()
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert "serve: HAProxy ingress not usable" not in out, out
+
+
+def _haproxies_under(root: int) -> list[psutil.Process]:
+    from aigc_ray.cluster import process_tree
+
+    found = []
+    for p in process_tree(root):
+        try:
+            if os.path.basename(p.exe()) == "haproxy":
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
