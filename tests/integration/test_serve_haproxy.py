@@ -166,8 +166,8 @@ def test_ray_stop_force_leaves_no_haproxy_holding_the_port(tmp_path, tmp_path_fa
     try:
         wait_until(lambda: _listening(port) and _haproxies_under(root), 180, "HAProxy up")
         haproxies = _haproxies_under(root)
-        everything = process_tree(root)
-        for p in everything:  # what `ray stop --force` does to Ray's processes
+        ray_procs = [p for p in process_tree(root) if p not in haproxies]
+        for p in ray_procs:  # what `ray stop --force` does: Ray's processes, not HAProxy
             try:
                 p.send_signal(signal.SIGKILL)
             except psutil.Error:
