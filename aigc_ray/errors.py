@@ -32,7 +32,5 @@ def root_cause(log: str) -> str:
     if errors:
         name, message = errors[-1]
         return f"{name}: {message.strip()}"
-    lines = [
-        x for x in log.splitlines() if re.search(r"\bERROR\b", x) and "root cause" not in x
-    ]
+    lines = [x for x in log.splitlines() if re.search(r"\bERROR\b", x) and "root cause" not in x]
     return lines[-1].strip()[-500:] if lines else ""

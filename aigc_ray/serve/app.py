@@ -137,8 +137,7 @@ def run_serve(cfg: ServeConfig, model_dir: str | None = None, app_name: str = "a
         reasons = deploy_failures(app_name)
         serve.delete(app_name)  # no replica left retrying a constructor that fails
         raise ServeError(
-            f"app {app_name!r} failed to deploy and was deleted: "
-            + ("; ".join(reasons) or str(e))
+            f"app {app_name!r} failed to deploy and was deleted: " + ("; ".join(reasons) or str(e))
         ) from None
     url = f"http://{cfg.host}:{cfg.port}"
     if options:  # HAProxy learns the new routes a reload after Serve says RUNNING
@@ -160,7 +159,7 @@ def _wait_for_route(url: str, timeout_s: float = 60) -> None:
         except (OSError, urllib.error.URLError):
             pass
         if time.monotonic() > deadline:
-            raise ServeError(f"the app is deployed but {url}/health did not answer in {timeout_s} s")
+            raise ServeError(f"the app is deployed; {url}/health did not answer in {timeout_s} s")
         time.sleep(0.5)
 
 

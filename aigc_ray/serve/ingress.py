@@ -95,8 +95,7 @@ def controller_options(ingress: str) -> dict | None:
         return None
     problem = haproxy_problem()
     if problem:
-        logger.warning("serve.ingress haproxy: %s; using Serve's proxy instead", problem)
-        print(f"serve: HAProxy ingress not usable ({problem}); using Serve's proxy", flush=True)
+        logger.warning("HAProxy ingress not usable (%s); using Serve's proxy", problem)
         return None
     env = {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",

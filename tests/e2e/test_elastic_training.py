@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from ports import free_port
 from raynodes import actor_pids
-
-from aigc_ray.cluster import start_ray_node, stop_tree
 from tiny import stdlib_texts
 from waiting import wait_until
+
+from aigc_ray.cluster import start_ray_node, stop_tree
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]

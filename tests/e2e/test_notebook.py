@@ -10,13 +10,12 @@ unset) it runs each step on a smaller model, fewer documents and steps, and fewe
 serves on a port picked when the test starts."""
 
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from ports import free_port
+from ports import free_port, listening
 
 pytestmark = pytest.mark.e2e  # the quick tier keeps the tests not marked slow here
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,12 +55,6 @@ def _processes_with_env(marker: str) -> list[int]:
             except OSError:
                 continue
     return found
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _text_of(cell) -> str:
@@ -120,7 +113,7 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
             time.sleep(1)
         leftover = _processes_with_env(str(work))
     assert not leftover, f"processes started by the notebook are still running: {leftover}"
-    assert not _port_open(serve_port), "the Serve endpoint outlived the notebook"
+    assert not listening(serve_port), "the Serve endpoint outlived the notebook"
 
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]

@@ -7,13 +7,14 @@ leaves no HAProxy process and the port free.
 Serve reads the switch when its controller starts, so this module stops the session's Serve
 controller first and stops its own at the end (the next module starts a plain one again)."""
 
+import contextlib
 import os
 import signal
-import socket
 
 import httpx
 import psutil
 import pytest
+from ports import free_port, listening
 from serving import KEY, model_dir
 from waiting import wait_until
 
@@ -28,26 +29,16 @@ def _manager():
     return ray.get_actor(name, namespace="serve")
 
 
-def _haproxies(manager_pid: int) -> list[psutil.Process]:
-    """The HAProxy processes the manager started (its children running the haproxy binary)."""
-    try:
-        kids = psutil.Process(manager_pid).children(recursive=True)
-    except psutil.Error:
-        return []
+def _haproxies(pid: int) -> list[psutil.Process]:
+    """The HAProxy processes under `pid` (an HAProxyManager actor, or a node's root)."""
+    from aigc_ray.cluster import process_tree
+
     found = []
-    for p in kids:
-        try:
-            if os.path.basename(p.exe()) == "haproxy" and p.status() != psutil.STATUS_ZOMBIE:
+    for p in process_tree(pid):
+        with contextlib.suppress(psutil.Error):
+            if os.path.basename(p.exe()) == "haproxy":
                 found.append(p)
-        except psutil.Error:
-            continue
     return found
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _manager_pid() -> int:
@@ -68,7 +59,9 @@ def haproxy_app(ray_session, serve_port, tmp_path_factory):
         port=serve_port,
         num_cpus=0.25,
         ingress="haproxy",
-        models=[{"name": "tiny", "model_dir": model_dir(tmp_path_factory, "a"), "engine": "builtin"}],
+        models=[
+            {"name": "tiny", "model_dir": model_dir(tmp_path_factory, "a"), "engine": "builtin"}
+        ],
     )
     url = run_serve(cfg, app_name="haproxy")
     try:
@@ -123,11 +116,11 @@ def test_serve_shutdown_leaves_no_haproxy_and_frees_the_port(haproxy_app):
 
     url, port = haproxy_app
     procs = _haproxies(_manager_pid())
-    assert procs and _listening(port)
+    assert procs and listening(port)
     serve.shutdown()
     alive = psutil.wait_procs(procs, timeout=30)[1]
     assert not alive, f"HAProxy left running: {[p.pid for p in alive]}"
-    wait_until(lambda: not _listening(port), 30, f"port {port} free")
+    wait_until(lambda: not listening(port), 30, f"port {port} free")
 
 
 def test_ray_stop_force_leaves_no_haproxy_holding_the_port(tmp_path, tmp_path_factory):
@@ -141,8 +134,6 @@ def test_ray_stop_force_leaves_no_haproxy_holding_the_port(tmp_path, tmp_path_fa
     import sys
     import tempfile
     from pathlib import Path
-
-    from ports import free_port
 
     from aigc_ray.cluster import process_tree, start_ray_node
 
@@ -164,34 +155,19 @@ def test_ray_stop_force_leaves_no_haproxy_holding_the_port(tmp_path, tmp_path_fa
         text=True,
     )
     try:
-        wait_until(lambda: _listening(port) and _haproxies_under(root), 180, "HAProxy up")
-        haproxies = _haproxies_under(root)
+        wait_until(lambda: listening(port) and _haproxies(root), 180, "HAProxy up")
+        haproxies = _haproxies(root)
         ray_procs = [p for p in process_tree(root) if p not in haproxies]
         for p in ray_procs:  # what `ray stop --force` does: Ray's processes, not HAProxy
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.send_signal(signal.SIGKILL)
-            except psutil.Error:
-                pass
         alive = psutil.wait_procs(haproxies, timeout=15)[1]
         assert not alive, f"HAProxy outlived `ray stop --force`: {[p.pid for p in alive]}"
-        wait_until(lambda: not _listening(port), 15, f"port {port} free")
+        wait_until(lambda: not listening(port), 15, f"port {port} free")
     finally:
         driver.kill()
         out = driver.communicate(timeout=30)[0]
         for p in process_tree(root):
             p.kill()
         shutil.rmtree(ray_dir, ignore_errors=True)
-    assert "serve: HAProxy ingress not usable" not in out, out
-
-
-def _haproxies_under(root: int) -> list[psutil.Process]:
-    from aigc_ray.cluster import process_tree
-
-    found = []
-    for p in process_tree(root):
-        try:
-            if os.path.basename(p.exe()) == "haproxy":
-                found.append(p)
-        except psutil.Error:
-            continue
-    return found
+    assert "HAProxy ingress not usable" not in out, out

@@ -453,13 +453,14 @@ def test_build_app_refuses_engine_vllm_for_a_model_it_cannot_serve(tiny_model_di
     assert "head sizes" in str(e.value)
 
 
-def test_haproxy_ingress_falls_back_to_the_proxy_with_the_reason(monkeypatch, capsys):
+def test_haproxy_ingress_falls_back_to_the_proxy_with_the_reason(monkeypatch, caplog):
     from aigc_ray.serve import ingress
 
     assert ingress.controller_options("proxy") is None
     monkeypatch.setattr(ingress, "real_haproxy", lambda: None)
-    assert ingress.controller_options("haproxy") is None
-    assert "HAProxy ingress not usable (no HAProxy binary" in capsys.readouterr().out
+    with caplog.at_level("WARNING", logger="aigc_ray.serve.ingress"):
+        assert ingress.controller_options("haproxy") is None
+    assert "HAProxy ingress not usable (no HAProxy binary" in caplog.text
 
 
 def test_haproxy_ingress_options_pick_their_own_ports():
