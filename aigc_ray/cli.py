@@ -7,26 +7,20 @@ before Ray starts, so a mistake costs a second, not a cluster start.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from aigc_ray.client import http_complete
 from aigc_ray.config import ConfigError, PipelineConfig, load_config, write_resolved
-from aigc_ray.errors import AigcRayError
+from aigc_ray.errors import AigcRayError, PipelineError
 from aigc_ray.model import perplexity
 from aigc_ray.storage import is_uri
 
 log = logging.getLogger("aigc_ray")
-
-
-class PipelineError(AigcRayError, RuntimeError):
-    """The pipeline ran but its result is not acceptable (e.g. the model did not learn)."""
 
 
 # ---------------------------------------------------------------- setup helpers
@@ -130,31 +124,6 @@ def _image_preflight(cfg: PipelineConfig, stages: set[str]) -> None:
 
 def _image_generate_dir(cfg: PipelineConfig) -> str:
     return cfg.images.generate.model_dir or cfg.default_model_dir()
-
-
-def http_post(base_url: str, path: str, body: dict, timeout: float = 120) -> dict:
-    """POST JSON to the endpoint with the standard library (the first API key, if any);
-    the JSON reply, or PipelineError naming the status and body."""
-    from aigc_ray.serve import load_api_keys
-
-    headers = {"Content-Type": "application/json"}
-    keys = load_api_keys()
-    if keys:
-        headers["Authorization"] = f"Bearer {keys[0]}"
-    req = urllib.request.Request(f"{base_url}{path}", json.dumps(body).encode(), headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        raise PipelineError(f"POST {base_url}{path} -> {e.code}: {e.read().decode()}") from None
-
-
-def http_complete(
-    base_url: str, model: str, prompt: str, max_tokens: int, timeout: float = 120
-) -> dict:
-    """POST /v1/completions (greedy), returning the JSON body."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-    return http_post(base_url, "/v1/completions", body, timeout)
 
 
 # ---------------------------------------------------------------- stages

@@ -18,6 +18,11 @@ class StorageError(AigcRayError, ValueError):
     """A path or URI that does not hold what was expected (missing, empty, unlistable)."""
 
 
+class PipelineError(AigcRayError, RuntimeError):
+    """The pipeline ran but its result is not acceptable (e.g. the model did not learn), or the
+    endpoint it called answered with an error."""
+
+
 class ModelDirError(AigcRayError, ValueError):
     """A path given as a model directory does not hold a Hugging Face model."""
 

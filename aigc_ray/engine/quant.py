@@ -47,6 +47,33 @@ class PackedLinear:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+def fuse_weights(*mods, dtype=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias of several nn.Linear layers sharing an input (q/k/v, gate/up) as one
+    layer: weights stacked along the output; a missing bias is zeros beside a present one."""
+    weight = torch.cat([m.weight.detach().to(dtype or m.weight.dtype) for m in mods])
+    if all(m.bias is None for m in mods):
+        return weight, None
+    bias = torch.cat(
+        [
+            m.bias.detach()
+            if m.bias is not None
+            else torch.zeros(m.weight.shape[0], dtype=m.weight.dtype)
+            for m in mods
+        ]
+    )
+    return weight, bias
+
+
+def fused_dense(*mods):
+    """One dense kernel (the fastest, see ``dense``) for several layers sharing an input."""
+    return dense(*fuse_weights(*mods))
+
+
+def fused_unpacked(*mods):
+    """One plain ``F.linear`` for several layers sharing an input (what inductor can lower)."""
+    return DenseLinear(*fuse_weights(*mods))
+
+
 def dense(weight: torch.Tensor, bias: torch.Tensor | None = None):
     """The fastest dense kernel for this weight's device and dtype."""
     if (
@@ -56,14 +83,6 @@ def dense(weight: torch.Tensor, bias: torch.Tensor | None = None):
     ):
         return PackedLinear(weight, bias)
     return DenseLinear(weight, bias)
-
-
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: (int8 weight [out, in], float32 scale [out])."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
 
 
 class Int8Linear:
@@ -133,21 +152,6 @@ def int4_kernel_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
         torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
     )
-
-
-def quantize_int4(weight: torch.Tensor, group_size: int = 128):
-    """Asymmetric int4 in groups along the input dim: (uint4 values in int32 [out, in],
-    scales [out, groups], zero points [out, groups]) with w ~ (q - zero) * scale."""
-    w = weight.detach().float()
-    out_f, in_f = w.shape
-    if in_f % group_size:
-        raise ValueError(f"int4: in_features {in_f} is not a multiple of group size {group_size}")
-    g = w.reshape(out_f, in_f // group_size, group_size)
-    lo, hi = g.amin(-1), g.amax(-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-8)
-    zero = torch.round(-lo / scale).clamp(0, 15)
-    q = torch.round(g / scale[..., None] + zero[..., None]).clamp(0, 15)
-    return q.reshape(out_f, in_f).to(torch.int32), scale, zero
 
 
 class Int4Linear:
@@ -231,8 +235,6 @@ def compressed_linear_factory(model, model_dir: str, scheme: dict):
     """The slot decoder's ``linear`` for a quantized directory loaded dequantized (transformers
     decompresses compressed-tensors): the int8/int4 values are recovered exactly from the
     dequantized weights and the stored scales, and run on the int kernels above."""
-    from aigc_ray.engine.slots import _fuse
-
     scales = read_weight_scales(model_dir)
     names = {id(m): n for n, m in model.named_modules()}
     dtype = next(model.parameters()).dtype
@@ -240,11 +242,9 @@ def compressed_linear_factory(model, model_dir: str, scheme: dict):
     def linear(*mods):
         keys = [names.get(id(m)) for m in mods]
         if any(k not in scales for k in keys):
-            return _fuse(*mods)  # not quantized (e.g. lm_head)
-        weight = torch.cat([m.weight.detach().float() for m in mods])
+            return fused_dense(*mods)  # not quantized (e.g. lm_head)
+        weight, bias = fuse_weights(*mods, dtype=torch.float32)
         scale = torch.cat([scales[k].float() for k in keys])  # [out, 1] or [out, groups]
-        biases = [m.bias for m in mods]
-        bias = None if all(b is None for b in biases) else torch.cat([b.detach() for b in biases])
         if scheme["kind"] == "int4_weight_only":
             group = scheme["group_size"]
             q = torch.round(weight.reshape(weight.shape[0], -1, group) / scale[..., None])

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from aigc_ray.engine.quant import DenseLinear, dense
+from aigc_ray.engine.quant import fused_dense, fused_unpacked
 from aigc_ray.engine.sampling import prompt_token_logprobs
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -49,29 +49,6 @@ def fast_path_problem(model) -> str | None:
     return None
 
 
-def _fuse(*mods):
-    """One dense kernel for several nn.Linear layers sharing an input (q/k/v, gate/up)."""
-    weight = torch.cat([m.weight.detach() for m in mods])
-    if all(m.bias is None for m in mods):
-        return dense(weight)
-    bias = torch.cat(
-        [
-            m.bias.detach()
-            if m.bias is not None
-            else torch.zeros(m.weight.shape[0], dtype=m.weight.dtype)
-            for m in mods
-        ]
-    )
-    return dense(weight, bias)
-
-
-def _fuse_unpacked(*mods):
-    weight = torch.cat([m.weight.detach() for m in mods])
-    biases = [m.bias for m in mods]
-    bias = None if all(b is None for b in biases) else torch.cat([b.detach() for b in biases])
-    return DenseLinear(weight, bias)
-
-
 @dataclass
 class Layer:
     attn_norm: torch.Tensor
@@ -90,7 +67,7 @@ class SlotDecoder:
 
     def __init__(self, model, slots: int, max_len: int, linear=None):
         cfg = model.config
-        linear = linear or _fuse
+        linear = linear or fused_dense
         inner = model.model
         self.dtype = inner.embed_tokens.weight.dtype
         self.device = inner.embed_tokens.weight.device
@@ -228,7 +205,7 @@ class SlotRunner:
         compile: bool = False,
     ):
         if compile and linear is None:
-            linear = _fuse_unpacked  # inductor cannot lower oneDNN's packed linear
+            linear = fused_unpacked  # inductor cannot lower oneDNN's packed linear
         self.decoder = SlotDecoder(model, max_rows, max_len, linear)
         if compile:
             # Shapes vary (rows, columns): one dynamic graph instead of a compile per shape.

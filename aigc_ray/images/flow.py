@@ -14,7 +14,7 @@ def http_images(
     base_url: str, model: str, prompt: str, n: int, seed: int, timeout: float = 300
 ) -> list:
     """POST /v1/images/generations; the images as decoded HxWxC uint8 arrays."""
-    from aigc_ray.cli import http_post
+    from aigc_ray.client import http_post
     from aigc_ray.images.model import decode_png
 
     body = {"model": model, "prompt": prompt, "n": n, "seed": seed, "response_format": "b64_json"}
