@@ -45,15 +45,40 @@ def init_ray(verbose: bool = False) -> None:
         quiet_ray_data()
 
 
+class _UntrueWarnings(logging.Filter):
+    """Ray Data's driver warnings that are not true of our stages:
+    - "...does not have any available CPUs. The Dataset job will hang...": Ray Data checks the
+      free CPUs when a dataset starts; our own stage's tasks (or a Serve replica beside it) hold
+      them then, and the job does not hang: it runs as they finish;
+    - "Progress bars disabled. To enable...": we disable them on purpose outside a terminal."""
+
+    UNTRUE = ("The Dataset job will hang unless more CPUs", "Progress bars disabled.")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in self.UNTRUE)
+
+
 def quiet_ray_data() -> None:
     """Ray Data's progress: bars on a terminal, nothing in a log file (it would print ~90 INFO
-    lines per command there); its full log stays in the session's ray-data.log."""
+    lines per command there); its full log stays in the session's ray-data.log. Serve's INFO
+    lines on the driver ("Started Serve in namespace...") go too: the command prints its own."""
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    untrue = _UntrueWarnings()
     for handler in logging.getLogger("ray.data").handlers:
         if type(handler).__name__ == "PlainRayHandler":  # its console handler
             handler.setLevel(logging.WARNING)
+            handler.addFilter(untrue)
+    for name in ("ray.data", "ray.data.dataset", "ray.data._internal.progress"):
+        logging.getLogger(name).addFilter(untrue)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
+def stages_of(command: str, cfg: PipelineConfig) -> set[str]:
+    """The stages a command runs: the pipeline's include optimize when it is enabled."""
+    optimize = command == "pipeline" and cfg.optimize.enabled and cfg.task == "text"
+    return STAGES[command] | ({"optimize"} if optimize else set())
 
 
 def preflight(cfg: PipelineConfig, stages: set[str]) -> None:
@@ -84,7 +109,8 @@ def preflight(cfg: PipelineConfig, stages: set[str]) -> None:
                 "optimize.output_dir must be a local directory (copy it to object "
                 "storage afterwards, or serve it from the node)"
             )
-        check_model_dir(cfg.optimize_source_dir())
+        if "train" not in stages:  # in the pipeline, training makes it
+            check_model_dir(cfg.optimize_source_dir())
     if "serve" in stages and "train" not in stages:
         try:
             served = cfg.serve.served_models(cfg.serve_model_dir())
@@ -437,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if warnings else 0
     try:
         cfg = load_config(args.config, args.overrides)
-        preflight(cfg, STAGES[args.command])
+        preflight(cfg, stages_of(args.command, cfg))
     except AigcRayError as e:  # found before Ray started; anything else is a bug: traceback
         print(f"aigc-ray: error: {e}", file=sys.stderr)
         return 2
@@ -516,11 +542,23 @@ def _dispatch(args, cfg: PipelineConfig) -> int:
     return 0
 
 
-def _after_serving(url: str, keep: bool) -> None:
+def stop_serving(app_name: str = "aigc") -> None:
+    """Stop what the command deployed: its application (the replicas drain and stop their
+    engines), then, on the local instance the command started itself, Ray with Serve's
+    controller and proxies. serve.shutdown() is not used: it kills the controller while its own
+    call is in flight, and Ray prints two "(raylet) Task ServeController... failed" notices for
+    that. On a cluster (RAY_ADDRESS), Serve stays up for the cluster's other applications."""
+    import ray
     from ray import serve
 
+    serve.delete(app_name)
+    if not os.environ.get("RAY_ADDRESS"):
+        ray.shutdown()
+
+
+def _after_serving(url: str, keep: bool) -> None:
     if not keep:
-        serve.shutdown()
+        stop_serving()
     elif not os.environ.get("RAY_ADDRESS"):
         print(f"serving at {url}/v1; Ctrl-C to stop", flush=True)
         _wait_forever()
@@ -533,9 +571,7 @@ def _wait_forever() -> None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from ray import serve
-
-        serve.shutdown()
+        stop_serving()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from aigc_ray.engine import InvalidParamError, SamplingParams, load_engine
 from aigc_ray.engine.loader import cpu_threads, placed_device
 from aigc_ray.engine.params import usable_device
 from aigc_ray.errors import AigcRayError, StorageError
+from aigc_ray.progress import Progress, Watch, post
 from aigc_ray.storage import is_uri, list_files, portable_location, read_bytes
 
 log = logging.getLogger(__name__)
@@ -233,10 +234,10 @@ class GenerateUDF:
     """Ray Data callable: one engine per actor; each batch is submitted at once so its rows (and
     the rows of the next call) share the engine's continuous batch."""
 
-    def __init__(self, model_dir: str, cfg: dict):
+    def __init__(self, model_dir: str, cfg: dict, progress=None):
         import torch
 
-        self.cfg = GenerateConfig(**cfg)
+        self.cfg, self.board = GenerateConfig(**cfg), progress
         threads = cpu_threads(self.cfg.num_cpus, self.cfg.num_gpus)
         if threads:
             torch.set_num_threads(threads)
@@ -288,6 +289,8 @@ class GenerateUDF:
                 finish_reason=result.finish_reason,
                 latency_s=(req.finished_at or started) - req.submitted_at,
             )
+        errors = sum(r["error"] is not None for r in out)
+        post(self.board, {"rows": len(out), "errors": errors})
         return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
 
 
@@ -334,8 +337,19 @@ def read_prompts(inputs: list[str], column: str, quarantine_dir: str):
     quarantined = bad.count()
     if quarantined:
         bad.drop_columns(["prompt", "params"]).write_parquet(quarantine_dir)
-    good = read.map_batches(_reason_is(null=True), batch_format="pyarrow", num_cpus=0.25)
+    good = read.map_batches(
+        _reason_is(null=True), batch_format="pyarrow", num_cpus=0.25
+    ).materialize()  # prompts only (small): counted without running anything again
     return good, quarantined
+
+
+def show_generated(progress: Progress, batch: dict) -> None:
+    """One generated batch (rows, errors) on the driver's progress line."""
+    now = time.monotonic()
+    errors = progress.fields.get("errors", 0) + batch["errors"]
+    done = progress.done + batch["rows"]
+    rate = done / max(now - progress.started, 1e-9)
+    progress.update(done, {"rows/s": round(rate, 1), "errors": errors}, now=now)
 
 
 def run_generate(cfg: GenerateConfig, model_dir: str) -> dict:
@@ -352,19 +366,27 @@ def run_generate(cfg: GenerateConfig, model_dir: str) -> dict:
         resources["num_gpus"] = cfg.num_gpus  # one model copy per GPU share
     # Exact-size blocks: reads cut files into uneven blocks, and each block's remainder would
     # become an underfull batch (measured: 11-row batches between the 32-row ones).
+    total = good.count()
     good = good.repartition(target_num_rows_per_block=cfg.batch_size, strict=True)
-    out = good.map_batches(
-        GenerateUDF,
-        fn_constructor_kwargs={"model_dir": portable_location(model_dir), "cfg": cfg.model_dump()},
-        # Two calls in flight per actor (threads): the next batch's rows wait in the engine and
-        # join its continuous batch as rows of the current one finish.
-        compute=ActorPoolStrategy(
-            size=cfg.num_actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True
-        ),
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        **resources,
-    ).materialize()
+    with Watch(Progress("generate", total, "rows"), show_generated) as watch:
+        out = good.map_batches(
+            GenerateUDF,
+            fn_constructor_kwargs={
+                "model_dir": portable_location(model_dir),
+                "cfg": cfg.model_dump(),
+                "progress": watch.board,
+            },
+            # Two calls in flight per actor (threads): the next batch's rows wait in the engine
+            # and join its continuous batch as rows of the current one finish.
+            compute=ActorPoolStrategy(
+                size=cfg.num_actors,
+                max_concurrent_calls_per_actor=2,
+                enable_true_multi_threading=True,
+            ),
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            **resources,
+        ).materialize()
     out.write_parquet(cfg.output_dir)
     rows = errors = tokens = 0  # summed block by block: the output never gathers on the driver
     for block in out.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -28,6 +28,7 @@ import torch
 from aigc_ray.config import ImageModelConfig, ImageTrainConfig, write_resolved
 from aigc_ray.images.data import load_split, read_image_manifest
 from aigc_ray.images.model import build_unet, image_grid, noise_scheduler, save_pipeline
+from aigc_ray.progress import post
 from aigc_ray.train import metrics as train_metrics
 from aigc_ray.train.loop import all_mean
 from aigc_ray.train.steps import METRICS_FILE, TrainError, lr_factor
@@ -180,6 +181,8 @@ def image_train_loop(config: dict) -> None:
     else:
         history.append({"step": 0, "val_loss": val_loss(unet, scheduler, x_val, y_val, 0, device)})
     train_metrics.start(cfg.name, history)
+    board = config.get("progress") if rank == 0 else None
+    post(board, history[-1])
     null = len(labels)
     window, started = [], time.time()
     while step < cfg.max_steps:
@@ -220,6 +223,7 @@ def image_train_loop(config: dict) -> None:
                     _save_png(grid, f.name)
                     grids[f"step_{step:06d}.png"] = Path(f.name).read_bytes()
         history.append(row)
+        post(board, row)
         train_metrics.record(cfg.name, row, dt / len(window))
         window, started = [], time.time()
         if do_ckpt:
@@ -272,44 +276,38 @@ def image_preflight(cfg: ImageTrainConfig, data_dir: str) -> dict:
 
 
 def fit_images(cfg: ImageTrainConfig, mcfg: ImageModelConfig, data_dir: str) -> ImageTrainResult:
-    """Train with a TorchTrainer; export the final pipeline to run_dir/model."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+    """Train with a TorchTrainer (train.fit.run_trainer); export the pipeline to run_dir/model."""
+    from aigc_ray.progress import Progress
     from aigc_ray.storage import portable_location
+    from aigc_ray.train.fit import run_trainer
 
     manifest = image_preflight(cfg, data_dir)
     t0 = time.time()
-    run_dir = Path(cfg.run_dir).resolve()
-    storage = cfg.storage_path or str(run_dir / "ray")
-    trainer = TorchTrainer(
+
+    def show(progress, row: dict) -> None:
+        fields = {"loss": row.get("loss"), "images/s": row.get("images_per_s")}
+        if row.get("val_loss") is not None:
+            fields["val loss"] = row["val_loss"]
+        progress.update(row["step"], fields)
+
+    result = run_trainer(
         image_train_loop,
-        train_loop_config={
+        {
             "train": cfg.model_dump(),
             "model": mcfg.model_dump(),
             "data_dir": portable_location(data_dir),
             "manifest": manifest,
         },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers,
-            use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=cfg.name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
-        ),
-    )
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        raise TrainError(
+        cfg,
+        {"num_workers": cfg.num_workers, "resources_per_worker": {"CPU": cfg.cpus_per_worker}},
+        Progress("train", cfg.max_steps, "steps"),
+        show,
+        lambda e: (
             f"image training failed after images.train.max_failures={cfg.max_failures} "
             f"restarts: {str(e).splitlines()[0]} (re-run with the same name to resume)"
-        ) from e
+        ),
+    )
+    run_dir = Path(cfg.run_dir).resolve()
     return _export(result.checkpoint, run_dir, cfg, mcfg, time.time() - t0)
 
 

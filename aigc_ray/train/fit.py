@@ -16,6 +16,7 @@ import torch
 from aigc_ray.config import ModelConfig, TrainConfig, write_resolved
 from aigc_ray.engine.params import FAKE_CLUSTER_ENV
 from aigc_ray.model import perplexity
+from aigc_ray.progress import Progress, Watch
 from aigc_ray.storage import check_export_dir, copy_model_dir, is_uri, portable_location
 from aigc_ray.train.checkpoint import latest_complete_checkpoint
 from aigc_ray.train.loop import train_loop_per_worker
@@ -144,7 +145,7 @@ def worker_cpus(cfg: TrainConfig, cluster_cpus: float) -> float:
     return fitted
 
 
-def _torch_config(cfg: TrainConfig):
+def _torch_config(cfg):
     """NCCL on GPUs (Ray Train's default), gloo on CPUs; gloo also on the fake GPU nodes of
     `aigc-ray cluster local` (RAY_FAKE_CLUSTER=1), where the workers compute on CPU
     (engine.params.usable_device)."""
@@ -156,27 +157,70 @@ def _torch_config(cfg: TrainConfig):
     return TorchConfig()
 
 
-def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
-    """Train with a TorchTrainer; export the final model to `run_dir/model`; write metrics."""
+def run_trainer(loop, loop_config: dict, cfg, scaling: dict, progress: Progress, show, failed):
+    """The one TorchTrainer set-up of text and image training: `cfg` is the stage's train
+    section (name, run_dir, storage_path, use_gpu, max_failures, num_to_keep); `scaling` is
+    the rest of ScalingConfig; rank 0 posts rows to the driver's board (`loop_config`'s
+    "progress"), which `show` puts on `progress`; `failed(error)` says what a run that used up
+    its restarts means (raised as TrainError)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    manifest = preflight(cfg, model_cfg, data_dir)
     # Ray Train's controller polls the workers every 2 s by default, so it saw the end of a run
     # (and each state change) up to 2 s late; a poll is one small RPC per worker. An explicit
     # setting in the environment wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    with Watch(progress, show) as watch:
+        trainer = TorchTrainer(
+            loop,
+            torch_config=_torch_config(cfg),
+            train_loop_config={**loop_config, "progress": watch.board},
+            scaling_config=ScalingConfig(use_gpu=cfg.use_gpu, **scaling),
+            run_config=RunConfig(
+                name=cfg.name,
+                storage_path=storage_of(cfg),
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
+            ),
+        )
+        try:
+            return trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            raise TrainError(failed(e)) from e
+
+
+def storage_of(cfg) -> str:
+    """Where Ray Train keeps a run's checkpoints: train.storage_path, else run_dir/ray."""
+    return cfg.storage_path or str(Path(cfg.run_dir).resolve() / "ray")
+
+
+def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
+    """Train with a TorchTrainer; export the final model to `run_dir/model`; write metrics."""
+    import ray
+
+    manifest = preflight(cfg, model_cfg, data_dir)
     t0 = time.time()
     run_dir = Path(cfg.run_dir).resolve()
-    storage = cfg.storage_path or str(run_dir / "ray")
+    storage = storage_of(cfg)
     cpus = worker_cpus(cfg, ray.available_resources().get("CPU", 0))
     data_dir = portable_location(data_dir)
     columns = ["input_ids", "labels"] if manifest.get("format") == "sft" else ["input_ids"]
-    trainer = TorchTrainer(
+
+    def failed(e: Exception) -> str:
+        last = None if is_uri(storage) else latest_complete_checkpoint(Path(storage) / cfg.name)
+        return (
+            f"training failed after train.max_failures={cfg.max_failures} restarts: "
+            f"{str(e).splitlines()[0]}; last checkpoint: {last or 'none'} "
+            f"(re-run with the same train.name to resume from it)"
+        )
+
+    # No Ray Data dataset: every rank reads the shards in the same seeded order itself and
+    # takes positions p % world == rank, so a resume skips exactly what was consumed (see
+    # feed.ShardReader and _Feed).
+    result = run_trainer(
         train_loop_per_worker,
-        torch_config=_torch_config(cfg),
-        train_loop_config={
+        {
             "train": cfg.model_dump(),
             "model": model_cfg.model_dump(),
             "data_dir": data_dir,
@@ -185,32 +229,27 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
             "tokenizer_dir": portable_location(manifest["tokenizer_dir"]),
             "train_rows": manifest["splits"]["train"]["blocks"],
         },
-        scaling_config=ScalingConfig(
-            num_workers=(cfg.min_workers, cfg.num_workers) if cfg.min_workers else cfg.num_workers,
-            use_gpu=cfg.use_gpu,
-            resources_per_worker={**cfg.worker_resources, "CPU": cpus},
-            elastic_resize_monitor_interval_s=cfg.elastic_resize_interval_s,
-        ),
-        run_config=RunConfig(
-            name=cfg.name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
-        ),
-        # No Ray Data dataset: every rank reads the shards in the same seeded order itself and
-        # takes positions p % world == rank, so a resume skips exactly what was consumed
-        # (see feed.ShardReader and _Feed).
+        cfg,
+        {
+            "num_workers": (cfg.min_workers, cfg.num_workers)
+            if cfg.min_workers
+            else cfg.num_workers,
+            "resources_per_worker": {**cfg.worker_resources, "CPU": cpus},
+            "elastic_resize_monitor_interval_s": cfg.elastic_resize_interval_s,
+        },
+        Progress("train", cfg.max_steps, "steps"),
+        show_train_row,
+        failed,
     )
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        last = latest_complete_checkpoint(Path(storage) / cfg.name) if not is_uri(storage) else None
-        raise TrainError(
-            f"training failed after train.max_failures={cfg.max_failures} restarts: "
-            f"{str(e).splitlines()[0]}; last checkpoint: {last or 'none'} "
-            f"(re-run with the same train.name to resume from it)"
-        ) from e
     return _export(result.checkpoint, run_dir, cfg, model_cfg, time.time() - t0)
+
+
+def show_train_row(progress: Progress, row: dict) -> None:
+    """One logged row of rank 0 (metrics.jsonl's) on the driver's progress line."""
+    fields = {"loss": row.get("loss"), "tokens/s": row.get("tokens_per_s")}
+    if row.get("val_loss") is not None:
+        fields["val loss"] = row["val_loss"]
+    progress.update(row["step"], fields)
 
 
 def _export(checkpoint, run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, secs: float):

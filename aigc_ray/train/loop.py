@@ -15,6 +15,7 @@ import torch
 from aigc_ray.config import ModelConfig, TrainConfig
 from aigc_ray.engine.params import usable_device
 from aigc_ray.model import perplexity
+from aigc_ray.progress import post
 from aigc_ray.train import metrics as train_metrics
 from aigc_ray.train.checkpoint import (
     _gather_for_save,
@@ -62,6 +63,7 @@ class _Worker:
     val: list  # this rank's validation batches
     device: torch.device
     marks: dict = field(default_factory=dict)  # wall-clock times of the startup phases
+    board: object = None  # rank 0: the driver's progress board (aigc_ray.progress)
 
 
 @dataclass
@@ -185,7 +187,9 @@ def train_loop_per_worker(config: dict) -> None:
     feed = _Feed(cfg, rank, world, config["train_rows"], source)
     marks["feed"] = time.time()
     train_metrics.start(cfg.name, state.history)
-    w = _Worker(cfg, model, tok, opt, sched, state, val, device, marks)
+    board = config.get("progress") if rank == 0 else None
+    post(board, state.history[-1])
+    w = _Worker(cfg, model, tok, opt, sched, state, val, device, marks, board)
     _run_steps(w, feed)
 
 
@@ -304,6 +308,7 @@ def _after_step(w: _Worker, window: _LogWindow) -> bool:
         row["val_loss"] = evaluate(w.model, w.val, w.device)
         row["val_ppl"] = round(perplexity(row["val_loss"]), 3) if row["val_loss"] else None
     state.history.append(row)
+    post(w.board, row)
     train_metrics.record(cfg.name, row, dt / len(window.steps))
     if do_ckpt and cfg.ledger:
         _commit_ledger(state)

@@ -70,6 +70,10 @@ def test_pipeline_command_end_to_end(tmp_path):
     assert report["passed"] and report["size_ratio"] < 0.6
     assert re.search(rf"^served model\s+{tmp_path / 'optimized'}$", out, re.M)
     assert (tmp_path / "data" / "manifest.json").is_file()
+    # progress while training (plain lines: stdout is a pipe), and none of Ray's noise
+    assert re.search(r"^train\s+30/30 steps \(100%\)  loss [\d.]+  tokens/s ", out, re.M), out
+    for noise in ("will hang", "Progress bars disabled", "(raylet)", "Started Serve in"):
+        assert noise not in out + proc.stderr, f"{noise!r} printed"
 
 
 def test_pipeline_bad_input_fails_before_ray(tmp_path):

@@ -4,6 +4,7 @@ result and call it with the official openai client."""
 
 import json
 import os
+import re
 from pathlib import Path
 
 import httpx
@@ -159,9 +160,10 @@ def test_train_two_workers_exports_a_plain_transformers_model(trained, cfg, s3_s
 
 
 @pytest.mark.slow
-def test_train_rerun_with_same_name_resumes(trained, cfg):
+def test_train_rerun_with_same_name_resumes(trained, cfg, capsys):
     """Same name + storage: the run continues from step 6 (adapters restored over the same
-    base) instead of starting over."""
+    base) instead of starting over. The driver shows rank 0's rows as they come (plain lines:
+    pytest's stdout is not a terminal), from the restored step to the last."""
     from aigc_ray.train import fit
 
     more = cfg.train.model_copy(update={"max_steps": 8})
@@ -173,6 +175,13 @@ def test_train_rerun_with_same_name_resumes(trained, cfg):
     assert again.steps == 8
     assert steps.count(0) == 1, "resumed run must not re-evaluate step 0"
     assert steps[-1] == 8 and 6 in steps
+    shown = [x for x in capsys.readouterr().out.splitlines() if x.startswith("train ")]
+    assert re.match(r"train\s+6/8 steps \(75%\)  .*elapsed \d+:\d\d", shown[0]), shown
+    assert re.match(
+        r"train\s+8/8 steps \(100%\)  loss \d+\.\d{3}  tokens/s [\d,]+  "
+        r"(val loss \d+\.\d{3}  )?elapsed \d+:\d\d  left 0:00$",
+        shown[-1],
+    ), shown
 
 
 @pytest.fixture(scope="module")

@@ -177,6 +177,35 @@ def test_preflight_pipeline_does_not_require_a_model_yet(tmp_path):
         TINY, [f"data.inputs=[{tmp_path / 'a.txt'}]", f"serve.model_dir={tmp_path / 'later'}"]
     )
     cli.preflight(cfg, cli.STAGES["pipeline"])  # the model is produced by the train stage
+    optimized = cfg.model_copy(
+        update={"optimize": cfg.optimize.model_copy(update={"enabled": True})}
+    )
+    cli.preflight(optimized, cli.stages_of("pipeline", optimized))  # nor the optimized one
+
+
+def test_pipeline_with_a_bad_optimize_destination_fails_before_training(
+    tmp_path, monkeypatch, capsys
+):
+    """optimize.output_dir=s3://...: exit 2 before Ray starts (it used to train for minutes,
+    then write a local folder named `s3:`)."""
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("some text")
+    rc = main(
+        [
+            "pipeline",
+            "--config",
+            TINY,
+            f"data.inputs=[{tmp_path / 'a.txt'}]",
+            "optimize.enabled=true",
+            "optimize.quantization=w8a8",
+            "optimize.output_dir=s3://bucket/optimized",
+        ]
+    )
+    assert rc == 2
+    assert "optimize.output_dir must be a local directory" in capsys.readouterr().err
+    assert not ray.is_initialized() and not (tmp_path / "s3:").exists()
 
 
 # ---------------------------------------------------------------- results
