@@ -7,6 +7,7 @@ touch the network, Ray or the file system beyond path syntax.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -745,23 +746,51 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r}: value is not valid YAML ({e.problem})") from None
 
 
+_ITEM = re.compile(r"^(\w+)\[(\d+)\]$")  # models[0]
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Set `section.key=value` items (values parsed as YAML) into a raw config dict."""
+    """Set `section.key=value` items (values parsed as YAML) into a raw config dict. A list item
+    is addressed by its index, `serve.models[0].engine=vllm`; the index one past the end adds
+    an item (`serve.models[0].name=a` on a config without models)."""
     for item in overrides:
         path, value = _parse_override(item)
         node = raw
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            m = _ITEM.match(part)
+            key, index = (m.group(1), int(m.group(2))) if m else (part, None)
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[path[-1]] = value
+                where = ".".join(path[:depth])
+                raise ConfigError(f"override {item!r}: {where!r} is not a section")
+            if index is None:
+                if last:
+                    node[key] = value
+                else:
+                    node = node.setdefault(key, {})
+                continue
+            items = node.setdefault(key, [])
+            if not isinstance(items, list):
+                raise ConfigError(f"override {item!r}: {key!r} is not a list")
+            if index > len(items):
+                raise ConfigError(
+                    f"override {item!r}: {key} has {len(items)} items; index {index} is "
+                    f"neither one of them nor the next ({len(items)})"
+                )
+            if index == len(items):
+                items.append({})
+            if last:
+                items[index] = value
+            else:
+                node = items[index]
     return raw
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"])
+        key = key.lstrip(".") or "(root)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see the config reference in README.md)"
@@ -809,16 +838,39 @@ def write_resolved(
     return out
 
 
+def _section_in(annotation) -> tuple[type[BaseModel], str] | None:
+    """(section model, how its keys are written) of a field holding a section: `X` -> "",
+    `X | None` -> "" (optional), `list[X]` -> "[]" (a list of such sections)."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, ""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+    if origin is list and models:
+        return models[0], "[]"
+    if len(models) == 1 and type(None) in args:
+        return models[0], ""
+    return None
+
+
 def config_reference(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> list[str]:
-    """Markdown table rows `| key | default | description |` for the README."""
+    """Markdown table rows `| key | default | description |`: every key, the keys of optional
+    sections (`serve.autoscaling.min_replicas`) and of list items (`serve.models[].engine`)
+    included, each under a row for the section itself."""
     rows = []
     for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows += config_reference(ann, f"{prefix}{name}.")
-            continue
+        section = _section_in(field.annotation)
         default = field.get_default(call_default_factory=True)
-        rows.append(f"| `{prefix}{name}` | `{default!r}` | {field.description} |")
+        if section is not None:
+            inner, items = section
+            if items or default is None:  # the section's own row: what leaving it out means
+                kind = "list of sections" if items else "optional section"
+                rows.append(f"| `{prefix}{name}` | `{default!r}` | ({kind}) {field.description} |")
+            rows += config_reference(inner, f"{prefix}{name}{items}.")
+            continue
+        shown = "(required)" if field.is_required() else f"`{default!r}`"
+        rows.append(f"| `{prefix}{name}` | {shown} | {field.description} |")
     return rows
 
 
@@ -830,6 +882,12 @@ def reference_markdown() -> str:
         "Defaults of every key when a config file leaves it out (`configs/tiny.yaml` sets several",
         "of them). Generated from the pydantic models in `aigc_ray/config.py`:",
         "`python -m aigc_ray.config > docs/configuration.md` (a test fails when it drifts).",
+        "",
+        "Override any key on the command line as `section.key=value` (the value is YAML). A list",
+        "item is addressed by its index: `serve.models[0].engine=vllm`; the index one past the",
+        "end adds an item. Keys of an optional section (`serve.autoscaling`) and of list items",
+        "(`serve.models[]`) are listed under them; an item of `serve.models` takes the replica",
+        "settings it leaves out from the `serve` section, not the defaults shown for it here.",
         "",
         "| key | default | description |",
         "| --- | --- | --- |",
