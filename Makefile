@@ -12,9 +12,16 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# torch is installed first and alone: pinned CPU build, so nothing pulls a CUDA build.
+# torch's build, the same choice as cluster.yaml's nodes: TORCH=cpu (the default: any machine,
+# no CUDA libraries) or a CUDA build for GPU machines, e.g. `make demo TORCH=cu128`. PyTorch's
+# index for it is an extra index: where it cannot be reached (a machine with only a PyPI
+# mirror), pip takes the configured index's torch.
+TORCH       ?= cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/$(TORCH)
+
+# torch is installed first and alone, so nothing else picks its build.
 $(STAMP): $(PY) pyproject.toml constraints.txt
-	$(PIP) torch==2.13.0
+	$(PIP) --extra-index-url $(TORCH_INDEX) torch==2.13.0
 	$(PIP) -e .
 	touch $@
 
