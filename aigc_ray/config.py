@@ -219,12 +219,30 @@ class ModelConfig(_Section):
         return self
 
 
-class TrainConfig(_Section):
-    run_dir: str = Field("runs/tiny/train", description="Run directory: metrics, loss plot, model.")
+class _TrainRun(_Section):
+    """What text and image training share: where the run lives, its workers and its recovery
+    (both run on train.fit.run_trainer). Each stage sets its own defaults for run_dir and name."""
+
+    run_dir: str = Field("runs/train", description="Run directory: metrics, loss plot, model.")
     storage_path: str | None = Field(
         None,
         description="Ray Train storage (local dir or s3://) for checkpoints; empty = run_dir/ray.",
     )
+    name: str = Field("run", description="Run name; re-running with the same name resumes.")
+    num_workers: int = Field(2, ge=1, description="Training worker processes.")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL) instead of CPU (gloo).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
+    max_steps: int = Field(200, ge=1, description="Optimizer steps.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps before the decay.")
+    eval_every: int = Field(50, ge=1, description="Validation loss every N steps.")
+    checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps.")
+    num_to_keep: int = Field(2, ge=1, description="Checkpoints kept.")
+    max_failures: int = Field(2, ge=0, description="Worker-group failures to recover from.")
+    seed: int = Field(0, description="Seed for init and data order.")
+
+
+class TrainConfig(_TrainRun):
+    run_dir: str = Field("runs/tiny/train", description="Run directory: metrics, loss plot, model.")
     export_dir: str | None = Field(
         None,
         description="Also copy the final model here (s3:// on clusters); serve/generate default "
@@ -253,17 +271,13 @@ class TrainConfig(_Section):
         description="Custom resources each worker also reserves (e.g. {trainer: 1} to place "
         "workers only on nodes that declare it).",
     )
-    use_gpu: bool = Field(False, description="One GPU per worker (NCCL) instead of CPU (gloo).")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
     batch_size: int = Field(16, ge=1, description="Blocks per worker per step.")
     seq_len: int | None = Field(
         None, ge=8, description="Tokens per block; empty = the shards' (data.seq_len)."
     )
-    max_steps: int = Field(200, ge=1, description="Optimizer steps.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of peak.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on norms/biases).")
-    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps before the decay.")
     schedule: Literal["cosine", "linear"] = Field("cosine", description="LR decay after warmup.")
     grad_accum: int = Field(
         1, ge=1, description="Micro-batches per optimizer step (gradient accumulation)."
@@ -281,18 +295,13 @@ class TrainConfig(_Section):
         description="Record every consumed (epoch, position) in the checkpoints (tests/audits).",
     )
     grad_clip: float = Field(1.0, gt=0, description="Max gradient norm.")
-    eval_every: int = Field(50, ge=1, description="Validation loss every N steps.")
     eval_batches: int = Field(8, ge=1, description="Validation batches per worker per evaluation.")
-    checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps.")
-    num_to_keep: int = Field(2, ge=1, description="Checkpoints kept.")
-    max_failures: int = Field(2, ge=0, description="Worker-group failures to recover from.")
     shuffle_buffer: int = Field(
         2048,
         ge=0,
         description="Rows shuffled together within each epoch, after a seeded shuffle of the "
         "shards' row groups (0 = corpus order).",
     )
-    seed: int = Field(0, description="Seed for init and data order.")
     step_delay_s: float = Field(
         0.0,
         ge=0,
@@ -623,17 +632,11 @@ class ImageModelConfig(_Section):
     num_train_timesteps: int = Field(1000, ge=10, description="DDPM noise steps.")
 
 
-class ImageTrainConfig(_Section):
+class ImageTrainConfig(_TrainRun):
     run_dir: str = Field(
         "runs/digits/train", description="Metrics, loss plot, sample grids, model."
     )
-    storage_path: str | None = Field(
-        None, description="Ray Train storage (checkpoints); empty = <run_dir>/ray."
-    )
     name: str = Field("digits", description="Run name; re-running with the same name resumes.")
-    num_workers: int = Field(2, ge=1, description="Training workers (DDP).")
-    use_gpu: bool = Field(False, description="One GPU per worker (NCCL) instead of CPU (gloo).")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
     batch_size: int = Field(32, ge=1, description="Images per worker per step.")
     max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
     lr: float = Field(2e-3, gt=0, description="Peak learning rate (AdamW).")
@@ -644,8 +647,6 @@ class ImageTrainConfig(_Section):
     )
     eval_every: int = Field(250, ge=1, description="Validation loss + sample grid every N steps.")
     checkpoint_every: int = Field(250, ge=1, description="Checkpoint every N steps.")
-    num_to_keep: int = Field(2, ge=1, description="Checkpoints kept.")
-    max_failures: int = Field(2, ge=0, description="Worker-group failures to recover from.")
     sample_steps: int = Field(25, ge=1, description="DDIM steps of the sample grids.")
     guidance_scale: float = Field(3.0, ge=0, description="Guidance of the sample grids.")
     seed: int = Field(0, description="Seed for init, noise and sampling.")
