@@ -238,7 +238,10 @@ def planted_quality() -> dict:
     import ray.data
 
     from aigc_ray.config import DataConfig
-    from aigc_ray.data.dedup import planted_near_duplicates
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from dedup_planted import planted_near_duplicates  # the tests' planted corpus
+
     from aigc_ray.data.stage import _near_dedup_distributed, candidate_signatures
 
     p = MinHashParams()

@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    from aigc_ray.images.model import tiny_text_to_image
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny import tiny_text_to_image  # the tests' tiny random-init pipeline
 
     digits = args.model_dir or train_digits(work, args.train_steps)
     dirs = {"digits": digits, "sd": str(work / "sd")}

@@ -49,3 +49,79 @@ def tiny_model_dir(out: Path, tokenizer, seed: int = 0, **arch) -> str:
     build_model(ModelConfig(**arch), tokenizer, seed=seed).save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     return str(out)
+
+
+def tiny_text_to_image(directory: str | Path, seed: int = 0) -> None:
+    """Save a tiny randomly initialized Stable Diffusion pipeline (UNet, VAE, CLIP text encoder
+    and a letters-only CLIP tokenizer, all built from configs; nothing downloaded): 16x16 images,
+    for smoke tests of the text-to-image path (serving, batch generation) on any machine."""
+    import json
+    import tempfile
+
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        norm_num_groups=8,
+        attention_head_dim=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    text_config = CLIPTextConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    with tempfile.TemporaryDirectory() as tokdir:
+        Path(tokdir, "vocab.json").write_text(json.dumps(vocab))
+        Path(tokdir, "merges.txt").write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(
+            f"{tokdir}/vocab.json",
+            f"{tokdir}/merges.txt",
+            model_max_length=32,
+            pad_token="<|endoftext|>",
+        )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config),
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler(num_train_timesteps=1000, clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(directory))

@@ -1,9 +1,12 @@
 """The data stage on Ray Data: read -> clean/redact/filter -> dedup -> tokenize/pack -> parquet.
 
-    files --read_files--> rows (document or quarantine) --clean_batch--> redacted text, status,
-          hash, signature, PII counts per kind
-          --materialize--> driver: exact + near duplicate masks (by order key, deterministic)
-          --keep rows--> TokenizePackUDF (actor pool) --materialize--> shards per split + tails
+    files --read_clean (tasks: read_files + clean_batch)--> rows (document or quarantine):
+          redacted text, status, hash, PII counts per kind
+          --materialize--> driver: exact duplicates (by hash, order key: deterministic)
+          --candidate_signatures (tasks)--> MinHash of the remaining ok rows
+          --> near duplicates (on the driver, or banded over a Ray Data hash shuffle)
+          --keep rows--> tokenize_pack (tasks; one TokenizePackUDF per worker process)
+          --materialize--> shards per split + tails
 
 Every row is accounted for in the manifest: read = malformed + filtered (per filter) +
 exact duplicates + near duplicates + kept.
@@ -80,11 +83,11 @@ def clean_batch(
     batch: pa.Table,
     rules: QualityRules,
     sft: bool,
-    minhash: MinHashParams | None,
     pii: PiiRules | None = None,
 ) -> pa.Table:
     """Ray Data batch fn: clean text, redact PII (``pii``); set `status` (ok | malformed |
-    filtered:<name>), hash, signature and, with ``pii``, a `pii_<kind>` count column per kind."""
+    filtered:<name>), hash and, with ``pii``, a `pii_<kind>` count column per kind (MinHash
+    signatures come later, for the near-dedup candidates only: candidate_signatures)."""
     texts, status, reasons = [], [], []
     for text, reason in zip(
         batch.column("text").to_pylist(), batch.column("reason").to_pylist(), strict=True
@@ -112,9 +115,6 @@ def clean_batch(
     out = out.append_column("hash", pa.array(hashes, pa.int64()))
     for kind, counts in found.items():
         out = out.append_column(f"pii_{kind}", pa.array(counts, pa.int32()))
-    if minhash is not None:
-        ok = [t if s == "ok" else "" for t, s in zip(texts, status, strict=True)]
-        out = out.append_column("sig", list_column(signatures(ok, minhash).view(np.int32)))
     return out
 
 
@@ -223,7 +223,6 @@ def _cleaned_dataset(files: list[InputFile], cfg: DataConfig):
     clean = {
         "rules": quality_rules(cfg),
         "sft": cfg.format == "sft",
-        "minhash": None,
         "pii": pii_rules(cfg),
     }
     ds = ds.map_batches(

@@ -69,7 +69,7 @@ def digits_run(ray_session, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image_dirs(tmp_path_factory, digits_run):
-    from aigc_ray.images.model import tiny_text_to_image
+    from tiny import tiny_text_to_image
 
     root = tmp_path_factory.mktemp("image-models")
     tiny_text_to_image(root / "sd")

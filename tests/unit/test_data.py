@@ -248,7 +248,7 @@ def corpus_file(tmp_path_factory, corpus_docs):
 def cleaned(corpus_file):
     p, _ = corpus_file
     (table,) = list(read_file_rows(only([str(p)]), "text", "file", False))
-    return clean_batch(table, QualityRules(min_chars=3), sft=False, minhash=None)
+    return clean_batch(table, QualityRules(min_chars=3), sft=False)
 
 
 def test_clean_batch_statuses(cleaned, corpus_file):

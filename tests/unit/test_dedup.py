@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from dedup_planted import planted_near_duplicates
 
 from aigc_ray.data.dedup import (
     MinHashParams,
@@ -11,7 +12,6 @@ from aigc_ray.data.dedup import (
     exact_duplicates,
     near_duplicates,
     near_duplicates_from_pairs,
-    planted_near_duplicates,
     shingle_hashes,
     signatures,
     true_jaccard,
