@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aigc_ray.config import GenerateConfig
+from aigc_ray.data.readers import table_records
 from aigc_ray.engine import InvalidParamError, SamplingParams, load_engine
 from aigc_ray.engine.loader import cpu_threads, placed_device
 from aigc_ray.engine.params import usable_device
@@ -162,63 +163,21 @@ class _PromptRows:
 
 
 def read_prompt_file(path: str, column: str) -> pa.Table:
-    """Every row of one prompts file, good (prompt + params) or quarantined (reason + raw)."""
+    """Every row of one prompts file, good (prompt + params) or quarantined (reason + raw),
+    parsed by the data stage's table reader (data.readers.table_records)."""
     rows = _PromptRows(path, column)
     try:
         data = read_bytes(path)
     except OSError as e:
         rows.bad(-1, f"cannot read file: {e}")
         return rows.table()
-    if path.endswith(".parquet"):
-        _parquet_prompts(data, rows)
-    elif path.endswith(".json") and data.lstrip()[:1] == b"[":
-        _json_array_prompts(data, rows)
-    else:
-        for i, chunk in enumerate(data.split(b"\n"), start=1):
-            if chunk.strip():
-                _json_line(i, chunk, rows)
+    fmt = "parquet" if path.endswith(".parquet") else "json"
+    for line, value, problem, raw in table_records(path, data, fmt, [column, *ROW_PARAMS]):
+        if problem:
+            rows.bad(line, problem, raw)
+        else:
+            rows.record(line, value, raw)
     return rows.table()
-
-
-def _json_line(i: int, chunk: bytes, rows: _PromptRows) -> None:
-    try:
-        text = chunk.decode("utf-8")
-    except UnicodeDecodeError as e:
-        rows.bad(i, f"invalid UTF-8 at byte {e.start}", chunk)
-        return
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        rows.bad(i, f"malformed JSON: {e.msg} at column {e.colno}", text)
-        return
-    rows.record(i, obj, text)
-
-
-def _json_array_prompts(data: bytes, rows: _PromptRows) -> None:
-    try:
-        items = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        rows.bad(-1, f"malformed JSON array: {e}", data[:200])
-        return
-    for i, obj in enumerate(items):
-        rows.record(i, obj, json.dumps(obj)[:2000])
-
-
-def _parquet_prompts(data: bytes, rows: _PromptRows) -> None:
-    import io
-
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(io.BytesIO(data))
-    except (pa.ArrowInvalid, OSError) as e:
-        rows.bad(-1, f"unreadable parquet file: {e}")
-        return
-    if rows.column not in table.column_names:
-        rows.bad(-1, f"missing column {rows.column!r} (columns: {table.column_names})")
-        return
-    for i, obj in enumerate(table.to_pylist()):
-        rows.record(i, obj, json.dumps(obj, default=str)[:2000])
 
 
 def read_prompt_files(batch: pa.Table, column: str) -> Iterator[pa.Table]:

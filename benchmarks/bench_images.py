@@ -2,7 +2,7 @@
 
 Models: the digits default (configs/digits.yaml: trained here once through `aigc-ray preprocess`
 and `aigc-ray train`, cached under the temp dir) and a tiny random text-to-image Stable
-Diffusion pipeline (`aigc_ray.images.model.tiny_text_to_image`: diffusers' own
+Diffusion pipeline (`tests/tiny.py`'s `tiny_text_to_image`: diffusers' own
 StableDiffusionPipeline end to end).
 
 Reference: the same pipeline called in-process with batch 8 (for the SD model,

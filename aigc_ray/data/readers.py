@@ -183,7 +183,50 @@ def _text_rows(f: InputFile, data: bytes, rows: _Rows, per_line: bool) -> Iterat
         yield
 
 
-def _json_array_rows(data: bytes, rows: _Rows, column: str) -> Iterator[None]:
+# ---------------------------------------------------------------- table records
+# The one parser of table files with per-row faults, used by the text data stage (here), batch
+# generation's prompt files (generate.py) and the image tables (images/data.py). Each caller
+# applies its own column rules to the records and quarantines what it cannot use.
+
+
+def table_records(
+    path: str, data: bytes, fmt: str | None = None, columns: list[str] | None = None
+) -> Iterator[tuple[int, object, str | None, str | bytes]]:
+    """Every row of one table file as (line, value, problem, raw).
+
+    Formats: json (JSON lines, or one array in a .json file), csv/tsv, parquet (`fmt`, or from
+    the suffix). `value` is the parsed row (any JSON value; a dict for csv and parquet), or
+    None with `problem` saying why the row cannot be read: invalid UTF-8, malformed JSON, an
+    unreadable parquet file. Line -1 is the whole file. Rows are numbered as a user finds them:
+    1-based lines of JSON lines and csv, 0-based indices of a JSON array and of parquet rows.
+    `columns` (parquet, csv): the first is required (a file without it is one problem row);
+    parquet reads only these, the others where present; None reads every column."""
+    fmt = fmt or file_format(path)
+    if fmt == "parquet":
+        yield from _parquet_records(data, columns)
+    elif fmt == "csv":
+        yield from _csv_records(path, data, columns)
+    elif path.endswith(".json") and data.lstrip()[:1] == b"[":
+        yield from _json_array_records(data)
+    else:
+        yield from _json_line_records(data)
+
+
+def _json_line_records(data: bytes):
+    for i, chunk in enumerate(data.split(b"\n"), start=1):
+        if not chunk.strip():
+            continue
+        text, err = _decode(chunk)
+        if err:
+            yield i, None, err, chunk
+            continue
+        try:
+            yield i, json.loads(text), None, text
+        except json.JSONDecodeError as e:
+            yield i, None, f"malformed JSON: {e.msg} at column {e.colno}", text
+
+
+def _json_array_records(data: bytes):
     """A .json file holding one array of objects; row numbers are array indices."""
     text, err = _decode(data)
     try:
@@ -191,33 +234,63 @@ def _json_array_rows(data: bytes, rows: _Rows, column: str) -> Iterator[None]:
     except json.JSONDecodeError as e:
         err = f"malformed JSON array: {e.msg} at line {e.lineno} column {e.colno}"
     if err:
-        rows.bad(-1, err, data[:200])
-        yield
+        yield -1, None, err, data[:200]
         return
     for i, obj in enumerate(items):
-        _record(rows, i, obj, column, json.dumps(obj)[:2000])
-        yield
+        yield i, obj, None, json.dumps(obj)[:2000]
 
 
-def _json_rows(f: InputFile, data: bytes, rows: _Rows, column: str) -> Iterator[None]:
-    if f.path.endswith(".json") and data.lstrip()[:1] == b"[":
-        yield from _json_array_rows(data, rows, column)
+def _csv_records(path: str, data: bytes, columns: list[str] | None):
+    text, err = _decode(data)
+    if err:
+        yield -1, None, err, data[:200]
         return
-    for i, chunk in enumerate(data.split(b"\n"), start=1):
-        if not chunk.strip():
-            continue
-        text, err = _decode(chunk)
-        if err:
-            rows.bad(i, err, chunk)
-            yield
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            rows.bad(i, f"malformed JSON: {e.msg} at column {e.colno}", text)
-            yield
-            continue
-        _record(rows, i, obj, column, text)
+    delimiter = "\t" if path.endswith(".tsv") else ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    if columns and (reader.fieldnames is None or columns[0] not in reader.fieldnames):
+        yield -1, None, f"missing column {columns[0]!r} (header: {reader.fieldnames})", ""
+        return
+    for row in reader:
+        yield reader.line_num, row, None, json.dumps(row)
+
+
+def _parquet_records(data: bytes, columns: list[str] | None):
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(io.BytesIO(data))
+        names = pf.schema_arrow.names
+        if columns and columns[0] not in names:
+            yield -1, None, f"missing column {columns[0]!r} (columns: {names})", ""
+            return
+        read = list(dict.fromkeys(c for c in columns if c in names)) if columns else None
+        base = 0
+        for batch in pf.iter_batches(columns=read, batch_size=ROW_BATCH):
+            for i, row in enumerate(batch.to_pylist()):
+                yield base + i, row, None, json.dumps(row, default=str)[:2000]
+            base += batch.num_rows
+    except (pa.ArrowInvalid, OSError) as e:
+        yield -1, None, f"unreadable parquet file: {e}", ""
+
+
+def _table_rows(f: InputFile, data: bytes, rows: _Rows, column: str) -> Iterator[None]:
+    """The text stage's rule for table rows: `column` holds the document (a string, or chat
+    messages kept as JSON for the SFT formatter); `id_column` its id."""
+    columns = [column, rows.id_column] if rows.id_column else [column]
+    for line, value, problem, raw in table_records(f.path, data, f.fmt, columns):
+        if problem:
+            rows.bad(line, problem, raw)
+        elif f.fmt == "parquet":
+            rows.doc_id = value.get(rows.id_column) if rows.id_column else None
+            _parquet_value(rows, line, value[column], column)
+        elif f.fmt == "csv":
+            rows.doc_id = value.get(rows.id_column) if rows.id_column else None
+            if value.get(column) is None:
+                rows.bad(line, f"row has no value for column {column!r}", raw)
+            else:
+                rows.good(line, value[column])
+        else:
+            _record(rows, line, value, column, raw)
         yield
 
 
@@ -234,54 +307,6 @@ def _record(rows: _Rows, i: int, obj, column: str, raw: str) -> None:
         rows.bad(i, f"column {column!r} is {type(obj[column]).__name__}, not a string", raw)
     else:
         rows.good(i, obj[column])
-
-
-def _csv_rows(f: InputFile, data: bytes, rows: _Rows, column: str) -> Iterator[None]:
-    text, err = _decode(data)
-    if err:
-        rows.bad(-1, err, data[:200])
-        yield
-        return
-    delimiter = "\t" if f.path.endswith(".tsv") else ","
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    if reader.fieldnames is None or column not in reader.fieldnames:
-        rows.bad(-1, f"missing column {column!r} (header: {reader.fieldnames})")
-        yield
-        return
-    for row in reader:
-        line = reader.line_num
-        value = row.get(column)
-        rows.doc_id = row.get(rows.id_column) if rows.id_column else None
-        if value is None:
-            rows.bad(line, f"row has no value for column {column!r}", json.dumps(row))
-        else:
-            rows.good(line, value)
-        yield
-
-
-def _parquet_rows(f: InputFile, data: bytes, rows: _Rows, column: str) -> Iterator[None]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(io.BytesIO(data))
-        if column not in pf.schema_arrow.names:
-            rows.bad(-1, f"missing column {column!r} (columns: {pf.schema_arrow.names})")
-            yield
-            return
-        has_id = bool(rows.id_column) and rows.id_column in pf.schema_arrow.names
-        cols = [column, rows.id_column] if has_id and rows.id_column != column else [column]
-        batches = pf.iter_batches(columns=cols, batch_size=ROW_BATCH)
-        base = 0
-        for batch in batches:
-            ids = batch.column(rows.id_column).to_pylist() if has_id else [None] * batch.num_rows
-            for i, value in enumerate(batch.column(column).to_pylist()):
-                rows.doc_id = ids[i]
-                _parquet_value(rows, base + i, value, column)
-                yield
-            base += batch.num_rows
-    except (pa.ArrowInvalid, OSError) as e:
-        rows.bad(-1, f"unreadable parquet file: {e}")
-        yield
 
 
 def _parquet_value(rows: _Rows, i: int, value, column: str) -> None:
@@ -308,12 +333,8 @@ def read_file_rows(
         return
     if f.fmt == "text":
         gen = _text_rows(f, data, rows, text_mode == "line")
-    elif f.fmt == "json":
-        gen = _json_rows(f, data, rows, cfg_column)
-    elif f.fmt == "csv":
-        gen = _csv_rows(f, data, rows, cfg_column)
     else:
-        gen = _parquet_rows(f, data, rows, cfg_column)
+        gen = _table_rows(f, data, rows, cfg_column)
     for _ in gen:
         if len(rows) >= ROW_BATCH:
             yield rows.flush()

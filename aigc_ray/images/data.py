@@ -73,24 +73,15 @@ def _folder_rows(spec: str) -> list[dict]:
 
 def _table_rows(spec: str, cfg: ImageDataConfig) -> list[dict]:
     """jsonl or parquet rows: image path (relative to the table) or bytes, label/caption."""
-    base = spec.rsplit("/", 1)[0] if "/" in spec else "."
-    if spec.endswith(".parquet"):
-        import pyarrow.parquet as pq
+    from aigc_ray.data.readers import table_records
 
-        records = [(i + 1, r, None) for i, r in enumerate(pq.read_table(spec).to_pylist())]
-    else:
-        records = []
-        for n, line in enumerate(read_bytes(spec).decode("utf-8", "replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if isinstance(record, dict):
-                    records.append((n, record, None))
-                else:
-                    records.append((n, {}, f"expected a JSON object, got {type(record).__name__}"))
-            except json.JSONDecodeError as e:
-                records.append((n, {}, f"malformed JSON: {e.msg}"))
+    base = spec.rsplit("/", 1)[0] if "/" in spec else "."
+    fmt = "parquet" if spec.endswith(".parquet") else "json"
+    records = []  # (row number, record, problem), read by the data stage's table reader
+    for n, value, problem, _ in table_records(spec, read_bytes(spec), fmt):
+        if problem is None and not isinstance(value, dict):
+            problem = f"expected a JSON object, got {type(value).__name__}"
+        records.append((n, value if problem is None else {}, problem))
     rows = []
     for n, rec, err in records:
         source = f"{spec}:{n}"

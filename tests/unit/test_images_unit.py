@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from tiny import tiny_text_to_image
 
 from aigc_ray.config import ImageDataConfig, ImageModelConfig, load_config
 from aigc_ray.images.data import ROWS, _row, _table_rows, decode_batch, to_pixels
@@ -21,7 +22,6 @@ from aigc_ray.images.model import (
     noise_scheduler,
     png_bytes,
     save_pipeline,
-    tiny_text_to_image,
 )
 
 LABELS = [str(i) for i in range(10)]
