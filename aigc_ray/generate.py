@@ -303,7 +303,7 @@ def read_prompts(inputs: list[str], column: str, quarantine_dir: str):
 
 
 def show_generated(progress: Progress, batch: dict) -> None:
-    """One generated batch (rows, errors) on the driver's progress line."""
+    """One generated batch (rows, errors) on the driver's progress line (text or images)."""
     now = time.monotonic()
     errors = progress.fields.get("errors", 0) + batch["errors"]
     done = progress.done + batch["rows"]

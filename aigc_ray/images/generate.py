@@ -17,7 +17,8 @@ import time
 import pyarrow as pa
 
 from aigc_ray.config import ImageGenerateConfig
-from aigc_ray.generate import GenerateError, prompt_files, read_prompts
+from aigc_ray.generate import GenerateError, prompt_files, read_prompts, show_generated
+from aigc_ray.progress import Progress, Watch, post
 from aigc_ray.storage import is_uri, portable_location, write_bytes
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ INDEX_SCHEMA = pa.schema(
 class ImageGenerateUDF:
     """Ray Data callable: one ImagePipeline per actor; a batch is one pipeline call."""
 
-    def __init__(self, model_dir: str, cfg: dict):
+    def __init__(self, model_dir: str, cfg: dict, progress=None):
         import torch
 
         from aigc_ray.engine.loader import cpu_threads, placed_device
@@ -51,6 +52,7 @@ class ImageGenerateUDF:
         device = usable_device(placed_device("auto", self.cfg.num_gpus), "image generate actor")
         self.pipe = ImagePipeline(model_dir, device)
         self.out = f"{self.cfg.output_dir.rstrip('/')}/images"
+        self.board = progress  # the driver's progress board (aigc_ray.progress)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from aigc_ray.images.model import ImageRequestError, png_bytes
@@ -93,6 +95,7 @@ class ImageGenerateUDF:
                 name = hashlib.sha1(key.encode()).hexdigest()[:16]
                 record["path"] = f"{self.out}/{name}.png"
                 write_bytes(png_bytes(image), record["path"])
+        post(self.board, {"rows": len(rows), "errors": sum(r["error"] is not None for r in rows)})
         return pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
 
 
@@ -123,17 +126,19 @@ def run_image_generate(cfg: ImageGenerateConfig, model_dir: str) -> dict:
     resources = {"num_cpus": cfg.num_cpus}
     if cfg.num_gpus:
         resources["num_gpus"] = cfg.num_gpus
-    index = good.map_batches(
-        ImageGenerateUDF,
-        fn_constructor_kwargs={
-            "model_dir": portable_location(model_dir),
-            "cfg": {**cfg.model_dump(), "output_dir": portable_location(out_dir)},
-        },
-        compute=ActorPoolStrategy(size=cfg.num_actors),
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        **resources,
-    ).materialize()
+    with Watch(Progress("generate", good.count(), "images"), show_generated) as watch:
+        index = good.map_batches(
+            ImageGenerateUDF,
+            fn_constructor_kwargs={
+                "model_dir": portable_location(model_dir),
+                "cfg": {**cfg.model_dump(), "output_dir": portable_location(out_dir)},
+                "progress": watch.board,
+            },
+            compute=ActorPoolStrategy(size=cfg.num_actors),
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            **resources,
+        ).materialize()
     index.write_parquet(f"{out_dir}/index")
     rows = errors = 0
     for block in index.iter_batches(batch_format="pyarrow", batch_size=None):

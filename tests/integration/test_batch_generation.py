@@ -1,5 +1,7 @@
 """Offline batch generation on the shared local Ray instance."""
 
+import re
+
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -19,10 +21,11 @@ def tiny_gen_model_dir(tmp_path_factory) -> str:
 # (its own request checks), so the bad-rows contract is checked on each.
 @pytest.mark.parametrize("engine", ["builtin", "vllm"])
 def test_batch_generation_survives_bad_rows_and_loses_none(
-    ray_session, tmp_path, engine, tiny_gen_model_dir
+    ray_session, tmp_path, engine, tiny_gen_model_dir, capsys
 ):
     """Ray Data + an engine in an actor pool: per-row params; unreadable rows quarantined with
-    file and line, rows with bad parameters recorded in the output; never fatal."""
+    file and line, rows with bad parameters recorded in the output; never fatal. The driver
+    shows the rows done, their rate and the errors so far (a plain line: not a terminal)."""
     import json
 
     import pyarrow.parquet as pq
@@ -75,6 +78,11 @@ def test_batch_generation_survives_bad_rows_and_loses_none(
         ("prompts.jsonl", 25),
     ]
     assert all(q["reason"] for q in quarantine)
+    shown = [x for x in capsys.readouterr().out.splitlines() if x.startswith("generate ")]
+    assert shown and re.match(
+        r"generate 22/22 rows \(100%\)  rows/s [\d.,]+  errors 1  elapsed \d+:\d\d  left 0:00$",
+        shown[-1],
+    ), shown
 
 
 def pa_table(rows):
