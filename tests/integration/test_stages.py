@@ -178,7 +178,7 @@ def test_train_rerun_with_same_name_resumes(trained, cfg, capsys):
     shown = [x for x in capsys.readouterr().out.splitlines() if x.startswith("train ")]
     assert re.match(r"train\s+6/8 steps \(75%\)  .*elapsed \d+:\d\d", shown[0]), shown
     assert re.match(
-        r"train\s+8/8 steps \(100%\)  loss \d+\.\d{3}  tokens/s [\d,]+  "
+        r"train\s+8/8 steps \(100%\)  loss \d+\.\d{3}  tokens/s [\d.,]+  "
         r"(val loss \d+\.\d{3}  )?elapsed \d+:\d\d  left 0:00$",
         shown[-1],
     ), shown
