@@ -7,7 +7,7 @@ shared instance), so the test also checks that no Ray process and no Serve port 
 The test proves the notebook's plumbing, not learning: through AIGC_RAY_QUICKSTART_OVERRIDES and
 AIGC_RAY_QUICKSTART_IMAGE_OVERRIDES (the notebook's environment overrides, which a user leaves
 unset) it runs each step on a smaller model, fewer documents and steps, and fewer images, and
-serves on a port picked when the test starts."""
+serves on a port picked when the test starts, on the built-in engine (see TEXT_OVERRIDES)."""
 
 import os
 import sys
@@ -32,6 +32,12 @@ TEXT_OVERRIDES = [
     "train.checkpoint_every=10",
     "train.warmup_steps=2",
     "train.eval_batches=2",
+    # The built-in engine: with `auto` both the served model and batch generation would start
+    # vLLM (compiled, ~1 min each here). The notebook's calls are engine-independent; `auto`
+    # choosing vLLM is the pipeline test's path, and vLLM's own serving and batch generation
+    # are tests/integration's (test_serve.py, test_batch_generation.py, test_serve_privacy.py).
+    "serve.engine=builtin",
+    "generate.engine=builtin",
 ]
 SAMPLE_IMAGES = 10  # the notebook asks for 40; one per class is the least the config accepts
 IMAGE_OVERRIDES = [
