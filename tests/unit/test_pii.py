@@ -194,7 +194,7 @@ def _batch(texts):
 
 def test_clean_batch_replaces_and_counts():
     texts = ["def f():\n    return 1", "# by jo@corp.com, see 10.1.2.3 or jo@corp.com"]
-    out = clean_batch(_batch(texts), QualityRules(), False, None, RULES)
+    out = clean_batch(_batch(texts), QualityRules(), False, RULES)
     assert out["text"].to_pylist() == [texts[0], "# by <EMAIL>, see <IP> or <EMAIL>"]
     assert out["status"].to_pylist() == ["ok", "ok"]
     assert out["pii_email"].to_pylist() == [0, 2] and out["pii_ip"].to_pylist() == [0, 1]
@@ -204,14 +204,14 @@ def test_clean_batch_replaces_and_counts():
 def test_clean_batch_drop_marks_rows_filtered_pii():
     texts = ["def f():\n    return 1", "password = 'Zq8vR2kLp0XwY7tN4mHs'"]
     rules = PiiRules(action="drop")
-    out = clean_batch(_batch(texts), QualityRules(), False, None, rules)
+    out = clean_batch(_batch(texts), QualityRules(), False, rules)
     assert out["status"].to_pylist() == ["ok", "filtered:pii"]
     assert out["pii_secret"].to_pylist() == [0, 1]
 
 
 def test_clean_batch_without_pii_keeps_text():
     texts = ["# by jo@corp.com"]
-    out = clean_batch(_batch(texts), QualityRules(), False, None)
+    out = clean_batch(_batch(texts), QualityRules(), False)
     assert out["text"].to_pylist() == texts and "pii_email" not in out.column_names
 
 
