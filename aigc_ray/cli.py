@@ -72,7 +72,13 @@ def quiet_ray_data() -> None:
             handler.addFilter(untrue)
     for name in ("ray.data", "ray.data.dataset", "ray.data._internal.progress"):
         logging.getLogger(name).addFilter(untrue)
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    # Serve sets its logger's level and handlers when ray.serve is imported (later, in a
+    # stage): a filter on the logger itself is what survives that.
+    logging.getLogger("ray.serve").addFilter(_warnings_and_above)
+
+
+def _warnings_and_above(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
 
 
 def stages_of(command: str, cfg: PipelineConfig) -> set[str]:
