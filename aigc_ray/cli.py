@@ -180,6 +180,14 @@ def cmd_train(cfg: PipelineConfig):
 def cmd_serve(cfg: PipelineConfig, model_dir: str) -> tuple[str, list[tuple[str, str]]]:
     from aigc_ray.serve import engine_report, run_serve
 
+    what = "serve: starting the replicas"
+    if cfg.task == "text":
+        engines = sorted({m.engine for m in cfg.serve.served_models(model_dir)})
+        what += f" (engine {', '.join(engines)}"
+        if {"auto", "vllm"} & set(engines):
+            what += "; vLLM's first start compiles the model: a minute or two on a CPU"
+        what += ")"
+    print(f"{what} ...", flush=True)
     url = run_serve(cfg.serve, model_dir)
     for name, info in engine_report().items():
         version = f" {info['engine_version']}" if info["engine_version"] else ""

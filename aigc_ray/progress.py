@@ -2,8 +2,10 @@
 
 A stage that runs in other processes posts its rows (a dict per logged step or batch) to a
 small Ray actor, the board; a thread on the driver takes them every second and shows them:
-a live tqdm bar on a terminal, plain lines at most every `interval` seconds otherwise (a log
-file or `ray job logs` stays readable). Each line says where the work is, its rate, the time
+a live tqdm bar on a terminal, plain lines about every `interval` seconds otherwise (a log
+file or `ray job logs` stays readable): a row is printed once `interval` has passed, or earlier
+when waiting for the next row would leave more than 1.5 x `interval` without a line (rows that
+come every 8 s are all printed with a 10 s interval, not every other one, 16 s apart). Each line says where the work is, its rate, the time
 spent and the time left:
 
     train   120/300 steps (40%)  loss 5.123  2,607 tokens/s  elapsed 0:12  left 0:18
@@ -59,6 +61,7 @@ class Progress:
         self.started = time.monotonic()
         self.first: tuple[float, int] | None = None  # (time, done) of the first update
         self.done, self.fields = 0, {}
+        self.updated_at: float | None = None  # time of the last update (the rows' spacing)
         self.printed_at, self.printed_done = -math.inf, None
         self.bar = None
         if self.live:
@@ -91,11 +94,14 @@ class Progress:
         if self.first is None or done < self.done:  # first row, or a restart from a checkpoint
             self.first = (now, done)
         self.done, self.fields = done, {**self.fields, **(fields or {})}
+        spacing = 0.0 if self.updated_at is None else now - self.updated_at
+        self.updated_at = now
         if self.bar is not None:
             self.bar.n = done
             self.bar.set_postfix({k: v for k, v in self.fields.items() if v is not None})
             return
-        if now - self.printed_at >= self.interval:
+        since = now - self.printed_at
+        if since >= self.interval or since + spacing > 1.5 * self.interval:
             self._print(now)
 
     def _print(self, now: float) -> None:

@@ -28,6 +28,21 @@ def test_plain_lines_are_throttled_and_say_rate_elapsed_and_time_left():
     )
 
 
+def test_rows_slower_than_the_interval_are_each_printed():
+    """Rows 8 s apart with a 10 s interval: each is printed (waiting for the next would leave
+    16 s without a line); rows 1 s apart: a line every 10 s."""
+    out = io.StringIO()
+    p = Progress("train", 300, stream=out, live=False, interval=10)
+    for k in range(6):
+        p.update(10 * k, {"loss": 5.0}, now=8.0 * k)
+    assert len(_lines(out)) == 6
+    out = io.StringIO()
+    p = Progress("train", 300, stream=out, live=False, interval=10)
+    for k in range(41):
+        p.update(k, now=float(k))
+    assert [int(x.split()[1].split("/")[0]) for x in _lines(out)] == [0, 10, 20, 30, 40]
+
+
 def test_close_prints_the_last_state_once():
     out = io.StringIO()
     p = Progress("train", 8, "steps", stream=out, live=False, interval=10)
