@@ -5,10 +5,10 @@ small Ray actor, the board; a thread on the driver takes them every second and s
 a live tqdm bar on a terminal, plain lines about every `interval` seconds otherwise (a log
 file or `ray job logs` stays readable): a row is printed once `interval` has passed, or earlier
 when waiting for the next row would leave more than 1.5 x `interval` without a line (rows that
-come every 8 s are all printed with a 10 s interval, not every other one, 16 s apart). Each line says where the work is, its rate, the time
-spent and the time left:
+come every 8 s are all printed with a 10 s interval, not every other one, 16 s apart). Each
+line says where the work is, its rate, the time spent and the time left:
 
-    train   120/300 steps (40%)  loss 5.123  2,607 tokens/s  elapsed 0:12  left 0:18
+    train   120/300 steps (40%)  loss 5.123  tokens/s 2,607  elapsed 0:12  left 0:18
 
 The board is a zero-CPU actor, so it never takes a core from the work it reports on; posting
 is fire-and-forget (a worker never waits for the driver).
