@@ -4,8 +4,8 @@ A stage that runs in other processes posts its rows (a dict per logged step or b
 small Ray actor, the board; a thread on the driver takes them every second and shows them:
 a live tqdm bar on a terminal, plain lines about every `interval` seconds otherwise (a log
 file or `ray job logs` stays readable): a row is printed once `interval` has passed, or earlier
-when waiting for the next row would leave more than 1.5 x `interval` without a line (rows that
-come every 8 s are all printed with a 10 s interval, not every other one, 16 s apart). Each
+when waiting for the next row would leave more than `interval` without a line (rows that come
+every 8 s are all printed with a 10 s interval, not every other one, 16 s apart). Each
 line says where the work is, its rate, the time spent and the time left:
 
     train   120/300 steps (40%)  loss 5.123  tokens/s 2,607  elapsed 0:12  left 0:18
@@ -101,7 +101,7 @@ class Progress:
             self.bar.set_postfix({k: v for k, v in self.fields.items() if v is not None})
             return
         since = now - self.printed_at
-        if since >= self.interval or since + spacing > 1.5 * self.interval:
+        if since >= self.interval or since + spacing > self.interval:
             self._print(now)
 
     def _print(self, now: float) -> None:

@@ -41,6 +41,12 @@ def test_rows_slower_than_the_interval_are_each_printed():
     for k in range(41):
         p.update(k, now=float(k))
     assert [int(x.split()[1].split("/")[0]) for x in _lines(out)] == [0, 10, 20, 30, 40]
+    # rows 7 s apart: each printed (the next would come 14 s after a line)
+    out = io.StringIO()
+    p = Progress("train", 300, stream=out, live=False, interval=10)
+    for k in range(5):
+        p.update(k, now=7.0 * k)
+    assert len(_lines(out)) == 5
 
 
 def test_close_prints_the_last_state_once():
