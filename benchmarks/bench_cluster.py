@@ -45,6 +45,7 @@ def main() -> int:
             "-m",
             "pytest",
             "-q",
+            "--durations=0",
             "-p",
             "no:cacheprovider",
             "tests/e2e/test_cluster_local.py",
