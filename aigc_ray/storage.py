@@ -124,8 +124,10 @@ def _satisfies(current: dict, encryption: str, kms_key_id: str | None) -> bool:
         return algorithm in ("AES256", "aws:kms", "aws:kms:dsse")
     key = current.get("KMSMasterKeyID") or ""
     # the same key as an id, an ARN or an alias ARN ends with what the config names
-    return algorithm in ("aws:kms", "aws:kms:dsse") and bool(key) and (
-        key == kms_key_id or key.endswith(f"/{kms_key_id}") or kms_key_id.endswith(f"/{key}")
+    return (
+        algorithm in ("aws:kms", "aws:kms:dsse")
+        and bool(key)
+        and (key == kms_key_id or key.endswith(f"/{kms_key_id}") or kms_key_id.endswith(f"/{key}"))
     )
 
 

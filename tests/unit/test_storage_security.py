@@ -16,7 +16,6 @@ from aigc_ray.errors import StorageError
 from aigc_ray.storage import ensure_bucket_encryption, protect_outputs, write_bytes
 
 
-
 @pytest.fixture
 def s3(monkeypatch):
     """A moto S3 server on loopback, the AWS environment pointing at it; a boto3 client."""
