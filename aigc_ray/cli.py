@@ -18,7 +18,7 @@ from aigc_ray.client import http_complete
 from aigc_ray.config import ConfigError, PipelineConfig, load_config, write_resolved
 from aigc_ray.errors import AigcRayError, PipelineError
 from aigc_ray.model import perplexity
-from aigc_ray.storage import is_uri
+from aigc_ray.storage import is_uri, owner_only_files, protect_outputs
 
 log = logging.getLogger("aigc_ray")
 
@@ -314,6 +314,7 @@ def cmd_cluster(args) -> int:
 
     try:
         if args.action == "up":
+            owner_only_files()  # as cluster.yaml's start commands (umask 077)
             c = lc.local_up(
                 args.cluster_yaml,
                 args.dir,
@@ -475,9 +476,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"ok: {args.config} fits the node types of {args.cluster_yaml}")
             warnings = [*warnings, *problems]
         return 1 if warnings else 0
+    # what the stages write (and the local Ray this command may start) is owner-only
+    owner_only_files()
     try:
         cfg = load_config(args.config, args.overrides)
-        preflight(cfg, stages_of(args.command, cfg))
+        stages = stages_of(args.command, cfg)
+        preflight(cfg, stages)
+        for line in protect_outputs(
+            cfg.output_locations(stages), cfg.storage.encryption, cfg.storage.kms_key_id
+        ):
+            print(f"storage: {line}", flush=True)
     except AigcRayError as e:  # found before Ray started; anything else is a bug: traceback
         print(f"aigc-ray: error: {e}", file=sys.stderr)
         return 2

@@ -680,6 +680,29 @@ class ImagesConfig(_Section):
     )
 
 
+class StorageSettings(_Section):
+    """Encryption at rest of what the stages write (shards, checkpoints, models, generations)."""
+
+    encryption: Literal["sse-s3", "sse-kms", "none"] = Field(
+        "sse-s3",
+        description="s3:// outputs: the bucket's default server-side encryption, checked (and "
+        "set when missing) before a stage writes: sse-s3 (S3-managed keys), sse-kms (the "
+        "kms_key_id key), none (leave the bucket as it is). Local outputs are owner-only "
+        "(directories 0700, files 0600) whatever this says.",
+    )
+    kms_key_id: str | None = Field(
+        None, description="KMS key id, ARN or alias of sse-kms (required with it)."
+    )
+
+    @model_validator(mode="after")
+    def _kms_key(self) -> StorageSettings:
+        if self.encryption == "sse-kms" and not self.kms_key_id:
+            raise ValueError("storage.encryption sse-kms needs storage.kms_key_id")
+        if self.kms_key_id and self.encryption != "sse-kms":
+            raise ValueError("storage.kms_key_id is used only with storage.encryption: sse-kms")
+        return self
+
+
 class PipelineConfig(_Section):
     task: Literal["text", "image"] = Field(
         "text", description="text: the language-model flow; image: the `images` section's."
@@ -696,6 +719,10 @@ class PipelineConfig(_Section):
     )
     optimize: OptimizeConfig = Field(
         default_factory=OptimizeConfig, description="Quantize / prune / compile a model."
+    )
+    storage: StorageSettings = Field(
+        default_factory=StorageSettings,
+        description="Encryption at rest (s3:// outputs) and owner-only local outputs.",
     )
 
     @model_validator(mode="after")
@@ -714,6 +741,28 @@ class PipelineConfig(_Section):
 
     def resolved_data_dir(self) -> str:
         return self.train.data_dir or self.data.output_dir
+
+    def output_locations(self, stages: set[str]) -> list[str]:
+        """Where `stages` write (local paths and URIs; storage.protect_outputs)."""
+        out: list[str | None] = []
+        if self.task == "image":
+            im = self.images
+            if "preprocess" in stages:
+                out += [im.data.output_dir, im.data.quarantine_dir]
+            if "train" in stages:
+                out += [im.train.run_dir, im.train.storage_path]
+            if "generate" in stages:
+                out += [im.generate.output_dir]
+            return [o for o in dict.fromkeys(out) if o]
+        if "preprocess" in stages:
+            out += [self.data.output_dir, self.data.quarantine_dir]
+        if "train" in stages:
+            out += [self.train.run_dir, self.train.storage_path, self.train.export_dir]
+        if "optimize" in stages:
+            out += [self.optimize.output_dir]
+        if "generate" in stages:
+            out += [self.generate.output_dir, self.generate.quarantine_dir]
+        return [o for o in dict.fromkeys(out) if o]
 
     def trained_model_dir(self) -> str:
         """Where `train` exports its model (the optimize stage's source; what serve and generate

@@ -95,6 +95,103 @@ def upload_dir(local: Path, uri: str) -> None:
             out.write(f.read_bytes())
 
 
+# ---------------------------------------------------------------- protection at rest
+
+OWNER_ONLY_UMASK = 0o077  # new directories 0700, new files 0600
+
+
+def owner_only_files() -> int:
+    """Make what this process (and every process it starts: a local Ray's raylets and their
+    workers) creates from now on readable by its owner only: directories 0700, files 0600.
+    The command line and the jobs call it first; a cluster's nodes get it from cluster.yaml's
+    start commands (`umask 077`). Returns the previous umask."""
+    return os.umask(OWNER_ONLY_UMASK)
+
+
+def bucket_of(uri: str) -> str:
+    return uri.split("://", 1)[1].split("/", 1)[0]
+
+
+def _encryption_wanted(encryption: str, kms_key_id: str | None) -> dict:
+    if encryption == "sse-kms":
+        return {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": kms_key_id}
+    return {"SSEAlgorithm": "AES256"}
+
+
+def _satisfies(current: dict, encryption: str, kms_key_id: str | None) -> bool:
+    algorithm = current.get("SSEAlgorithm")
+    if encryption == "sse-s3":  # S3-managed keys, or a KMS key the bucket already uses
+        return algorithm in ("AES256", "aws:kms", "aws:kms:dsse")
+    key = current.get("KMSMasterKeyID") or ""
+    # the same key as an id, an ARN or an alias ARN ends with what the config names
+    return (
+        algorithm in ("aws:kms", "aws:kms:dsse")
+        and bool(key)
+        and (key == kms_key_id or key.endswith(f"/{kms_key_id}") or kms_key_id.endswith(f"/{key}"))
+    )
+
+
+def ensure_bucket_encryption(uri: str, encryption: str, kms_key_id: str | None = None) -> str:
+    """Server-side encryption for everything written under an s3:// `uri`, whoever writes it
+    (this process, Ray Data's and Ray Train's workers through pyarrow, which cannot ask for
+    encryption per object): the bucket's default encryption is read and, when it does not give
+    what `encryption` asks, set. Returns what was found or done (for the command's output).
+    Raises StorageError naming the bucket when it cannot be read or set."""
+    if encryption == "none" or not str(uri).startswith("s3://"):
+        return ""
+    import boto3  # honours the AWS environment, AWS_ENDPOINT_URL included
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket = bucket_of(uri)
+    client = boto3.client("s3")
+    try:
+        rules = client.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]
+        current = (rules.get("Rules") or [{}])[0].get("ApplyServerSideEncryptionByDefault", {})
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        if code != "ServerSideEncryptionConfigurationNotFoundError":
+            raise StorageError(
+                f"s3://{bucket}: cannot read its default encryption ({code or e}); the bucket "
+                f"must exist and this role needs s3:GetEncryptionConfiguration"
+            ) from None
+        current = {}
+    except BotoCoreError as e:
+        raise StorageError(f"s3://{bucket}: cannot reach the object store: {e}") from None
+    if _satisfies(current, encryption, kms_key_id):
+        return ""
+    wanted = _encryption_wanted(encryption, kms_key_id)
+    try:
+        client.put_bucket_encryption(
+            Bucket=bucket,
+            ServerSideEncryptionConfiguration={
+                "Rules": [{"ApplyServerSideEncryptionByDefault": wanted}]
+            },
+        )
+    except (ClientError, BotoCoreError) as e:
+        had = current.get("SSEAlgorithm") or "no"
+        raise StorageError(
+            f"s3://{bucket} has {had} default encryption and setting {encryption} was refused "
+            f"({e}): give this role s3:PutEncryptionConfiguration, set the bucket's default "
+            f"encryption yourself, or set storage.encryption: none"
+        ) from None
+    return f"s3://{bucket}: default encryption set to {encryption}" + (
+        f" (key {kms_key_id})" if kms_key_id else ""
+    )
+
+
+def protect_outputs(locations: list[str], encryption: str, kms_key_id: str | None) -> list[str]:
+    """Before a stage writes: each s3:// bucket among `locations` encrypts at rest
+    (ensure_bucket_encryption, once per bucket). Local outputs are owner-only through the
+    umask (owner_only_files). Returns what changed, a line each."""
+    done, lines = set(), []
+    for loc in locations:
+        if str(loc).startswith("s3://") and bucket_of(loc) not in done:
+            done.add(bucket_of(loc))
+            if line := ensure_bucket_encryption(loc, encryption, kms_key_id):
+                lines.append(line)
+    return lines
+
+
 # ---------------------------------------------------------------- model directories
 
 
