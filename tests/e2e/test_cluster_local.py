@@ -46,7 +46,7 @@ SERVE_ENV = {
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
 }
 NODE_UP_S = 30  # a node of the right type is up this soon after the demand appears
-STEPS, PER_STEP = 40, 2 * 4  # 2 GPU workers x batch 4
+STEPS, PER_STEP, CKPT = 40, 2 * 4, 5  # 2 GPU workers x batch 4, a checkpoint every 5 steps
 SMALL = [  # a small corpus and model: the cluster's plumbing is under test, not learning
     "data.max_docs=60",
     "data.vocab_size=512",
@@ -233,12 +233,22 @@ def preprocessed(local):
     return sid, out
 
 
+def _sse(local: Local, key: str) -> str | None:
+    """The server-side encryption the bucket stored `key` with (its object's header)."""
+    return local.s3.head_object(Bucket=BUCKET, Key=key).get("ServerSideEncryption")
+
+
 def test_preprocessing_runs_on_cpu_worker_nodes_launched_for_it(local, preprocessed):
     sid, out = preprocessed
     assert "succeeded" in out, out[-3000:]
+    # the first stage to write to the bucket turns its default encryption on (storage.encryption
+    # sse-s3 by default): the shards the CPU node's workers wrote are encrypted at rest
+    assert f"storage: s3://{BUCKET}: default encryption set to sse-s3" in out, out[-3000:]
     keys = local.keys("data/")
     assert "data/manifest.json" in keys
-    assert any(k.startswith("data/train/") and k.endswith(".parquet") for k in keys), keys
+    shards = [k for k in keys if k.startswith("data/train/") and k.endswith(".parquet")]
+    assert shards, keys
+    assert {_sse(local, k) for k in ["data/manifest.json", *shards]} == {"AES256"}
     job_id = local.job(sid)["job_id"]
     tasks = [
         t
@@ -268,7 +278,7 @@ def _train_overrides(run_dir: Path) -> list[str]:
         "train.num_workers=2",
         "train.batch_size=4",
         f"train.max_steps={STEPS}",
-        "train.checkpoint_every=5",
+        f"train.checkpoint_every={CKPT}",
         "train.eval_every=20",
         "train.eval_batches=1",
         "train.warmup_steps=5",
@@ -344,7 +354,7 @@ def test_training_on_gpu_nodes_survives_losing_one(local, trained):
     assert all(r["optimizer_step"] == r["step"] for r in rows[1:])
     before = [r for r in rows if r.get("time", math.inf) < trained["killed_at"]]
     after = [r for r in rows if r.get("time", -math.inf) >= trained["killed_at"]]
-    assert before and before[-1]["step"] >= 5, "the run started over instead of resuming"
+    assert before and before[-1]["step"] >= CKPT, "the run started over instead of resuming"
     # the loss goes on from where it was: the first training loss logged after the resume is
     # no higher than 10% above the last one before the kill (a fresh start: ln(512) = 6.24)
     loss_before = [r["loss"] for r in before if r.get("loss")]
@@ -354,7 +364,11 @@ def test_training_on_gpu_nodes_survives_losing_one(local, trained):
     losses = {r["step"]: r.get("val_loss") for r in rows if r.get("val_loss")}
     assert losses[STEPS] < losses[0], losses
     assert "model/config.json" in local.keys("model/")  # exported to the bucket
-    assert any(k.startswith("ray/gpu/checkpoint_") for k in local.keys("ray/gpu/"))
+    checkpoints = [k for k in local.keys("ray/gpu/") if k.startswith("ray/gpu/checkpoint_")]
+    assert checkpoints
+    # the model and the checkpoints, written by the GPU nodes' workers, encrypted at rest
+    stored = [*local.keys("model/"), *checkpoints]
+    assert {_sse(local, k) for k in stored} == {"AES256"}, stored
 
 
 # ---------------------------------------------------------------- batch generation
@@ -503,7 +517,7 @@ def _gpu_nodes(local: Local) -> int:
 
 def _starting_on_own_node(local: Local) -> str | None:
     """The node of a replica that is still starting, on a GPU node no running replica uses."""
-    reps = local.api.replicas(APP, DEPLOYMENT)
+    reps = _record(local, local.api.replicas(APP, DEPLOYMENT))
     busy = {r.get("node_id") for r in reps if r.get("state") == "RUNNING"}
     nodes = local.nodes_by_id()
     for r in reps:
@@ -514,11 +528,16 @@ def _starting_on_own_node(local: Local) -> str | None:
     return None
 
 
-def _running(local: Local) -> int:
-    reps = local.api.replicas(APP, DEPLOYMENT)
+def _record(local: Local, reps: list[dict]) -> list[dict]:
+    """Keep when Serve created each replica that has a node, and the node (every poll)."""
     for r in reps:
         if r.get("node_id"):
             local.replicas_seen[r["replica_id"]] = (r["start_time_s"], r["node_id"])
+    return reps
+
+
+def _running(local: Local) -> int:
+    reps = _record(local, local.api.replicas(APP, DEPLOYMENT))
     return sum(r.get("state") == "RUNNING" for r in reps)
 
 
