@@ -197,7 +197,13 @@ def cmd_serve(cfg: PipelineConfig, model_dir: str) -> tuple[str, list[tuple[str,
         print(f"serve: {cfg.serve.model_name} at {url}/v1/images/generations", flush=True)
         return url, samples
     for prompt in cfg.serve.sample_prompts:
-        body = http_complete(url, cfg.serve.model_name, prompt, cfg.serve.sample_max_tokens)
+        body = http_complete(
+            url,
+            cfg.serve.model_name,
+            prompt,
+            cfg.serve.sample_max_tokens,
+            cafile=cfg.serve.tls_ca_file,
+        )
         samples.append((prompt, body["choices"][0]["text"]))
     print(f"serve: {cfg.serve.model_name} at {url}/v1 ({len(samples)} sample requests ok)")
     return url, samples
@@ -333,6 +339,26 @@ def cmd_cluster(args) -> int:
     return 0
 
 
+def cmd_tls(args) -> int:
+    """`aigc-ray tls make`: a private CA and a certificate for --host (aigc_ray.tls)."""
+    from aigc_ray.tls import make_certs
+
+    owner_only_files()
+    try:
+        paths = make_certs(args.dir, args.host, days=args.days)
+    except AigcRayError as e:
+        print(f"aigc-ray: error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"CA          {paths['ca']}  (what clients trust: serve.tls_ca_file)\n"
+        f"certificate {paths['cert']}  for {', '.join(args.host)}, {args.days} days\n"
+        f"key         {paths['key']}  (0600)\n"
+        f"HTTPS: serve.tls_certfile={paths['cert']} serve.tls_keyfile={paths['key']}",
+        flush=True,
+    )
+    return 0
+
+
 def cmd_pipeline(cfg: PipelineConfig) -> tuple[str, str]:
     """Run every stage; print the summary; return (endpoint URL, summary). Leaves it serving."""
     t0 = time.time()
@@ -419,6 +445,20 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument(
         "--object-store-mb", type=int, default=256, help="object store of each local node"
     )
+    tls = sub.add_parser(
+        "tls",
+        help="`aigc-ray tls make --host H [--host H2]`: a private CA and a certificate for the "
+        "hosts, for HTTPS on the endpoint (serve.tls_certfile/keyfile; docs/security.md)",
+    )
+    tls.add_argument("action", choices=["make"])
+    tls.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        help="a DNS name or IP address clients use (repeat; the first is the common name)",
+    )
+    tls.add_argument("--dir", default="runs/tls", help="where ca.crt, server.crt and keys go")
+    tls.add_argument("--days", type=int, default=365, help="validity of the certificates")
     sub.add_parser(
         "submit",
         add_help=False,
@@ -453,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_dashboards(args.grafana_dir)
     if args.command == "cluster":
         return cmd_cluster(args)
+    if args.command == "tls":
+        return cmd_tls(args)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

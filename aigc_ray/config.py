@@ -499,6 +499,17 @@ class ServeConfig(ReplicaSettings):
         description="Log each request's prompt and completion text (debugging only); off, no "
         "log line or error message holds them.",
     )
+    tls_certfile: str | None = Field(
+        None,
+        description="HTTPS: the endpoint's PEM certificate (with tls_keyfile; `aigc-ray tls "
+        "make` writes a private CA and one); empty = plain HTTP. Checked before Serve starts.",
+    )
+    tls_keyfile: str | None = Field(None, description="HTTPS: the certificate's PEM private key.")
+    tls_ca_file: str | None = Field(
+        None,
+        description="The CA the command's own requests to the endpoint trust (the sample "
+        "completions); empty = the system's CAs.",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> ServeConfig:
@@ -506,6 +517,22 @@ class ServeConfig(ReplicaSettings):
         if len(set(names)) != len(names):
             raise ValueError(f"serve.models names must be unique, got {names}")
         return self
+
+    @model_validator(mode="after")
+    def _tls(self) -> ServeConfig:
+        if bool(self.tls_certfile) != bool(self.tls_keyfile):
+            raise ValueError("serve.tls_certfile and serve.tls_keyfile go together (HTTPS)")
+        if self.tls_certfile and self.ingress == "haproxy":
+            raise ValueError(
+                "serve.ingress haproxy is HTTP only (Ray's HAProxy ingress does not terminate "
+                "TLS): use ingress: proxy for HTTPS, or terminate TLS at a load balancer in "
+                "front of HAProxy (docs/security.md)"
+            )
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_certfile else "http"
 
     def served_models(self, default_model_dir: str | None = None) -> list[ServedModel]:
         """Every model of the app, with replica settings inherited from this section."""

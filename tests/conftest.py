@@ -1,6 +1,18 @@
 """Shared by every tier: figures that tests measure, printed in the session's summary."""
 
+import os
+
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _restore_umask():
+    """The command line makes its process's files owner-only (os.umask); a test that runs it
+    in this process gets the umask of before back."""
+    before = os.umask(0o022)
+    os.umask(before)
+    yield
+    os.umask(before)
 
 
 @pytest.fixture

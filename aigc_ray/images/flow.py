@@ -11,18 +11,26 @@ from aigc_ray.config import PipelineConfig
 
 
 def http_images(
-    base_url: str, model: str, prompt: str, n: int, seed: int, timeout: float = 300
+    base_url: str,
+    model: str,
+    prompt: str,
+    n: int,
+    seed: int,
+    timeout: float = 300,
+    cafile: str | None = None,
 ) -> list:
     """POST /v1/images/generations; the images as decoded HxWxC uint8 arrays."""
     from aigc_ray.client import http_post
     from aigc_ray.images.model import decode_png
 
     body = {"model": model, "prompt": prompt, "n": n, "seed": seed, "response_format": "b64_json"}
-    data = http_post(base_url, "/v1/images/generations", body, timeout)["data"]
+    data = http_post(base_url, "/v1/images/generations", body, timeout, cafile)["data"]
     return [decode_png(base64.b64decode(d["b64_json"])) for d in data]
 
 
-def sample_served(url: str, model: str, labels: list[str], count: int, out: Path) -> dict:
+def sample_served(
+    url: str, model: str, labels: list[str], count: int, out: Path, cafile: str | None = None
+) -> dict:
     """`count` images over HTTP, spread over the classes (concurrent requests, so the replica
     batches them); a grid PNG with a column per class; the digits classifier's accuracy."""
     from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +42,10 @@ def sample_served(url: str, model: str, labels: list[str], count: int, out: Path
     per_class = max(1, count // len(labels))
     with ThreadPoolExecutor(8) as pool:
         results = list(
-            pool.map(lambda lab: http_images(url, model, lab, per_class, seed=1000), labels)
+            pool.map(
+                lambda lab: http_images(url, model, lab, per_class, seed=1000, cafile=cafile),
+                labels,
+            )
         )
     asked = [lab for lab in labels for _ in range(per_class)]
     images = [img for batch in results for img in batch]
@@ -76,6 +87,7 @@ def run_image_pipeline(cfg: PipelineConfig) -> tuple[str, str]:
         m["labels"],
         im.sample_images,
         Path(im.train.run_dir) / "served_samples.png",
+        cafile=cfg.serve.tls_ca_file,
     )
     acc = f"{s['accuracy']:.1%} of {s['images']}" if s["accuracy"] is not None else "n/a"
     summary = "\n".join(

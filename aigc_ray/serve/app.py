@@ -118,6 +118,12 @@ def run_serve(cfg: ServeConfig, model_dir: str | None = None, app_name: str = "a
     """Deploy on the connected Ray cluster; return the base URL. Returns once replicas are ready.
     ``model_dir`` fills in serve.model_dir when the config leaves it empty."""
     check_bind(cfg.host, load_api_keys())
+    http_options = {"host": cfg.host, "port": cfg.port}
+    if cfg.tls_certfile:  # HTTPS on Serve's proxy; the files checked before anything starts
+        from aigc_ray.tls import check_tls_files
+
+        check_tls_files(cfg.tls_certfile, cfg.tls_keyfile, cfg.tls_ca_file, what="serve")
+        http_options |= {"ssl_certfile": cfg.tls_certfile, "ssl_keyfile": cfg.tls_keyfile}
     # exclude_unset keeps serve.models entries inheriting what they leave out
     args = cfg.model_dump(exclude_unset=True)
     if model_dir and not cfg.models:
@@ -127,7 +133,7 @@ def run_serve(cfg: ServeConfig, model_dir: str | None = None, app_name: str = "a
 
     options = controller_options(cfg.ingress)  # None: Serve's proxy
     serve.start(
-        http_options={"host": cfg.host, "port": cfg.port},
+        http_options=http_options,
         proxy_location=cfg.proxy_location,
         controller_options=options,
     )
@@ -139,7 +145,7 @@ def run_serve(cfg: ServeConfig, model_dir: str | None = None, app_name: str = "a
         raise ServeError(
             f"app {app_name!r} failed to deploy and was deleted: " + ("; ".join(reasons) or str(e))
         ) from None
-    url = f"http://{cfg.host}:{cfg.port}"
+    url = f"{cfg.scheme}://{cfg.host}:{cfg.port}"
     if options:  # HAProxy learns the new routes a reload after Serve says RUNNING
         _wait_for_route(url)
     return url
