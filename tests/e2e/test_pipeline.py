@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,18 @@ def test_pipeline_command_end_to_end(tmp_path):
     assert "Running Dataset" not in out + proc.stderr
     preprocess = out.split("[1/4] preprocess", 1)[1].split("[2/4] train", 1)[0]
     assert "kept" in preprocess and len(preprocess.strip().splitlines()) <= 15, preprocess
+    # everything the stages wrote (the driver and the local Ray's workers) is owner-only
+    # (storage.owner_only_files: umask 077): directories 0700, files 0600
+    modes = {}
+    for out_dir in ("data", "train", "optimized"):
+        for p in (tmp_path / out_dir).rglob("*"):
+            if not p.is_symlink():
+                modes[str(p.relative_to(tmp_path))] = stat.S_IMODE(p.stat().st_mode)
+    assert len(modes) > 20, modes
+    wrong = {
+        k: oct(m) for k, m in modes.items() if m != (0o700 if Path(tmp_path, k).is_dir() else 0o600)
+    }
+    assert not wrong, wrong
 
 
 def test_pipeline_bad_input_fails_before_ray(tmp_path):
