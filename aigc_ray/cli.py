@@ -341,10 +341,16 @@ def cmd_cluster(args) -> int:
 
 def cmd_tls(args) -> int:
     """`aigc-ray tls make`: a private CA and a certificate for --host (aigc_ray.tls)."""
-    from aigc_ray.tls import make_certs
+    from aigc_ray.tls import make_certs, make_node_cert, node_hosts
 
     owner_only_files()
     try:
+        if args.action == "node":
+            paths = make_node_cert(args.dir, args.host or node_hosts(), days=args.days)
+            print(f"node certificate {paths['cert']} for {', '.join(args.host or node_hosts())}")
+            return 0
+        if not args.host:
+            raise AigcRayError("tls make: name at least one --host")
         paths = make_certs(args.dir, args.host, days=args.days)
     except AigcRayError as e:
         print(f"aigc-ray: error: {e}", file=sys.stderr)
@@ -448,16 +454,22 @@ def build_parser() -> argparse.ArgumentParser:
     tls = sub.add_parser(
         "tls",
         help="`aigc-ray tls make --host H [--host H2]`: a private CA and a certificate for the "
-        "hosts, for HTTPS on the endpoint (serve.tls_certfile/keyfile; docs/security.md)",
+        "hosts (HTTPS on the endpoint: serve.tls_certfile/keyfile); `aigc-ray tls node --dir "
+        "D`: this node's certificate from the CA in D (Ray's TLS; docs/security.md)",
     )
-    tls.add_argument("action", choices=["make"])
+    tls.add_argument("action", choices=["make", "node"])
     tls.add_argument(
         "--host",
         action="append",
-        required=True,
-        help="a DNS name or IP address clients use (repeat; the first is the common name)",
+        help="a DNS name or IP address clients use (repeat; the first is the common name); "
+        "node: default this node's IP, name and loopback",
     )
-    tls.add_argument("--dir", default="runs/tls", help="where ca.crt, server.crt and keys go")
+    tls.add_argument(
+        "--dir",
+        default="runs/tls",
+        help="make: where ca.crt, server.crt and keys go; node: the dir holding ca.crt and "
+        "ca.key, where node.crt and node.key go",
+    )
     tls.add_argument("--days", type=int, default=365, help="validity of the certificates")
     sub.add_parser(
         "submit",

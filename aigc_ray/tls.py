@@ -1,7 +1,7 @@
 """TLS material for the endpoint (HTTPS) and for Ray's traffic between nodes: a private CA and a
 certificate signed by it (`aigc-ray tls make`), and the checks run before a server starts with
 them, so a missing, expired or mismatched file is an error naming it, never a hang or a
-handshake failure later. The `cryptography` library; never imports Ray."""
+handshake failure later. The `cryptography` library; Ray only to learn a node's address."""
 
 from __future__ import annotations
 
@@ -49,7 +49,6 @@ def make_certs(out_dir: str | Path, hosts: list[str], days: int = 365) -> dict[s
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID
 
     if not hosts:
         raise TLSError("tls make: name at least one host (a DNS name or an IP address)")
@@ -85,6 +84,26 @@ def make_certs(out_dir: str | Path, hosts: list[str], days: int = 365) -> dict[s
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
+    key, cert = _issue(ca, ca_key, hosts, start, end)
+    pem = serialization.Encoding.PEM
+    paths = {
+        k: out / v for k, v in {"ca": CA_CERT, "ca_key": CA_KEY, "cert": CERT, "key": KEY}.items()
+    }
+    _write(paths["ca"], ca.public_bytes(pem), private=False)
+    _write(paths["ca_key"], _pem_key(ca_key), private=True)
+    _write(paths["cert"], cert.public_bytes(pem), private=False)
+    _write(paths["key"], _pem_key(key), private=True)
+    return paths
+
+
+def _issue(ca, ca_key, hosts: list[str], start, end):
+    """A key and a certificate for `hosts` signed by the CA: serverAuth and clientAuth (Ray's
+    mutual TLS between nodes uses one certificate for both ends)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
@@ -107,17 +126,62 @@ def make_certs(out_dir: str | Path, hosts: list[str], days: int = 365) -> dict[s
         )
         .sign(ca_key, hashes.SHA256())
     )
-    pem = serialization.Encoding.PEM
-    no_pass = serialization.NoEncryption()
-    pkcs8 = serialization.PrivateFormat.PKCS8
-    paths = {
-        k: out / v for k, v in {"ca": CA_CERT, "ca_key": CA_KEY, "cert": CERT, "key": KEY}.items()
-    }
-    _write(paths["ca"], ca.public_bytes(pem), private=False)
-    _write(paths["ca_key"], ca_key.private_bytes(pem, pkcs8, no_pass), private=True)
-    _write(paths["cert"], cert.public_bytes(pem), private=False)
-    _write(paths["key"], key.private_bytes(pem, pkcs8, no_pass), private=True)
+    return key, cert
+
+
+def _pem_key(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+NODE_CERT, NODE_KEY = "node.crt", "node.key"
+
+
+def node_hosts() -> list[str]:
+    """What other nodes reach this one by: its IP (as Ray picks it), its name, and loopback."""
+    import socket
+
+    import ray._private.services as services  # Ray's own choice of the node's address
+
+    hosts = [services.get_node_ip_address(), socket.gethostname(), "127.0.0.1", "localhost"]
+    return list(dict.fromkeys(h for h in hosts if h))
+
+
+def make_node_cert(ca_dir: str | Path, hosts: list[str], days: int = 365) -> dict[str, Path]:
+    """This node's certificate (node.crt, node.key 0600 in `ca_dir`) for `hosts`, signed by the
+    CA there (ca.crt, ca.key: what `aigc-ray tls make` wrote and cluster.yaml ships to every
+    node). Ray's TLS needs each node's address in its certificate: each node makes its own at
+    start. Returns {what: path}."""
+    from cryptography.hazmat.primitives import serialization
+
+    d = Path(ca_dir)
+    ca = _certificate(d / CA_CERT, "tls node")
+    ca_key = serialization.load_pem_private_key(_read(d / CA_KEY, "tls node"), password=None)
+    now = dt.datetime.now(dt.timezone.utc)
+    key, cert = _issue(
+        ca, ca_key, hosts, now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
+    )
+    paths = {"ca": d / CA_CERT, "cert": d / NODE_CERT, "key": d / NODE_KEY}
+    _write(paths["cert"], cert.public_bytes(serialization.Encoding.PEM), private=False)
+    _write(paths["key"], _pem_key(key), private=True)
     return paths
+
+
+def ray_tls_env(cert: str | Path, key: str | Path, ca: str | Path) -> dict[str, str]:
+    """The environment that turns on Ray's TLS (gRPC between every Ray process, mutual) with
+    these files, checked first (TLSError naming a bad one)."""
+    check_tls_files(cert, key, ca, what="ray tls")
+    return {
+        "RAY_USE_TLS": "1",
+        "RAY_TLS_SERVER_CERT": str(cert),
+        "RAY_TLS_SERVER_KEY": str(key),
+        "RAY_TLS_CA_CERT": str(ca),
+    }
 
 
 def _read(path: str | Path, what: str) -> bytes:
@@ -133,8 +197,9 @@ def _read(path: str | Path, what: str) -> bytes:
 def _certificate(path: str | Path, what: str):
     from cryptography import x509
 
+    data = _read(path, what)
     try:
-        return x509.load_pem_x509_certificate(_read(path, what))
+        return x509.load_pem_x509_certificate(data)
     except ValueError:
         raise TLSError(f"{what}: {path}: not a PEM certificate") from None
 
@@ -159,8 +224,9 @@ def check_tls_files(
             f"{what}: {certfile}: the certificate is not valid before "
             f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (check this machine's clock)"
         )
+    data = _read(keyfile, what)
     try:
-        key = serialization.load_pem_private_key(_read(keyfile, what), password=None)
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
         raise TLSError(f"{what}: {keyfile}: not an unencrypted PEM private key") from None
     if key.public_key().public_bytes(
@@ -175,7 +241,7 @@ def check_tls_files(
             raise TLSError(f"{what}: {cafile}: the CA certificate expired")
         try:
             cert.verify_directly_issued_by(ca)
-        except (ValueError, TypeError, Exception) as e:  # InvalidSignature is not a ValueError
+        except Exception as e:  # noqa: BLE001 - InvalidSignature, or a ValueError/TypeError
             raise TLSError(
                 f"{what}: {certfile} is not signed by the CA {cafile} ({type(e).__name__})"
             ) from None

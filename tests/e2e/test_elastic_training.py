@@ -2,7 +2,12 @@
 with train.min_workers=1, num_workers=2 starts with the one worker that fits, grows to two when a
 second node joins, shrinks back to one when that node leaves, and keeps what elasticity must
 keep: every epoch consumed whole and exactly once, steps and learning rate going on without a
-gap across each resize, and the optimizer's state carried through every restart."""
+gap across each resize, and the optimizer's state carried through every restart.
+
+The cluster runs with Ray's TLS on, as cluster.yaml starts it: the node certificate signed by
+the cluster's CA (aigc_ray.tls: what `aigc-ray tls make` and `tls node` write), every gRPC
+connection between Ray processes encrypted and mutually authenticated; the GCS port answers no
+plain-text client and no TLS client without the CA."""
 
 import json
 import math
@@ -20,6 +25,7 @@ from tiny import stdlib_texts
 from waiting import wait_until
 
 from aigc_ray.cluster import start_ray_node, stop_tree
+from aigc_ray.tls import make_certs, make_node_cert, node_hosts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,8 +58,18 @@ COMMON = [
 ]
 
 
-def _env(gcs_port: int | None = None) -> dict:
+def _tls_env(tmp: Path) -> dict:
+    """Ray's TLS variables for this test's cluster: the node certificate `aigc-ray tls node`
+    made from the CA in tmp/tls (all nodes run on this machine: one certificate serves)."""
+    from aigc_ray.tls import ray_tls_env
+
+    d = tmp / "tls"
+    return ray_tls_env(d / "node.crt", d / "node.key", d / "ca.crt")
+
+
+def _env(tmp: Path, gcs_port: int | None = None) -> dict:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
+    env |= _tls_env(tmp)
     env.pop("RAY_ADDRESS", None)
     if gcs_port:
         env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
@@ -64,7 +80,7 @@ def _ray_start(tmp: Path, name: str, *args: str) -> int:
     """`ray start --block` of one node of this test (its processes all under the pid returned)."""
     # A worker group that cannot start (its node just left) gives up after 30 s, not 60 s, and
     # the run restarts at the size that fits.
-    env = {**_env(), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
+    env = {**_env(tmp), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
     args = [f"--temp-dir={tmp / name}", "--disable-usage-stats", *args]
     return start_ray_node(args, env, tmp / f"{name}.log")
 
@@ -76,6 +92,10 @@ def cluster():
     tmp = Path(tempfile.mkdtemp(prefix="aigc_el_", dir="/tmp"))
     port = free_port()
     nodes: list[int] = []
+    # the CA, then the node's own certificate (what `aigc-ray tls make` and `aigc-ray tls node`
+    # do: tests/unit/test_tls.py runs the commands; here in-process, 10 s of imports less)
+    make_certs(tmp / "tls", ["127.0.0.1"])
+    make_node_cert(tmp / "tls", node_hosts())
     try:
         nodes.append(
             _ray_start(
@@ -101,7 +121,7 @@ def _aigc(port: int, tmp: Path, command: str, *overrides: str) -> subprocess.Pop
     return subprocess.Popen(
         [str(BIN / "aigc-ray"), command, "--config", "configs/tiny.yaml", *COMMON]
         + [f"data.output_dir={tmp / 'data'}", *overrides],
-        env=_env(port),
+        env=_env(tmp, port),
         cwd=ROOT,
         text=True,
         stdout=out,
@@ -195,6 +215,28 @@ def check_epochs(ledger: list, rows: list[dict], epoch_rows: int) -> list[str]:
     return problems
 
 
+def _assert_tls_only(port: int, ca: Path) -> None:
+    """The GCS port (every node and driver talks to it) accepts TLS with our CA only."""
+    import socket
+    import ssl
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as plain:
+        plain.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(24))  # gRPC in clear text
+        assert plain.recv(100) == b"", "the GCS answered a plain-text client"
+    system_cas = ssl.create_default_context()  # not ours
+    with (
+        pytest.raises(ssl.SSLCertVerificationError),
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+    ):
+        system_cas.wrap_socket(raw, server_hostname="127.0.0.1")
+    ours = ssl.create_default_context(cafile=str(ca))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ours.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+
+
 def test_elastic_run_grows_and_shrinks_with_the_nodes_exactly_once(cluster, measured):
     tmp, port, nodes = cluster
     corpus = tmp / "corpus"
@@ -258,6 +300,7 @@ def test_elastic_run_grows_and_shrinks_with_the_nodes_exactly_once(cluster, meas
     finally:
         if run.poll() is None:
             run.kill()
+    _assert_tls_only(port, tmp / "tls" / "ca.crt")
     rows = _rows(run_dir)
     ledger = [tuple(x) for x in json.loads((run_dir / "ledger.json").read_text())]
     sizes = _sizes(rows)

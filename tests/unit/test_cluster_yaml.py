@@ -114,6 +114,13 @@ def _check_start_commands(prepared: dict[str, Any]) -> list[str]:
             before_start = cmd[: _RAY_START.search(cmd).start()]
             if not _AUTH_EXPORT.search(before_start):
                 errors.append(f"{key}: `ray start` without RAY_AUTH_MODE=token before it: {cmd!r}")
+            if not re.search(r"RAY_USE_TLS=1\b", before_start) or "aigc-ray tls node" not in (
+                before_start
+            ):
+                errors.append(
+                    f"{key}: `ray start` without its own node certificate and RAY_USE_TLS=1 "
+                    f"before it (traffic between nodes in clear text): {cmd!r}"
+                )
             if not re.search(r"(^|[;&\s])umask 0?77\b", before_start):
                 errors.append(
                     f"{key}: `ray start` without `umask 077` before it (files Ray's processes "
@@ -379,6 +386,12 @@ def _no_umask_on_workers(cfg: dict[str, Any]) -> None:
     ]
 
 
+def _no_tls_on_head(cfg: dict[str, Any]) -> None:
+    cfg["head_start_ray_commands"] = [
+        c.replace("RAY_USE_TLS=1", "RAY_USE_TLS=0") for c in cfg["head_start_ray_commands"]
+    ]
+
+
 def _auth_mode_after_ray_start(cfg: dict[str, Any]) -> None:
     cfg["head_start_ray_commands"] = [
         c.replace("export RAY_AUTH_MODE=token ", "export ") + "; export RAY_AUTH_MODE=token"
@@ -463,6 +476,7 @@ def _no_idle_timeout(cfg: dict[str, Any]) -> None:
         ),
         (_auth_mode_after_ray_start, "head_start_ray_commands: `ray start` without RAY_AUTH_MODE"),
         (_no_umask_on_workers, "worker_start_ray_commands: `ray start` without `umask 077`"),
+        (_no_tls_on_head, "head_start_ray_commands: `ray start` without its own node certificate"),
         (_disable_auth_in_setup, "RAY_AUTH_MODE=disabled"),
         (_system_python_for_jobs, "head_start_ray_commands: `ray start` without the venv first"),
         (_public_dashboard, "dashboard host must be 127.0.0.1"),

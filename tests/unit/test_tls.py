@@ -152,6 +152,42 @@ def test_tls_make_command(tmp_path, capsys):
     assert main(["tls", "make", "--host", "127.0.0.1", "--dir", str(tmp_path / "t")]) == 0
     out = capsys.readouterr().out
     assert f"serve.tls_certfile={tmp_path / 't' / 'server.crt'}" in out
+    assert main(["tls", "node", "--dir", str(tmp_path / "t")]) == 0
+    assert f"node certificate {tmp_path / 't' / 'node.crt'} for " in capsys.readouterr().out
+    check_tls_files(
+        tmp_path / "t" / "node.crt", tmp_path / "t" / "node.key", tmp_path / "t" / "ca.crt"
+    )
+    assert main(["tls", "make", "--dir", str(tmp_path / "u")]) == 2  # no --host
+    assert "name at least one --host" in capsys.readouterr().err
     check_tls_files(
         tmp_path / "t" / "server.crt", tmp_path / "t" / "server.key", tmp_path / "t" / "ca.crt"
     )
+
+
+def test_a_node_certificate_from_the_shipped_ca_turns_on_rays_tls(certs, tmp_path):
+    """What cluster.yaml's start commands do on each node: the CA (ca.crt, ca.key) shipped by
+    file_mounts signs the node's own certificate for its addresses; ray_tls_env checks it and
+    names Ray's variables."""
+    import shutil
+
+    from aigc_ray.tls import make_node_cert, node_hosts, ray_tls_env
+
+    d = tmp_path / "node"
+    d.mkdir()
+    for name in ("ca.crt", "ca.key"):
+        shutil.copy(certs["ca"].parent / name, d / name)
+    hosts = node_hosts()
+    assert "127.0.0.1" in hosts and len(hosts) >= 2
+    paths = make_node_cert(d, hosts)
+    env = ray_tls_env(paths["cert"], paths["key"], paths["ca"])
+    assert env == {
+        "RAY_USE_TLS": "1",
+        "RAY_TLS_SERVER_CERT": str(d / "node.crt"),
+        "RAY_TLS_SERVER_KEY": str(d / "node.key"),
+        "RAY_TLS_CA_CERT": str(d / "ca.crt"),
+    }
+    assert stat.S_IMODE(os.stat(d / "node.key").st_mode) == 0o600
+    with pytest.raises(TLSError, match="ray tls: .* does not match"):
+        ray_tls_env(paths["cert"], certs["key"], paths["ca"])
+    with pytest.raises(TLSError, match=f"tls node: {tmp_path}/empty/ca.crt: no such file"):
+        make_node_cert(tmp_path / "empty", hosts)
