@@ -132,18 +132,20 @@ def test_serve_tls_settings_are_checked_with_the_config(certs):
 
 
 def test_serve_refuses_a_bad_key_before_anything_starts(certs, other, monkeypatch):
-    """run_serve checks the files first: the error names the key, no Serve or Ray is started."""
+    """run_serve checks the files first: the error names the key and Serve is never started
+    (serve.start replaced by one that fails the test; Ray may be up: the suite's shared one)."""
     from aigc_ray.config import ServeConfig
-    from aigc_ray.serve import run_serve
+    from aigc_ray.serve import app, run_serve
 
+    def started(*args, **kwargs):
+        raise AssertionError("serve.start was called with a key that does not match")
+
+    monkeypatch.setattr(app.serve, "start", started)
     monkeypatch.delenv("AIGC_RAY_API_KEYS", raising=False)
     monkeypatch.delenv("AIGC_RAY_API_KEYS_FILE", raising=False)
     cfg = ServeConfig(tls_certfile=str(certs["cert"]), tls_keyfile=str(other["key"]))
     with pytest.raises(TLSError, match="does not match"):
         run_serve(cfg, model_dir="/nonexistent")
-    import ray
-
-    assert not ray.is_initialized()
 
 
 def test_tls_make_command(tmp_path, capsys):
