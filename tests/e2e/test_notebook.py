@@ -2,20 +2,27 @@
 itself, and is stored with its outputs stripped.
 
 The kernel starts its own local Ray (pytest runs tests/e2e before the integration tier starts the
-shared instance), so the test also checks that no Ray process and no Serve port outlive it.
+shared instance), so the test also checks that no Ray process and no Serve port outlive it: the
+processes are this test's own (its process tree, kept whole while the notebook runs), never
+searched for across the machine.
 
 The test proves the notebook's plumbing, not learning: through AIGC_RAY_QUICKSTART_OVERRIDES and
 AIGC_RAY_QUICKSTART_IMAGE_OVERRIDES (the notebook's environment overrides, which a user leaves
 unset) it runs each step on a smaller model, fewer documents and steps, and fewer images, and
 serves on a port picked when the test starts, on the built-in engine (see TEXT_OVERRIDES)."""
 
+import contextlib
+import ctypes
 import os
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from ports import free_port, listening
+
+from aigc_ray.cluster import process_tree
 
 pytestmark = pytest.mark.e2e  # the quick tier keeps the tests not marked slow here
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,17 +57,25 @@ IMAGE_OVERRIDES = [
 ]
 
 
-def _processes_with_env(marker: str) -> list[int]:
-    """Pids whose environment holds `marker` (the kernel's children inherit it: Ray, Serve)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and proc.name != str(os.getpid()):
-            try:
-                if marker.encode() in (proc / "environ").read_bytes():
-                    found.append(int(proc.name))
-            except OSError:
-                continue
-    return found
+@contextlib.contextmanager
+def _keeping_descendants():
+    """This test's process is a child subreaper (Linux) for the block: whatever the notebook's
+    kernel starts (its local Ray, Serve's processes) stays in this process's tree even once the
+    kernel has exited, instead of being re-parented to init. Yields the pids already there."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER on
+    try:
+        yield {p.pid for p in process_tree(os.getpid())}
+    finally:
+        libc.prctl(36, 0, 0, 0, 0)
+        for child in psutil.Process().children():  # reap what ended under us
+            if child.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(child.pid, 0)
+
+
+def _started_since(before: set[int]) -> list[int]:
+    """Live processes of this test's tree that were not there before the notebook ran."""
+    return [p.pid for p in process_tree(os.getpid()) if p.pid not in before]
 
 
 def _text_of(cell) -> str:
@@ -111,13 +126,14 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
         timeout=600,
         resources={"metadata": {"path": str(NOTEBOOK.parent)}},
     )
-    try:
-        client.execute()  # raises CellExecutionError on the first failing cell
-    finally:
-        deadline = time.time() + 30
-        while _processes_with_env(str(work)) and time.time() < deadline:
-            time.sleep(1)
-        leftover = _processes_with_env(str(work))
+    with _keeping_descendants() as before:
+        try:
+            client.execute()  # raises CellExecutionError on the first failing cell
+        finally:
+            deadline = time.time() + 30
+            while _started_since(before) and time.time() < deadline:
+                time.sleep(1)
+            leftover = _started_since(before)
     assert not leftover, f"processes started by the notebook are still running: {leftover}"
     assert not listening(serve_port), "the Serve endpoint outlived the notebook"
 
