@@ -346,8 +346,9 @@ def cmd_tls(args) -> int:
     owner_only_files()
     try:
         if args.action == "node":
-            paths = make_node_cert(args.dir, args.host or node_hosts(), days=args.days)
-            print(f"node certificate {paths['cert']} for {', '.join(args.host or node_hosts())}")
+            hosts = args.host or node_hosts()
+            paths = make_node_cert(args.dir, hosts, days=args.days)
+            print(f"node certificate {paths['cert']} for {', '.join(hosts)}")
             return 0
         if not args.host:
             raise AigcRayError("tls make: name at least one --host")

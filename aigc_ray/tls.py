@@ -53,8 +53,9 @@ def make_certs(out_dir: str | Path, hosts: list[str], days: int = 365) -> dict[s
     if not hosts:
         raise TLSError("tls make: name at least one host (a DNS name or an IP address)")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    out.chmod(0o700)
+    if not out.exists():  # a directory of the user's (`--dir .`) keeps its mode
+        out.mkdir(parents=True)
+        out.chmod(0o700)
     now = dt.datetime.now(dt.timezone.utc)
     start, end = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
     ca_key = ec.generate_private_key(ec.SECP256R1())
