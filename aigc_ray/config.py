@@ -241,6 +241,39 @@ class _TrainRun(_Section):
     seed: int = Field(0, description="Seed for init and data order.")
 
 
+class DPConfig(_Section):
+    """Differentially private training (DP-SGD with Opacus): per-sample gradients clipped to
+    max_grad_norm, Gaussian noise added once per step, rows sampled by Poisson sampling, and
+    the privacy spent tracked by Opacus' accountant (docs/privacy.md)."""
+
+    enabled: bool = Field(False, description="Train with DP-SGD.")
+    target_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="Privacy budget: without noise_multiplier the noise is chosen so that "
+        "train.max_steps spend at most this; with it, training stops before exceeding it.",
+    )
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="Noise std / max_grad_norm; empty = from target_epsilon."
+    )
+    delta: float | None = Field(
+        None, gt=0, lt=1, description="The delta of (epsilon, delta)-DP; empty = 1 / training rows."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Each row's gradient is clipped to this.")
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp", description="Opacus accountant: rdp (Renyi DP) or prv (privacy random variables)."
+    )
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> DPConfig:
+        if self.enabled and self.target_epsilon is None and self.noise_multiplier is None:
+            raise ValueError(
+                "train.privacy.enabled needs train.privacy.target_epsilon or "
+                "train.privacy.noise_multiplier"
+            )
+        return self
+
+
 class TrainConfig(_TrainRun):
     run_dir: str = Field("runs/tiny/train", description="Run directory: metrics, loss plot, model.")
     export_dir: str | None = Field(
@@ -307,6 +340,9 @@ class TrainConfig(_TrainRun):
         ge=0,
         description="Seconds each worker waits after every optimizer step: pacing for tests and "
         "demos (e.g. to resize a cluster mid-run); 0 for real runs.",
+    )
+    privacy: DPConfig = Field(
+        default_factory=DPConfig, description="Differentially private training (DP-SGD)."
     )
 
     @model_validator(mode="after")

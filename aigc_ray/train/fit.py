@@ -40,6 +40,7 @@ class TrainResult:
     tokens_per_s: float = 0.0  # mean over logged windows after the first (steady state)
     exported_to: str | None = None  # train.export_dir, when set (e.g. s3:// for a cluster)
     export_s: float = 0.0  # driver seconds after trainer.fit() returned: export, plot, copies
+    privacy: dict | None = None  # train.privacy: epsilon, delta, noise, sample rate, steps
 
     @property
     def serving_dir(self) -> str:
@@ -68,8 +69,19 @@ class TrainResult:
                 f"  model      {self.model_dir} (save_pretrained: config, safetensors, tokenizer)",
                 f"  metrics    {self.run_dir}/metrics.jsonl, {self.run_dir}/loss.png",
                 *([f"  exported   {self.exported_to}"] if self.exported_to else []),
+                *([privacy_line(self.privacy)] if self.privacy else []),
             ]
         )
+
+
+def privacy_line(p: dict) -> str:
+    """The summary's DP-SGD line: the guarantee spent and how."""
+    line = (
+        f"  privacy    ({p['epsilon']:.3f}, {p['delta']:.3g})-DP over {p['steps']} steps "
+        f"(noise {p['noise_multiplier']:.4g}, sample rate {p['sample_rate']:.4g}, "
+        f"clip {p['max_grad_norm']}, {p['accountant']} accountant)"
+    )
+    return line + (f"\n  stopped    {p['stopped']}" if p.get("stopped") else "")
 
 
 def preflight(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> dict:
@@ -81,6 +93,11 @@ def preflight(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> dict:
         check_model_dir(model_cfg.pretrained)
     if cfg.strategy == "fsdp" and model_cfg.lora_r:
         raise TrainError("train.strategy=fsdp with model.lora_r is not supported: use ddp")
+    if cfg.privacy.enabled:  # what Opacus cannot run, before any worker starts
+        from aigc_ray.train import privacy
+
+        privacy.check_settings(cfg)
+        privacy.check_model_config(model_cfg)
     if cfg.export_dir:
         try:
             check_export_dir(Path(cfg.run_dir) / "model", cfg.export_dir)
@@ -99,6 +116,10 @@ def preflight(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> dict:
             f"({manifest['seq_len']}) in {data_dir}/manifest.json"
         )
     blocks = manifest["splits"]["train"]["blocks"]
+    if cfg.privacy.enabled:  # the noise the budget needs (an impossible budget fails here)
+        from aigc_ray.train import privacy
+
+        log.info("DP-SGD: %s", privacy.plan(cfg, blocks))
     if blocks < cfg.batch_size * cfg.grad_accum * cfg.num_workers:
         raise TrainError(
             f"train.batch_size ({cfg.batch_size}) x train.num_workers ({cfg.num_workers}) "
@@ -259,7 +280,9 @@ def _export(checkpoint, run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig,
         shutil.rmtree(model_dir)
     checkpoint.to_directory(str(model_dir))
     history = [json.loads(line) for line in (model_dir / METRICS_FILE).read_text().splitlines()]
-    ledger = torch.load(model_dir / STATE_FILE, weights_only=False).get("ledger") or []
+    saved = torch.load(model_dir / STATE_FILE, weights_only=False)
+    ledger = saved.get("ledger") or []
+    dp = _privacy_of(saved.get("privacy"))
     if ledger:
         (run_dir / "ledger.json").write_text(json.dumps(ledger))
     (model_dir / STATE_FILE).unlink()
@@ -274,6 +297,7 @@ def _export(checkpoint, run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig,
 
     n_params = count_params_from_config(AutoConfig.from_pretrained(str(model_dir)))
     rates = [r["tokens_per_s"] for r in history if "tokens_per_s" in r][1:]
+    _write_card(model_dir, cfg, history, dp)
     exported = copy_model_dir(model_dir, cfg.export_dir) if cfg.export_dir else None
     return TrainResult(
         str(model_dir),
@@ -289,7 +313,41 @@ def _export(checkpoint, run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig,
         round(float(np.mean(rates)), 1) if rates else 0.0,
         exported,
         round(time.time() - started, 2),
+        dp,
     )
+
+
+def _privacy_of(saved: dict | None) -> dict | None:
+    """The run's DP-SGD account from its last checkpoint (None without train.privacy)."""
+    if not saved:
+        return None
+    return {
+        **saved["plan"],
+        "epsilon": saved["epsilon"],
+        "steps": saved["steps"],
+        "stopped": saved.get("stopped"),
+    }
+
+
+def _write_card(model_dir: Path, cfg: TrainConfig, history: list[dict], dp: dict | None) -> None:
+    """The model card (README.md, as on the Hugging Face Hub): how the model was trained and,
+    for a DP-SGD run, the privacy guarantee it carries."""
+    vals = [r["val_loss"] for r in history if r.get("val_loss") is not None]
+    lines = [
+        f"# {cfg.name}",
+        "",
+        "Trained with aigc_ray (Ray Train, "
+        + ("DP-SGD with Opacus" if dp else cfg.strategy.upper())
+        + f"): {history[-1]['step']} steps, {history[-1].get('tokens', 0):,} tokens.",
+        "",
+    ]
+    if len(vals) > 1:
+        lines += [f"Validation loss {vals[0]:.4f} -> {vals[-1]:.4f} (nats/token).", ""]
+    if dp:
+        from aigc_ray.train.privacy import model_card_section
+
+        lines.append(model_card_section(dp))
+    (model_dir / "README.md").write_text("\n".join(lines))
 
 
 def count_params_from_config(conf) -> int:

@@ -17,6 +17,7 @@ from aigc_ray.engine.params import usable_device
 from aigc_ray.model import perplexity
 from aigc_ray.progress import post
 from aigc_ray.train import metrics as train_metrics
+from aigc_ray.train import privacy
 from aigc_ray.train.checkpoint import (
     _gather_for_save,
     _load_optimizer,
@@ -64,6 +65,14 @@ class _Worker:
     device: torch.device
     marks: dict = field(default_factory=dict)  # wall-clock times of the startup phases
     board: object = None  # rank 0: the driver's progress board (aigc_ray.progress)
+    plain: torch.nn.Module | None = None  # the model inside the DDP / Opacus wrappers
+    dp: object = None  # train.privacy: the run's privacy.Ledger (its DPPlan as .dp)
+    stopped: str | None = None  # why a DP run stopped before train.max_steps
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The model to save and evaluate."""
+        return self.plain if self.plain is not None else self.model
 
 
 @dataclass
@@ -85,8 +94,29 @@ def all_mean(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def _privacy_state(w: _Worker) -> dict | None:
+    """train.privacy: the accountant's state (a resumed run goes on spending from it), the
+    plan it runs and what it has spent."""
+    if w.dp is None:
+        return None
+    return {
+        "plan": w.dp.dp.as_dict(),
+        "accountant": w.dp.state_dict(),
+        "epsilon": w.dp.epsilon(),
+        "steps": w.dp.steps,
+        "stopped": w.stopped,
+    }
+
+
 def _save_checkpoint(
-    model, tok, opt_state: dict, model_state, sched, state: _State, directory: str
+    model,
+    tok,
+    opt_state: dict,
+    model_state,
+    sched,
+    state: _State,
+    directory: str,
+    privacy_state: dict | None = None,
 ) -> None:
     save_model(model, tok, directory, model_state)
     torch.save(
@@ -99,6 +129,7 @@ def _save_checkpoint(
             "epoch": state.epoch,
             "epoch_pos": state.epoch_pos,
             "rng": torch.get_rng_state(),
+            "privacy": privacy_state,
         },
         os.path.join(directory, STATE_FILE),
     )
@@ -116,7 +147,9 @@ def _report(w: _Worker, metrics: dict, with_checkpoint: bool) -> None:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        _save_checkpoint(w.model, w.tok, opt_state, model_state, w.sched, w.state, d)
+        _save_checkpoint(
+            w.net, w.tok, opt_state, model_state, w.sched, w.state, d, _privacy_state(w)
+        )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     train_metrics.checkpointed(w.cfg.name)
 
@@ -157,10 +190,18 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     if cfg.use_gpu:  # fails loudly on a GPU torch cannot see (CPU only on fake GPU nodes)
         device = torch.device(usable_device(str(device), f"training worker {rank}"))
-    model = _prepare(model, cfg, device)
+    plain, ledger = None, None
+    if cfg.privacy.enabled:  # DP-SGD: Opacus' wrappers instead of DDP (see train.privacy)
+        plain = model.to(device)
+        opt = build_optimizer(plain, cfg)
+        sched = build_scheduler(opt, cfg)
+        ledger = _dp_ledger(cfg, config["train_rows"], saved, rank)
+        model, opt = privacy.make_private(plain, opt, ledger.dp, world)
+    else:
+        model = _prepare(model, cfg, device)
+        opt = build_optimizer(model, cfg)
+        sched = build_scheduler(opt, cfg)
     marks["prepare"] = time.time()
-    opt = build_optimizer(model, cfg)
-    sched = build_scheduler(opt, cfg)
     state = _State(history=[], ledger=[])
     if saved:
         _load_optimizer(model, opt, saved["optimizer"])
@@ -177,20 +218,57 @@ def train_loop_per_worker(config: dict) -> None:
         log.info("rank %d resumed at step %d", rank, state.step)
     val = load_val_batches(config["data_dir"], rank, world, cfg.batch_size, cfg.eval_batches)
     if state.step == 0:
-        state.history.append({"step": 0, "val_loss": evaluate(model, val, device)})
+        row = {"step": 0, "val_loss": evaluate(plain or model, val, device)}
+        state.history.append({**row, "epsilon": 0.0} if ledger else row)
     marks["eval"] = time.time()
     # Shards are written in corpus order; without shuffling, the first steps would see one
     # corner of the corpus only (e.g. all of encodings/*.py): the order is seeded per epoch.
-    source = ShardReader(
-        f"{config['data_dir']}/train", config["columns"], cfg.seed, cfg.shuffle_buffer
-    )
-    feed = _Feed(cfg, rank, world, config["train_rows"], source)
+    # DP-SGD samples each step's rows by Poisson sampling instead (privacy.PoissonFeed).
+    split = f"{config['data_dir']}/train"
+    if ledger:
+        source = ShardReader(split, config["columns"], cfg.seed, 0)
+        feed = privacy.PoissonFeed(
+            cfg, rank, world, config["train_rows"], source, ledger.dp.sample_rate
+        )
+    else:
+        source = ShardReader(split, config["columns"], cfg.seed, cfg.shuffle_buffer)
+        feed = _Feed(cfg, rank, world, config["train_rows"], source)
     marks["feed"] = time.time()
     train_metrics.start(cfg.name, state.history)
     board = config.get("progress") if rank == 0 else None
     post(board, state.history[-1])
-    w = _Worker(cfg, model, tok, opt, sched, state, val, device, marks, board)
-    _run_steps(w, feed)
+    w = _Worker(cfg, model, tok, opt, sched, state, val, device, marks, board, plain, ledger)
+    if saved and saved.get("privacy"):
+        w.stopped = saved["privacy"].get("stopped")
+    if ledger:
+        _run_dp_steps(w, feed)
+    else:
+        _run_steps(w, feed)
+
+
+def _dp_ledger(cfg: TrainConfig, rows: int, saved: dict | None, rank: int):
+    """The run's privacy.Ledger: a resumed run keeps the noise, sample rate and delta it
+    started with and the privacy it has spent (its accountant's state)."""
+    fresh = privacy.plan(cfg, rows)
+    kept = (saved or {}).get("privacy")
+    if not kept:
+        if rank == 0:
+            log.info("DP-SGD: %s", fresh)
+        return privacy.Ledger(fresh)
+    dp = privacy.DPPlan(**kept["plan"])
+    if rank == 0 and (dp.noise_multiplier, dp.sample_rate) != (
+        fresh.noise_multiplier,
+        fresh.sample_rate,
+    ):
+        log.warning(
+            "DP-SGD: resuming with the checkpoint's noise multiplier %.4g and sample rate %.4g "
+            "(the config now gives %.4g and %.4g)",
+            dp.noise_multiplier,
+            dp.sample_rate,
+            fresh.noise_multiplier,
+            fresh.sample_rate,
+        )
+    return privacy.Ledger(dp, kept["accountant"])
 
 
 def _prepare(model, cfg: TrainConfig, device: torch.device):
@@ -247,6 +325,56 @@ def _run_steps(w: _Worker, feed: _Feed) -> None:
         state.epoch, state.epoch_pos = state.epoch + 1, 0
 
 
+def _run_dp_steps(w: _Worker, feed) -> None:
+    """DP-SGD steps: each step's Poisson batch (feed.step), Opacus' clipped and noised
+    update, one accountant step; a row logged after every step with the epsilon spent. When
+    train.privacy.target_epsilon is set, the run stops before a step that would exceed it."""
+    cfg, state, budget = w.cfg, w.state, w.dp.dp.target_epsilon
+    check_same_order(feed.probe[0], w.device)
+    while state.step < cfg.max_steps and not w.stopped:
+        if budget is not None and w.dp.epsilon_after_next() > budget:
+            w.stopped = (
+                f"step {state.step + 1} would spend epsilon {w.dp.epsilon_after_next():.4f}, "
+                f"more than train.privacy.target_epsilon={budget}: stopped after step "
+                f"{state.step} at epsilon {w.dp.epsilon():.4f}"
+            )
+            log.warning("DP-SGD: %s", w.stopped)
+            break
+        _record_startup(w)
+        window = _LogWindow(time.time(), state.tokens)
+        positions, micro = feed.step(state.step)
+        micro = [(i.to(w.device), None if lab is None else lab.to(w.device)) for i, lab in micro]
+        loss_sum, rows, norm = privacy.dp_step(w.model, micro, w.opt, w.sched)
+        w.dp.step()
+        if cfg.step_delay_s:
+            time.sleep(cfg.step_delay_s)
+        total_loss, total_rows = all_sum([loss_sum, rows], w.device)
+        state.step += 1
+        state.tokens += int(total_rows) * feed.seq_len
+        if cfg.ledger:  # DP: (step, position) of every row the step drew (its "epoch" = step)
+            state.pending += [(state.step, int(p)) for p in positions]
+        window.steps.append((total_loss / max(total_rows, 1), norm))
+        _after_step(w, window)
+    if w.stopped:  # the last row (every step has one) gets a validation loss and the reason
+        row = state.history[-1]
+        if row.get("val_loss") is None:
+            row["val_loss"] = evaluate(w.net, w.val, w.device)
+            row["val_ppl"] = round(perplexity(row["val_loss"]), 3) if row["val_loss"] else None
+        row["stopped"] = w.stopped
+        if cfg.ledger:
+            _commit_ledger(state)
+        _report(w, row, with_checkpoint=True)
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 def _record_startup(w: _Worker) -> None:
     """Seconds of each startup phase (first batch = feed opened -> first batch on all ranks),
     kept in the step-0 row of a fresh run: `entered` is when this worker's loop began."""
@@ -287,7 +415,8 @@ def _after_step(w: _Worker, window: _LogWindow) -> bool:
     last = state.step >= cfg.max_steps
     do_eval = last or state.step % cfg.eval_every == 0
     do_ckpt = last or state.step % cfg.checkpoint_every == 0
-    if not (do_eval or do_ckpt or state.step % 10 == 0):
+    every = 1 if w.dp is not None else 10  # DP: epsilon after every step
+    if not (do_eval or do_ckpt or state.step % every == 0):
         return False
     loss_avg, norm_avg = all_mean(
         [np.mean([s[0] for s in window.steps]), np.mean([s[1] for s in window.steps])], w.device
@@ -304,8 +433,10 @@ def _after_step(w: _Worker, window: _LogWindow) -> bool:
         "optimizer_step": optimizer_steps(w.opt),
         "time": round(time.time(), 3),
     }
+    if w.dp is not None:
+        row["epsilon"] = round(w.dp.epsilon(), 6)
     if do_eval:
-        row["val_loss"] = evaluate(w.model, w.val, w.device)
+        row["val_loss"] = evaluate(w.net, w.val, w.device)
         row["val_ppl"] = round(perplexity(row["val_loss"]), 3) if row["val_loss"] else None
     state.history.append(row)
     post(w.board, row)

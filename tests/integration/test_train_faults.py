@@ -112,7 +112,9 @@ def _fit_killing_a_worker(cfg, train_cfg, before_kill=None) -> dict:
     while time.time() < deadline and t.is_alive() and not _committed_step(storage):
         time.sleep(0.05)
     victims = sorted(_workers() - earlier)
-    assert victims and t.is_alive(), "no worker of this run to kill before the run finished"
+    assert victims and t.is_alive(), (
+        f"no worker of this run to kill before the run finished: {box.get('error')!r}"
+    )
     if before_kill:
         before_kill(storage)
     box["killed"], box["killed_at"] = victims[-1], time.time()
@@ -269,3 +271,62 @@ def test_fsdp2_on_gloo_resumes_exactly_once_and_matches_ddp(data_cfg, clean):
         ids = torch.randint(0, 512, (2, 32))
         assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
     assert run.val_loss_final < 6.0
+
+
+def test_dp_sgd_on_two_ddp_workers_keeps_its_epsilon_across_a_killed_worker(data_cfg):
+    """train.privacy (DP-SGD with Opacus) on the two DDP workers: a worker is SIGKILLed after
+    the first committed checkpoint and the group restarts from it (FailureConfig). The run
+    logs epsilon after every step, and each equals Opacus' own RDP accountant run here for the
+    sample rate computed from the shards (rows per step / training rows), the run's noise and
+    that many steps (within 1%): the resumed run went on from the checkpointed accountant,
+    as if never interrupted. It ends at most at target_epsilon, lowers the validation loss,
+    draws each step's rows by the seeded Poisson rule (the ledger, checked against it), and its
+    summary and model card state the guarantee."""
+    import numpy as np
+    from opacus.accountants import RDPAccountant
+
+    from aigc_ray.config import DPConfig
+    from aigc_ray.train.privacy import SAMPLE_STREAM
+
+    cfg, root = data_cfg
+    target = 8.0
+    train_cfg = _train_cfg(
+        cfg,
+        root,
+        "dp",
+        privacy=DPConfig(enabled=True, target_epsilon=target, max_grad_norm=1.0),
+        eval_every=STEPS,
+    )
+    box = _fit_killing_a_worker(cfg, train_cfg)
+    assert "error" not in box, box.get("error")
+    assert box["restarted"], "no new worker group started after the kill"
+    run = box["result"]
+    print(run.summary())
+    n = json.loads((root / "data" / "manifest.json").read_text())["splits"]["train"]["blocks"]
+    q = PER_STEP / n
+    dp = run.privacy
+    assert dp["sample_rate"] == pytest.approx(q) and dp["delta"] == pytest.approx(1 / n)
+    rows = _rows(run.run_dir)
+    assert [r["step"] for r in rows] == list(range(STEPS + 1)), "a step logged twice or never"
+    before = [r["step"] for r in rows if r.get("time", math.inf) < box["killed_at"]]
+    assert before and before[-1] >= 5, "the run started over instead of resuming"
+    for r in rows:
+        acc = RDPAccountant()
+        acc.history = [(dp["noise_multiplier"], q, r["step"])] if r["step"] else []
+        want = acc.get_epsilon(delta=1 / n) if r["step"] else 0.0
+        assert r["epsilon"] == pytest.approx(want, rel=0.01, abs=1e-9), (r["step"], want)
+    assert rows[-1]["epsilon"] <= target and rows[-1]["epsilon"] == pytest.approx(target, rel=0.01)
+    assert dp["epsilon"] == pytest.approx(rows[-1]["epsilon"], rel=1e-6) and dp["steps"] == STEPS
+    assert run.val_loss_final < run.val_loss_initial - 0.05, (
+        run.val_loss_initial,
+        run.val_loss_final,
+    )
+    ledger = _ledger(run.run_dir)
+    assert len(ledger) == len(set(ledger))
+    for step in range(1, STEPS + 1):
+        rng = np.random.default_rng([cfg.train.seed, SAMPLE_STREAM, step - 1])
+        drawn = np.flatnonzero(rng.random(n) < q).tolist()
+        assert sorted(p for s, p in ledger if s == step) == drawn, f"step {step}'s rows"
+    assert f"({dp['epsilon']:.3f}, " in run.summary()
+    card = (Path(run.model_dir) / "README.md").read_text()
+    assert "DP-SGD" in card and f"{dp['noise_multiplier']:.6g}" in card
