@@ -246,10 +246,11 @@ def per_row_loss(model, ids: torch.Tensor, labels: torch.Tensor | None) -> torch
     loss_reduction="mean", Opacus' per-sample gradient of a row is then the gradient of that
     row's own loss, whatever the other rows hold."""
     labels = ids if labels is None else labels
-    logits = model(input_ids=ids).logits[:, :-1].float()
-    target = labels[:, 1:]
+    logits = model(input_ids=ids).logits.float()
+    # shift the labels, not the logits (as transformers' own loss does): no copy of the logits
+    target = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
     tok = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+        logits.view(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
     ).view(target.shape)
     valid = (target != -100).float()
     return ((tok * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()

@@ -184,6 +184,57 @@ def test_train_rerun_with_same_name_resumes(trained, cfg, capsys):
     ), shown
 
 
+@pytest.mark.slow
+def test_dp_lora_run_stops_before_its_budget_and_says_so_in_the_exported_card(
+    trained, cfg, s3_server
+):
+    """train.privacy over LoRA adapters on the two DDP workers, with a fixed noise and a budget
+    that 8 steps would exceed: the run stops after the last step within it (computed here with
+    Opacus' own accountant), says why in the last metrics row, the summary and the model card,
+    and still exports the model of that step (card included) to object storage."""
+    from opacus.accountants import RDPAccountant
+
+    from aigc_ray.config import DPConfig
+    from aigc_ray.train import fit
+
+    n = json.loads((Path(cfg.resolved_data_dir()) / "manifest.json").read_text())["splits"][
+        "train"
+    ]["blocks"]
+    q, sigma = 2 * cfg.train.batch_size / n, 1.0
+
+    def eps(steps):
+        acc = RDPAccountant()
+        acc.history = [(sigma, q, steps)]
+        return acc.get_epsilon(delta=1 / n)
+
+    target = (eps(4) + eps(5)) / 2  # step 5 would exceed it
+    export = "s3://aigc-test/runs/stages-dp/model"
+    dp_cfg = cfg.train.model_copy(
+        update={
+            "name": "dp-lora",
+            "run_dir": str(Path(cfg.train.run_dir).parent / "dp-run"),
+            "export_dir": export,
+            "max_steps": 8,
+            "privacy": DPConfig(enabled=True, noise_multiplier=sigma, target_epsilon=target),
+        }
+    )
+    run = fit(dp_cfg, cfg.model, cfg.resolved_data_dir())
+    assert run.steps == 4 and run.privacy["steps"] == 4
+    assert run.privacy["epsilon"] == pytest.approx(eps(4), rel=0.01) and eps(4) <= target
+    stopped = run.privacy["stopped"]
+    assert "step 5 would spend epsilon" in stopped and "target_epsilon" in stopped
+    rows = [
+        json.loads(x) for x in (Path(dp_cfg.run_dir) / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[-1]["stopped"] == stopped and rows[-1]["val_loss"] > 0
+    assert f"stopped    {stopped}" in run.summary()
+    card = s3_server.get_object(Bucket="aigc-test", Key="runs/stages-dp/model/README.md")
+    text = card["Body"].read().decode()
+    assert "DP-SGD" in text and f"Stopped early: {stopped}" in text
+    assert not any("lora" in f.name for f in Path(run.model_dir).iterdir())
+
+
 @pytest.fixture(scope="module")
 def endpoint(trained, cfg):
     from ray import serve
