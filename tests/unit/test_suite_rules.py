@@ -4,6 +4,7 @@ test sets an environment variable it does not restore; no test finds processes b
 the machine (tests/raynodes.py finds a test's own Ray processes from its temp dir)."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -70,17 +71,28 @@ def test_file_follows_the_suite_rules(path):
     assert not bad, f"{path.name} imports a test module or a conftest: {bad}"
     assert not _top_level_calls(tree, "free_port"), f"{path.name}: a port picked at import time"
     assert not _environ_writes(tree), f"{path.name}: os.environ written without restoring it"
-    assert "process_iter" not in path.read_text() or path.name == Path(__file__).name, (
-        f"{path.name}: processes found by name machine-wide; use aigc_ray.cluster.process_tree"
-        " of the node's pid, raynodes.actor_pids or Ray's state API"
+    searches = _machine_wide(path.read_text())
+    assert not searches or path.name == Path(__file__).name, (
+        f"{path.name}: processes found by name machine-wide ({searches}); use "
+        "aigc_ray.cluster.process_tree of the test's own Ray node, raynodes.actor_pids or Ray's "
+        "state API"
     )
+
+
+# Ways to find (or kill) processes across the whole machine, by name or command line: psutil's
+# iteration over every process, the pgrep family, and reading every /proc entry.
+MACHINE_WIDE = ("process_iter", "pgrep", "pkill", "killall", "pidof", "psutil.pids")
+
+
+def _machine_wide(text: str) -> list[str]:
+    return [w for w in MACHINE_WIDE if re.search(rf"\b{re.escape(w)}\b", text)]
 
 
 def test_the_package_never_searches_the_machine_for_processes():
     """`aigc-ray cluster local down` stops the processes under the head's pid, not every
     process whose command line looks like the cluster's."""
     pkg = TESTS.parent / "aigc_ray"
-    found = [p.name for p in pkg.rglob("*.py") if "process_iter" in p.read_text()]
+    found = [p.name for p in pkg.rglob("*.py") if _machine_wide(p.read_text())]
     assert not found, found
 
 
@@ -92,5 +104,8 @@ def test_the_rules_catch_what_they_forbid():
         "def f():\n    free_port()\n"
     )
     assert _imported_modules(bad) == ["os", "test_engine", "conftest"]
+    assert _machine_wide("subprocess.run(['pkill', '-f', 'raylet'])") == ["pkill"]
+    assert _machine_wide("for p in psutil.process_iter(): pass") == ["process_iter"]
+    assert _machine_wide("procs = process_tree(node_pid)") == []
     assert _top_level_calls(bad, "free_port") == [4]
     assert _environ_writes(bad) == [5, 6]
