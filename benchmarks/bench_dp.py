@@ -21,55 +21,29 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_train import (  # noqa: E402 - the benchmarks folder is not a package
-    WARMUP_STEPS,
     build_config,
     init_ray,
     preprocess,
     probe_worker_threads,
     run_ours,
+    run_torchrun,
 )
 
 log = logging.getLogger("bench_dp")
 
 
 def run_reference(cfg, data_dir: str, args, threads: int, work: Path) -> dict:
-    conf = work / "dp_config.json"
-    conf.write_text(json.dumps({"train": cfg.train.model_dump(), "model": cfg.model.model_dump()}))
-    cmd = [
-        str(Path(sys.executable).with_name("torchrun")),
-        "--standalone",
-        f"--nproc_per_node={cfg.train.num_workers}",
-        str(HERE / "torchrun_dp.py"),
-        "--data-dir",
-        data_dir,
-        "--config",
-        str(conf),
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(WARMUP_STEPS),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    lines = [x for x in proc.stdout.splitlines() if x.startswith('{"torchrun_dp"')]
-    if proc.returncode or not lines:
-        raise SystemExit(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    ref = json.loads(lines[-1])["torchrun_dp"]
+    ref, wall = run_torchrun("torchrun_dp.py", cfg, data_dir, args.steps, threads, work)
     return {
         "tokens_per_s": ref["tokens_per_s"],
         "wall_s": wall,

@@ -212,36 +212,41 @@ def run_ours(cfg, data_dir: str, threads: int) -> dict:
 # ---------------------------------------------------------------- reference
 
 
-def run_reference(cfg, data_dir: str, args, threads: int, work: Path) -> dict:
-    """torchrun the DDP script; parse rank 0's JSON line."""
-    conf = work / "ref_config.json"
+def run_torchrun(script: str, cfg, data_dir: str, steps: int, threads: int, work: Path, *extra):
+    """torchrun `script` (a reference of benchmarks/) on cfg's workers with `threads` torch
+    threads each; returns (rank 0's JSON result, wall seconds)."""
+    key = Path(script).stem
+    conf = work / f"{key}_config.json"
     conf.write_text(json.dumps({"train": cfg.train.model_dump(), "model": cfg.model.model_dump()}))
     cmd = [
         str(Path(sys.executable).with_name("torchrun")),
         "--standalone",
         f"--nproc_per_node={cfg.train.num_workers}",
-        str(HERE / "torchrun_ddp.py"),
+        str(HERE / script),
         "--data-dir",
         data_dir,
         "--config",
         str(conf),
         "--steps",
-        str(args.steps),
+        str(steps),
         "--warmup",
         str(WARMUP_STEPS),
-        "--save-dir",
-        str(work / "ref_model"),
+        *extra,
     ]
-    if args.gpu:
-        cmd.append("--gpu")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
-    lines = [x for x in proc.stdout.splitlines() if x.startswith('{"torchrun_ddp"')]
+    lines = [x for x in proc.stdout.splitlines() if x.startswith(f'{{"{key}"')]
     if proc.returncode or not lines:
         raise SystemExit(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    ref = json.loads(lines[-1])["torchrun_ddp"]
+    return json.loads(lines[-1])[key], wall
+
+
+def run_reference(cfg, data_dir: str, args, threads: int, work: Path) -> dict:
+    """torchrun the DDP script; parse rank 0's JSON line."""
+    extra = ["--save-dir", str(work / "ref_model"), *(["--gpu"] if args.gpu else [])]
+    ref, wall = run_torchrun("torchrun_ddp.py", cfg, data_dir, args.steps, threads, work, *extra)
     rate = ref["tokens_per_s"]
     return {
         "tokens_per_s": rate,

@@ -135,28 +135,36 @@ def run(args, cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) ->
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main_with(argv, doc: str, key: str, run_fn, ddp_options: bool = True) -> int:
+    """The command line both reference scripts share (this one and torchrun_dp.py): parse the
+    arguments, set up the process group, run `run_fn(args, train, model, device)` and print
+    rank 0's result as one JSON line {key: result}."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--config", required=True, help="JSON with train and model config dumps")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--gpu", action="store_true")
-    ap.add_argument("--save-dir", help="rank 0 saves the final model here (save_pretrained)")
+    if ddp_options:
+        ap.add_argument("--gpu", action="store_true")
+        ap.add_argument("--save-dir", help="rank 0 saves the final model here (save_pretrained)")
     args = ap.parse_args(argv)
     if args.steps <= args.warmup:
         ap.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     with open(args.config) as f:
         raw = json.load(f)
-    device = setup(args.gpu)
+    device = setup(getattr(args, "gpu", False))
     try:
-        result = run(args, TrainConfig(**raw["train"]), ModelConfig(**raw["model"]), device)
+        result = run_fn(args, TrainConfig(**raw["train"]), ModelConfig(**raw["model"]), device)
         if dist.get_rank() == 0:
-            print(json.dumps({"torchrun_ddp": result}), flush=True)
+            print(json.dumps({key: result}), flush=True)
     finally:
         dist.destroy_process_group()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_with(argv, __doc__, "torchrun_ddp", run)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ Times the steps after `--warmup` with time.perf_counter; rank 0 prints one JSON 
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 import warnings
@@ -24,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
+from torchrun_ddp import main_with  # the benchmarks folder is the script's sys.path[0]
 
 from aigc_ray.config import ModelConfig, TrainConfig
 from aigc_ray.data import read_manifest
@@ -46,7 +45,8 @@ def all_rows(manifest: dict, seq_len: int) -> torch.Tensor:
     return torch.from_numpy(flat.reshape(-1, seq_len).astype(np.int64))
 
 
-def run(args, cfg: TrainConfig, model_cfg: ModelConfig) -> dict:
+def run(args, cfg: TrainConfig, model_cfg: ModelConfig, device) -> dict:
+    """DP-SGD steps as an Opacus user writes them (CPU, gloo: `device` is the CPU)."""
     from opacus import PrivacyEngine
     from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
@@ -107,22 +107,7 @@ def run(args, cfg: TrainConfig, model_cfg: ModelConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-dir", required=True)
-    ap.add_argument("--config", required=True, help="JSON with train and model config dumps")
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--warmup", type=int, default=10)
-    args = ap.parse_args(argv)
-    with open(args.config) as f:
-        raw = json.load(f)
-    dist.init_process_group("gloo")
-    try:
-        result = run(args, TrainConfig(**raw["train"]), ModelConfig(**raw["model"]))
-        if dist.get_rank() == 0:
-            print(json.dumps({"torchrun_dp": result}), flush=True)
-    finally:
-        dist.destroy_process_group()
-    return 0
+    return main_with(argv, __doc__, "torchrun_dp", run, ddp_options=False)
 
 
 if __name__ == "__main__":
