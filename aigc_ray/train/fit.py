@@ -116,10 +116,6 @@ def preflight(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> dict:
             f"({manifest['seq_len']}) in {data_dir}/manifest.json"
         )
     blocks = manifest["splits"]["train"]["blocks"]
-    if cfg.privacy.enabled:  # the noise the budget needs (an impossible budget fails here)
-        from aigc_ray.train import privacy
-
-        log.info("DP-SGD: %s", privacy.plan(cfg, blocks))
     if blocks < cfg.batch_size * cfg.grad_accum * cfg.num_workers:
         raise TrainError(
             f"train.batch_size ({cfg.batch_size}) x train.num_workers ({cfg.num_workers}) "
@@ -227,6 +223,13 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
     cpus = worker_cpus(cfg, ray.available_resources().get("CPU", 0))
     data_dir = portable_location(data_dir)
     columns = ["input_ids", "labels"] if manifest.get("format") == "sft" else ["input_ids"]
+    rows = manifest["splits"]["train"]["blocks"]
+    dp_plan = None
+    if cfg.privacy.enabled:  # the noise for the budget: searched once, here, for every rank
+        from aigc_ray.train import privacy
+
+        dp_plan = privacy.plan(cfg, rows)
+        log.info("DP-SGD: %s", dp_plan)
 
     def failed(e: Exception) -> str:
         last = None if is_uri(storage) else latest_complete_checkpoint(Path(storage) / cfg.name)
@@ -248,7 +251,8 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: str) -> TrainResult:
             "columns": columns,
             # a URI stays a URI: each worker copies it on its own node (see train_loop)
             "tokenizer_dir": portable_location(manifest["tokenizer_dir"]),
-            "train_rows": manifest["splits"]["train"]["blocks"],
+            "train_rows": rows,
+            "privacy_plan": dp_plan.as_dict() if dp_plan else None,
         },
         cfg,
         {

@@ -84,14 +84,18 @@ class _LogWindow:
     steps: list = field(default_factory=list)
 
 
-def all_mean(values: list[float], device) -> list[float]:
+def all_sum(values: list[float], device) -> list[float]:
+    """Element-wise sum over the ranks (the values themselves without a process group)."""
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
-        t /= dist.get_world_size()
     return t.tolist()
+
+
+def all_mean(values: list[float], device) -> list[float]:
+    return [v / _world_size() for v in all_sum(values, device)]
 
 
 def _privacy_state(w: _Worker) -> dict | None:
@@ -195,7 +199,7 @@ def train_loop_per_worker(config: dict) -> None:
         plain = model.to(device)
         opt = build_optimizer(plain, cfg)
         sched = build_scheduler(opt, cfg)
-        ledger = _dp_ledger(cfg, config["train_rows"], saved, rank)
+        ledger = _dp_ledger(privacy.DPPlan(**config["privacy_plan"]), saved, rank)
         model, opt = privacy.make_private(plain, opt, ledger.dp, world)
     else:
         model = _prepare(model, cfg, device)
@@ -246,14 +250,12 @@ def train_loop_per_worker(config: dict) -> None:
         _run_steps(w, feed)
 
 
-def _dp_ledger(cfg: TrainConfig, rows: int, saved: dict | None, rank: int):
-    """The run's privacy.Ledger: a resumed run keeps the noise, sample rate and delta it
-    started with and the privacy it has spent (its accountant's state)."""
-    fresh = privacy.plan(cfg, rows)
+def _dp_ledger(fresh: privacy.DPPlan, saved: dict | None, rank: int):
+    """The run's privacy.Ledger: `fresh` is the plan the driver computed for this run; a resumed
+    run keeps the noise, sample rate and delta it started with and the privacy it has spent
+    (its accountant's state)."""
     kept = (saved or {}).get("privacy")
     if not kept:
-        if rank == 0:
-            log.info("DP-SGD: %s", fresh)
         return privacy.Ledger(fresh)
     dp = privacy.DPPlan(**kept["plan"])
     if rank == 0 and (dp.noise_multiplier, dp.sample_rate) != (
@@ -366,15 +368,6 @@ def _run_dp_steps(w: _Worker, feed) -> None:
         _report(w, row, with_checkpoint=True)
 
 
-def all_sum(values: list[float], device) -> list[float]:
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 def _record_startup(w: _Worker) -> None:
     """Seconds of each startup phase (first batch = feed opened -> first batch on all ranks),
     kept in the step-0 row of a fresh run: `entered` is when this worker's loop began."""
@@ -418,9 +411,9 @@ def _after_step(w: _Worker, window: _LogWindow) -> bool:
     every = 1 if w.dp is not None else 10  # DP: epsilon after every step
     if not (do_eval or do_ckpt or state.step % every == 0):
         return False
-    loss_avg, norm_avg = all_mean(
-        [np.mean([s[0] for s in window.steps]), np.mean([s[1] for s in window.steps])], w.device
-    )
+    means = [np.mean([s[0] for s in window.steps]), np.mean([s[1] for s in window.steps])]
+    # DP windows already hold the global loss and the (all-reduced) noised gradient's norm
+    loss_avg, norm_avg = means if w.dp is not None else all_mean(means, w.device)
     dt = time.time() - window.started
     row = {
         "step": state.step,
