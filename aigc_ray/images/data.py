@@ -163,12 +163,12 @@ def decode_batch(batch: pa.Table, size: int, channels: int) -> pa.Table:
     )
 
 
-def shard_rows(batch: pa.Table, split: str, labels: list[str], cfg: ImageDataConfig) -> pa.Table:
+def shard_rows(batch: pa.Table, split: str, labels: list[str], seed: int, cut: int) -> pa.Table:
     """Ray Data map_batches: the batch's readable images of one split, with their label ids."""
     sources = batch.column("source").to_pylist()
     keep = pa.array(
         [
-            err is None and _split_of(src, cfg.seed, cfg.val_fraction) == split
+            err is None and _split_of(src, seed, cut) == split
             for src, err in zip(sources, batch.column("error").to_pylist(), strict=True)
         ]
     )
@@ -178,9 +178,26 @@ def shard_rows(batch: pa.Table, split: str, labels: list[str], cfg: ImageDataCon
     return rows.append_column("label_id", pa.array(ids, pa.int32()))
 
 
-def _split_of(source: str, seed: int, val_fraction: float) -> str:
+def _bucket(source: str, seed: int) -> int:
+    """A stable number in [0, 1e6) per source: the split follows the file, not its position."""
     h = int.from_bytes(hashlib.blake2b(f"{seed}:{source}".encode(), digest_size=8).digest())
-    return "val" if (h % 1_000_000) < val_fraction * 1_000_000 else "train"
+    return h % 1_000_000
+
+
+def _split_of(source: str, seed: int, cut: int) -> str:
+    return "val" if _bucket(source, seed) < cut else "train"
+
+
+def _val_cut(sources: list[str], seed: int, val_fraction: float) -> int:
+    """The bucket below which a source is validation: val_fraction of them, and never none.
+
+    On a small folder the hash alone can put no image in val (10 images at 0.2: one run in
+    nine); then the source with the lowest bucket goes to val, so validation always runs."""
+    cut = round(val_fraction * 1_000_000)
+    if val_fraction > 0 and len(sources) >= 2:
+        lowest = min(_bucket(s, seed) for s in sources)
+        cut = max(cut, lowest + 1)
+    return cut
 
 
 def run_image_preprocess(cfg: ImageDataConfig) -> dict:
@@ -213,7 +230,9 @@ def run_image_preprocess(cfg: ImageDataConfig) -> dict:
         raise DataError(f"no readable image in {cfg.inputs} ({bad.num_rows} quarantined)")
     out = cfg.output_dir.rstrip("/")
     _clear(out)
-    split = [_split_of(s, cfg.seed, cfg.val_fraction) for s in good.column("source").to_pylist()]
+    sources = good.column("source").to_pylist()
+    cut = _val_cut(sources, cfg.seed, cfg.val_fraction)
+    split = [_split_of(s, cfg.seed, cut) for s in sources]
     splits = {}
     for name in ("train", "val"):
         splits[name] = {"images": split.count(name)}
@@ -222,7 +241,7 @@ def run_image_preprocess(cfg: ImageDataConfig) -> dict:
                 shard_rows,
                 batch_format="pyarrow",
                 num_cpus=0.25,
-                fn_kwargs={"split": name, "labels": labels, "cfg": cfg},
+                fn_kwargs={"split": name, "labels": labels, "seed": cfg.seed, "cut": cut},
             ).write_parquet(f"{out}/{name}")
     quarantine = cfg.quarantine_dir or f"{out}/quarantine"
     if bad.num_rows:

@@ -11,7 +11,16 @@ import torch
 from tiny import tiny_text_to_image
 
 from aigc_ray.config import ImageDataConfig, ImageModelConfig, load_config
-from aigc_ray.images.data import ROWS, _row, _table_rows, decode_batch, to_pixels
+from aigc_ray.images.data import (
+    ROWS,
+    _bucket,
+    _row,
+    _split_of,
+    _table_rows,
+    _val_cut,
+    decode_batch,
+    to_pixels,
+)
 from aigc_ray.images.model import (
     ImagePipeline,
     ImageRequestError,
@@ -69,6 +78,17 @@ def test_decode_quarantines_every_unreadable_image_and_keeps_every_good_one():
     assert "FileNotFoundError" in by["missing"]["error"]
     assert by["unlabelled"]["error"] == "no label or caption"
     assert by["bad-json"]["error"].startswith("malformed JSON")
+
+
+def test_a_small_folder_always_gets_a_validation_image_and_a_large_one_its_share():
+    # sources whose hashes put none of them below 0.2: the lowest one still goes to val
+    names = [f"/x/{i}.png" for i in range(400)]
+    high = [n for n in names if _bucket(n, 0) >= 200_000][:10]
+    cut = _val_cut(high, 0, 0.2)
+    assert [_split_of(n, 0, cut) for n in high].count("val") == 1
+    assert _val_cut(high, 0, 0.0) == 0  # no validation asked: none
+    share = [_split_of(n, 0, _val_cut(names, 0, 0.2)) for n in names].count("val") / len(names)
+    assert 0.15 < share < 0.25, share
 
 
 def test_table_rows_resolve_relative_paths_and_keep_malformed_lines(tmp_path):
