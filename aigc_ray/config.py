@@ -748,10 +748,11 @@ class StorageSettings(_Section):
 
     encryption: Literal["sse-s3", "sse-kms", "none"] = Field(
         "sse-s3",
-        description="s3:// outputs: the bucket's default server-side encryption, checked (and "
-        "set when missing) before a stage writes: sse-s3 (S3-managed keys), sse-kms (the "
-        "kms_key_id key), none (leave the bucket as it is). Local outputs are owner-only "
-        "(directories 0700, files 0600) whatever this says.",
+        description="s3:// outputs: server-side encryption asked on every object written "
+        "(the x-amz-server-side-encryption header) and set as the bucket's default when "
+        "missing: sse-s3 (S3-managed keys), sse-kms (the kms_key_id key), none (no header, "
+        "the bucket left as it is). Local outputs are owner-only (directories 0700, files "
+        "0600) whatever this says.",
     )
     kms_key_id: str | None = Field(
         None, description="KMS key id, ARN or alias of sse-kms (required with it)."

@@ -31,7 +31,13 @@ from aigc_ray.engine.loader import cpu_threads, placed_device
 from aigc_ray.engine.params import usable_device
 from aigc_ray.errors import AigcRayError, StorageError
 from aigc_ray.progress import Progress, Watch, post
-from aigc_ray.storage import is_uri, list_files, portable_location, read_bytes
+from aigc_ray.storage import (
+    is_uri,
+    list_files,
+    portable_location,
+    read_bytes,
+    writer_filesystem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +301,9 @@ def read_prompts(inputs: list[str], column: str, quarantine_dir: str):
     ).materialize()
     quarantined = bad.count()
     if quarantined:
-        bad.drop_columns(["prompt", "params"]).write_parquet(quarantine_dir)
+        bad.drop_columns(["prompt", "params"]).write_parquet(
+            quarantine_dir, filesystem=writer_filesystem(quarantine_dir)
+        )
     good = read.map_batches(
         _reason_is(null=True), batch_format="pyarrow", num_cpus=0.25
     ).materialize()  # prompts only (small): counted without running anything again
@@ -346,7 +354,7 @@ def run_generate(cfg: GenerateConfig, model_dir: str) -> dict:
             batch_format="pyarrow",
             **resources,
         ).materialize()
-    out.write_parquet(cfg.output_dir)
+    out.write_parquet(cfg.output_dir, filesystem=writer_filesystem(cfg.output_dir))
     rows = errors = tokens = 0  # summed block by block: the output never gathers on the driver
     for block in out.iter_batches(batch_format="pyarrow", batch_size=None):
         rows += block.num_rows

@@ -9,12 +9,17 @@ no other module looks for "://". Never imports Ray.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
+
+from pyarrow import fs as pafs
 
 from aigc_ray.errors import ModelDirError, StorageError
 
@@ -37,12 +42,23 @@ def scheme_prefix(uri: str) -> str:
 
 
 def filesystem_for(uri: str | Path):
-    """(pyarrow FileSystem, path) for a local path or an s3:// / gs:// URI."""
+    """(pyarrow FileSystem, path) for a local path or an s3:// / gs:// URI. On s3:// every
+    object written through it carries the server-side encryption header (EncryptedS3)."""
     from pyarrow import fs
 
     if not is_uri(uri):
         return fs.LocalFileSystem(), str(Path(uri).resolve())
-    return fs.FileSystem.from_uri(str(uri))
+    filesystem, path = fs.FileSystem.from_uri(str(uri))
+    sse = sse_args()
+    if filesystem.type_name == "s3" and sse:
+        filesystem = fs.PyFileSystem(EncryptedS3(filesystem, sse))
+    return filesystem, path
+
+
+def writer_filesystem(uri: str):
+    """The filesystem to hand Ray Data's writes (``write_parquet(uri, filesystem=...)``) and
+    Ray Train's storage: None (Ray's own choice) except on s3://, where it is EncryptedS3."""
+    return filesystem_for(uri)[0] if str(uri).startswith("s3://") else None
 
 
 def list_files(spec: str, keep=lambda path: True) -> list[tuple[str, int]]:
@@ -97,6 +113,171 @@ def upload_dir(local: Path, uri: str) -> None:
 
 # ---------------------------------------------------------------- protection at rest
 
+SSE_ENV = "AIGC_RAY_S3_SSE"  # sse-s3 (the default) | sse-kms:<key id> | none
+
+
+def use_encryption(encryption: str, kms_key_id: str | None = None) -> None:
+    """The server-side encryption that every s3:// object this process writes asks for (and
+    the processes it starts: a local Ray's workers inherit the environment). Filesystems
+    handed to Ray Data's and Ray Train's workers carry it with them (EncryptedS3 pickles)."""
+    os.environ[SSE_ENV] = f"sse-kms:{kms_key_id}" if encryption == "sse-kms" else encryption
+
+
+def sse_args() -> dict:
+    """boto3's ExtraArgs for the configured server-side encryption; {} for none."""
+    value = os.environ.get(SSE_ENV, "sse-s3")
+    if value == "none":
+        return {}
+    if value.startswith("sse-kms:"):
+        return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": value.split(":", 1)[1]}
+    return {"ServerSideEncryption": "AES256"}
+
+
+def _s3():
+    """A boto3 S3 client for the AWS environment as it is now (endpoint and credentials)."""
+    env = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION", "AWS_PROFILE")
+    return _s3_client(tuple(os.environ.get(k) for k in env))
+
+
+@functools.lru_cache(maxsize=4)
+def _s3_client(_env: tuple):
+    import boto3  # honours the AWS environment, AWS_ENDPOINT_URL included
+
+    return boto3.client("s3")
+
+
+def _bucket_key(path: str) -> tuple[str, str]:
+    bucket, _, key = path.strip("/").partition("/")
+    return bucket, key
+
+
+class _Upload(io.RawIOBase):
+    """What EncryptedS3.open_output_stream writes into: the bytes spool in memory (on disk
+    past 64 MiB) and go to S3 on close in one managed upload (multipart when large), with the
+    encryption header on the request that creates the object."""
+
+    def __init__(self, path: str, sse: dict):
+        self.bucket, self.key = _bucket_key(path)
+        self.sse, self.size = sse, 0
+        self.spool = tempfile.SpooledTemporaryFile(max_size=64 << 20)  # noqa: SIM115 - closed in close()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        n = self.spool.write(data)
+        self.size += n
+        return n
+
+    def tell(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.spool.seek(0)
+            _s3().upload_fileobj(self.spool, self.bucket, self.key, ExtraArgs=self.sse)
+        finally:
+            self.spool.close()
+            super().close()
+
+
+class EncryptedS3(pafs.FileSystemHandler):
+    """A pyarrow filesystem handler (``pyarrow.fs.PyFileSystem(EncryptedS3(s3fs, sse))``):
+    pyarrow's S3FileSystem reads and lists; every request that creates, copies or deletes
+    objects goes through boto3, and each object created carries the server-side encryption
+    header (`sse`: boto3 ExtraArgs). pyarrow cannot send that header (it drops such
+    metadata), so a bucket policy that refuses unencrypted writes refused its writes, and its
+    deletes too: after deleting the last object under a prefix pyarrow writes an empty,
+    unencrypted 'directory' object. Ray Data and Ray Train take this filesystem as given."""
+
+    def __init__(self, inner, sse: dict):
+        self.inner, self.sse = inner, dict(sse)
+
+    def __eq__(self, other) -> bool:
+        return (
+            isinstance(other, EncryptedS3)
+            and self.inner.equals(other.inner)
+            and self.sse == other.sse
+        )
+
+    def __ne__(self, other) -> bool:
+        return not self == other
+
+    def get_type_name(self) -> str:
+        return "s3+sse"
+
+    def normalize_path(self, path: str) -> str:
+        return self.inner.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self.inner.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.inner.get_file_info(selector)
+
+    def open_input_stream(self, path: str):
+        return self.inner.open_input_stream(path)
+
+    def open_input_file(self, path: str):
+        return self.inner.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata):
+        import pyarrow as pa
+
+        return pa.PythonFile(_Upload(path, self.sse), mode="w")
+
+    def open_append_stream(self, path: str, metadata):
+        raise NotImplementedError(f"s3: objects cannot be appended to ({path})")
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        bucket, key = _bucket_key(path)
+        if key and self.inner.get_file_info(path).type == pafs.FileType.NotFound:
+            _s3().put_object(Bucket=bucket, Key=key.rstrip("/") + "/", Body=b"", **self.sse)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        source, (bucket, key) = _bucket_key(src), _bucket_key(dest)
+        _s3().copy({"Bucket": source[0], "Key": source[1]}, bucket, key, ExtraArgs=self.sse)
+
+    def move(self, src: str, dest: str) -> None:
+        self.copy_file(src, dest)
+        self.delete_file(src)
+
+    def delete_file(self, path: str) -> None:
+        kind = self.inner.get_file_info(path).type
+        if kind != pafs.FileType.File:
+            raise (FileNotFoundError if kind == pafs.FileType.NotFound else IsADirectoryError)(path)
+        _s3().delete_object(Bucket=_bucket_key(path)[0], Key=_bucket_key(path)[1])
+
+    def delete_dir(self, path: str) -> None:
+        self._delete_under(path, marker_too=True)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        if self.inner.get_file_info(path).type == pafs.FileType.NotFound:
+            if missing_dir_ok:
+                return
+            raise FileNotFoundError(path)
+        self._delete_under(path, marker_too=False)
+
+    def delete_root_dir_contents(self) -> None:
+        raise PermissionError("s3: refusing to delete every bucket's contents")
+
+    def _delete_under(self, path: str, marker_too: bool) -> None:
+        bucket, key = _bucket_key(path)
+        if not key:
+            raise PermissionError(f"s3: refusing to empty the whole bucket {bucket}")
+        prefix = key.rstrip("/") + "/"
+        for page in _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys = [
+                {"Key": o["Key"]}
+                for o in page.get("Contents", [])
+                if marker_too or o["Key"] != prefix
+            ]
+            if keys:
+                _s3().delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+
+
 OWNER_ONLY_UMASK = 0o077  # new directories 0700, new files 0600
 
 
@@ -132,11 +313,11 @@ def _satisfies(current: dict, encryption: str, kms_key_id: str | None) -> bool:
 
 
 def ensure_bucket_encryption(uri: str, encryption: str, kms_key_id: str | None = None) -> str:
-    """Server-side encryption for everything written under an s3:// `uri`, whoever writes it
-    (this process, Ray Data's and Ray Train's workers through pyarrow, which cannot ask for
-    encryption per object): the bucket's default encryption is read and, when it does not give
-    what `encryption` asks, set. Returns what was found or done (for the command's output).
-    Raises StorageError naming the bucket when it cannot be read or set."""
+    """The bucket's default server-side encryption, for objects written under an s3:// `uri`
+    by anything but our filesystems (which send the header on every object: EncryptedS3): it
+    is read and, when it does not give what `encryption` asks, set. Returns what was found or
+    done (for the command's output). Raises StorageError naming the bucket when it cannot be
+    read (a missing bucket, no access); a refusal to set it is a line, not an error."""
     if encryption == "none" or not str(uri).startswith("s3://"):
         return ""
     import boto3  # honours the AWS environment, AWS_ENDPOINT_URL included
@@ -167,22 +348,25 @@ def ensure_bucket_encryption(uri: str, encryption: str, kms_key_id: str | None =
                 "Rules": [{"ApplyServerSideEncryptionByDefault": wanted}]
             },
         )
-    except (ClientError, BotoCoreError) as e:
+    except (ClientError, BotoCoreError) as e:  # not fatal: every object sends the header
         had = current.get("SSEAlgorithm") or "no"
-        raise StorageError(
-            f"s3://{bucket} has {had} default encryption and setting {encryption} was refused "
-            f"({e}): give this role s3:PutEncryptionConfiguration, set the bucket's default "
-            f"encryption yourself, or set storage.encryption: none"
-        ) from None
+        log.warning("s3://%s: setting default encryption refused: %s", bucket, e)
+        return (
+            f"s3://{bucket} keeps {had} default encryption (setting {encryption} was refused: "
+            f"this role lacks s3:PutEncryptionConfiguration); every object is still written "
+            f"with the {encryption} header"
+        )
     return f"s3://{bucket}: default encryption set to {encryption}" + (
         f" (key {kms_key_id})" if kms_key_id else ""
     )
 
 
 def protect_outputs(locations: list[str], encryption: str, kms_key_id: str | None) -> list[str]:
-    """Before a stage writes: each s3:// bucket among `locations` encrypts at rest
-    (ensure_bucket_encryption, once per bucket). Local outputs are owner-only through the
-    umask (owner_only_files). Returns what changed, a line each."""
+    """Before a stage writes: every s3:// object written from now on carries the encryption
+    header (use_encryption), and each s3:// bucket among `locations` also encrypts by default
+    (ensure_bucket_encryption, once per bucket), for whatever else writes there. Local outputs
+    are owner-only through the umask (owner_only_files). Returns what changed, a line each."""
+    use_encryption(encryption, kms_key_id)
     done, lines = set(), []
     for loc in locations:
         if str(loc).startswith("s3://") and bucket_of(loc) not in done:
@@ -296,7 +480,7 @@ def copy_model_dir(local: str | Path, dest: str) -> str:
 
     src = Path(local).resolve()
     if is_uri(dest):
-        filesystem, path = fs.FileSystem.from_uri(dest.rstrip("/"))
+        filesystem, path = filesystem_for(dest.rstrip("/"))
         filesystem.delete_dir_contents(path, missing_dir_ok=True)
     else:
         target = Path(dest).resolve()

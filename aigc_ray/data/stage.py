@@ -42,7 +42,13 @@ from aigc_ray.data.pack import SPLITS, TokenizePackUDF, check_sft_row, list_colu
 from aigc_ray.data.pii import PiiRules, redact_batch
 from aigc_ray.data.quality import QualityRules, build_filters, clean_text, first_failure
 from aigc_ray.data.readers import DataError, InputFile, read_files, resolve_inputs
-from aigc_ray.storage import filesystem_for, is_uri, scheme_prefix, upload_dir
+from aigc_ray.storage import (
+    filesystem_for,
+    is_uri,
+    scheme_prefix,
+    upload_dir,
+    writer_filesystem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +338,7 @@ def _write_split(packed, split: str, cfg: DataConfig, labels: bool) -> dict:
         fn_kwargs={"split": split, "is_tail": False, "columns": cols},
         batch_format="pyarrow",
     )
-    full.write_parquet(out, min_rows_per_file=cfg.shard_rows)
+    full.write_parquet(out, filesystem=writer_filesystem(out), min_rows_per_file=cfg.shard_rows)
     n_tail = len(blocks["input_ids"])
     if n_tail:
         filesystem, path = filesystem_for(f"{out}/tail-blocks.parquet")
@@ -633,7 +639,9 @@ def _manifest(cfg: DataConfig, files, tok, counts: dict, packed, cleaned, t0: fl
     ).to_pandas()
     quarantine = cfg.quarantine_dir or f"{cfg.output_dir}/quarantine"
     if counts["malformed"]:
-        cleaned.map_batches(quarantined, batch_format="pyarrow").write_parquet(quarantine)
+        cleaned.map_batches(quarantined, batch_format="pyarrow").write_parquet(
+            quarantine, filesystem=writer_filesystem(quarantine)
+        )
     labels = cfg.format == "sft"
     m = {
         "format": cfg.format,

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from aigc_ray.config import ImageDataConfig
 from aigc_ray.data import DataError
-from aigc_ray.storage import is_uri, list_files, read_bytes, write_bytes
+from aigc_ray.storage import is_uri, list_files, read_bytes, write_bytes, writer_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -242,10 +242,12 @@ def run_image_preprocess(cfg: ImageDataConfig) -> dict:
                 batch_format="pyarrow",
                 num_cpus=0.25,
                 fn_kwargs={"split": name, "labels": labels, "seed": cfg.seed, "cut": cut},
-            ).write_parquet(f"{out}/{name}")
+            ).write_parquet(f"{out}/{name}", filesystem=writer_filesystem(out))
     quarantine = cfg.quarantine_dir or f"{out}/quarantine"
     if bad.num_rows:
-        ray.data.from_arrow(bad.select(["source", "error"])).write_parquet(quarantine)
+        ray.data.from_arrow(bad.select(["source", "error"])).write_parquet(
+            quarantine, filesystem=writer_filesystem(quarantine)
+        )
         for src, why in zip(bad.column("source")[:5], bad.column("error")[:5], strict=True):
             log.warning("quarantined %s: %s", src, why)
     manifest = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 
 import pyarrow as pa
@@ -19,7 +20,7 @@ import pyarrow as pa
 from aigc_ray.config import ImageGenerateConfig
 from aigc_ray.generate import GenerateError, prompt_files, read_prompts, show_generated
 from aigc_ray.progress import Progress, Watch, post
-from aigc_ray.storage import is_uri, portable_location, write_bytes
+from aigc_ray.storage import SSE_ENV, is_uri, portable_location, write_bytes, writer_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ INDEX_SCHEMA = pa.schema(
 class ImageGenerateUDF:
     """Ray Data callable: one ImagePipeline per actor; a batch is one pipeline call."""
 
-    def __init__(self, model_dir: str, cfg: dict, progress=None):
+    def __init__(self, model_dir: str, cfg: dict, progress=None, sse: str = "sse-s3"):
         import torch
 
         from aigc_ray.engine.loader import cpu_threads, placed_device
@@ -53,6 +54,7 @@ class ImageGenerateUDF:
         self.pipe = ImagePipeline(model_dir, device)
         self.out = f"{self.cfg.output_dir.rstrip('/')}/images"
         self.board = progress  # the driver's progress board (aigc_ray.progress)
+        os.environ[SSE_ENV] = sse  # the driver's storage.encryption, for the PNGs written here
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from aigc_ray.images.model import ImageRequestError, png_bytes
@@ -133,13 +135,14 @@ def run_image_generate(cfg: ImageGenerateConfig, model_dir: str) -> dict:
                 "model_dir": portable_location(model_dir),
                 "cfg": {**cfg.model_dump(), "output_dir": portable_location(out_dir)},
                 "progress": watch.board,
+                "sse": os.environ.get(SSE_ENV, "sse-s3"),
             },
             compute=ActorPoolStrategy(size=cfg.num_actors),
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
             **resources,
         ).materialize()
-    index.write_parquet(f"{out_dir}/index")
+    index.write_parquet(f"{out_dir}/index", filesystem=writer_filesystem(out_dir))
     rows = errors = 0
     for block in index.iter_batches(batch_format="pyarrow", batch_size=None):
         rows += block.num_rows

@@ -17,7 +17,14 @@ from aigc_ray.config import ModelConfig, TrainConfig, write_resolved
 from aigc_ray.engine.params import FAKE_CLUSTER_ENV
 from aigc_ray.model import perplexity
 from aigc_ray.progress import Progress, Watch
-from aigc_ray.storage import check_export_dir, copy_model_dir, is_uri, portable_location
+from aigc_ray.storage import (
+    check_export_dir,
+    copy_model_dir,
+    filesystem_for,
+    is_uri,
+    portable_location,
+    writer_filesystem,
+)
 from aigc_ray.train.checkpoint import latest_complete_checkpoint
 from aigc_ray.train.loop import train_loop_per_worker
 from aigc_ray.train.steps import LORA_FILE, METRICS_FILE, STATE_FILE, TrainError
@@ -188,6 +195,8 @@ def run_trainer(loop, loop_config: dict, cfg, scaling: dict, progress: Progress,
     # (and each state change) up to 2 s late; a poll is one small RPC per worker. An explicit
     # setting in the environment wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    storage = storage_of(cfg)
+    filesystem = writer_filesystem(storage)
     with Watch(progress, show) as watch:
         trainer = TorchTrainer(
             loop,
@@ -196,7 +205,9 @@ def run_trainer(loop, loop_config: dict, cfg, scaling: dict, progress: Progress,
             scaling_config=ScalingConfig(use_gpu=cfg.use_gpu, **scaling),
             run_config=RunConfig(
                 name=cfg.name,
-                storage_path=storage_of(cfg),
+                # on s3:// a filesystem whose every object carries the encryption header
+                storage_path=filesystem_for(storage)[1] if filesystem else storage,
+                storage_filesystem=filesystem,
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
             ),

@@ -153,7 +153,9 @@ def _wait(predicate, timeout_s, what, every_s=0.5):
 
 @pytest.fixture(scope="module")
 def bucket():
-    """moto's S3 server on loopback with one bucket: (client, its settings for the jobs)."""
+    """moto's S3 server on loopback with one bucket, which refuses objects written without the
+    server-side encryption header (s3_policy: AWS's recommended policy), so every job below
+    shows its writes carry it: (client, its settings for the jobs)."""
     import boto3
 
     port = free_port()
@@ -164,7 +166,7 @@ def bucket():
         "AWS_DEFAULT_REGION": "us-east-1",
     }
     proc = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, str(Path(__file__).parents[1] / "s3_policy.py"), str(port), BUCKET],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -384,7 +386,8 @@ def test_batch_generation_runs_its_engine_on_gpu_nodes_and_reads_on_cpu_nodes(lo
     read on a CPU node."""
     _wait(lambda: _workers_alive(local) == 0, 60, "the training's nodes removed when idle")
     prompts = "".join(json.dumps({"prompt": f"def f{i}(x):"}) + "\n" for i in range(24))
-    local.s3.put_object(Bucket=BUCKET, Key="prompts/p.jsonl", Body=prompts.encode())
+    put = {"Bucket": BUCKET, "Key": "prompts/p.jsonl", "ServerSideEncryption": "AES256"}
+    local.s3.put_object(**put, Body=prompts.encode())
     sid, out = local.submit(
         "generate.py",
         f"generate.inputs=[s3://{BUCKET}/prompts/p.jsonl]",

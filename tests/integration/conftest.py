@@ -74,12 +74,13 @@ def ray_session(tmp_path_factory, session_env, s3_env):
 
 @pytest.fixture(scope="session")
 def s3_server(s3_env, session_env):
-    """moto's S3 server with bucket aigc-test; s3_env is set in this process while the session
-    runs (restored at its end)."""
+    """moto's S3 server with bucket aigc-test, which refuses every object written without the
+    server-side encryption header (s3_policy: the bucket policy AWS recommends), so each test
+    that writes there shows our writes carry it; s3_env is set in this process while the
+    session runs (restored at its end)."""
     port = int(s3_env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
-    exe = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen(
-        [str(exe), "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, str(Path(__file__).parents[1] / "s3_policy.py"), str(port), "aigc-test"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -91,7 +92,7 @@ def s3_server(s3_env, session_env):
             time.sleep(0.1)
     else:
         proc.kill()
-        pytest.fail(f"moto_server never listened on 127.0.0.1:{port}")
+        pytest.fail(f"the S3 server (s3_policy.py) never listened on 127.0.0.1:{port}")
     for k, v in s3_env.items():
         session_env.setenv(k, v)
     import boto3

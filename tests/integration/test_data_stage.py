@@ -99,8 +99,10 @@ def test_sft_shards_carry_masked_labels(ray_session, tmp_path):
 def test_s3_input_and_output(ray_session, s3_server, tmp_path):
     docs = [f"class C{i}:\n    value = {i}\n" * 3 for i in range(80)]
     body = "".join(json.dumps({"text": d}) + "\n" for d in docs)
-    s3_server.put_object(Bucket="aigc-test", Key="raw/part-0.jsonl", Body=body.encode())
-    s3_server.put_object(Bucket="aigc-test", Key="raw/part-1.jsonl", Body=b'{"text": "x\n{bad\n')
+    # the bucket refuses unencrypted writes (conftest's s3_server): the inputs carry the header
+    put = {"Bucket": "aigc-test", "ServerSideEncryption": "AES256"}
+    s3_server.put_object(**put, Key="raw/part-0.jsonl", Body=body.encode())
+    s3_server.put_object(**put, Key="raw/part-1.jsonl", Body=b'{"text": "x\n{bad\n')
     cfg = load_config(
         "configs/tiny.yaml",
         ['data.inputs=["s3://aigc-test/raw/"]', "data.output_dir=s3://aigc-test/shards", *BASE],
@@ -119,6 +121,12 @@ def test_s3_input_and_output(ray_session, s3_server, tmp_path):
         s3_server.get_object(Bucket="aigc-test", Key="shards/manifest.json")["Body"].read()
     )
     assert manifest["splits"]["train"]["blocks"] == m["splits"]["train"]["blocks"] > 0
+    # Ray Data's workers, the tokenizer upload and the manifest: every object sent the header
+    sse = {
+        k: s3_server.head_object(Bucket="aigc-test", Key=k).get("ServerSideEncryption")
+        for k in keys
+    }
+    assert set(sse.values()) == {"AES256"}, sse
 
 
 def test_output_is_identical_for_any_pool_size(ray_session, tmp_path):

@@ -18,6 +18,7 @@ from aigc_ray.data import stdlib_files
 pytestmark = pytest.mark.integration
 KEY = "test-key-1"
 EXPORT = "s3://aigc-test/runs/stages/model"
+STORAGE = "s3://aigc-test/runs/stages/ray"
 
 
 def _write_corpus(root: Path) -> list[str]:
@@ -51,6 +52,7 @@ def cfg(tmp_path_factory, serve_port):
         "model.lora_r=4",  # adapters over the seeded random-init base
         f"train.run_dir={root / 'run'}",
         f"train.export_dir={EXPORT}",
+        f"train.storage_path={STORAGE}",  # checkpoints in the bucket that refuses unencrypted
         "train.seq_len=64",
         "train.batch_size=4",
         "train.max_steps=6",
@@ -157,6 +159,18 @@ def test_train_two_workers_exports_a_plain_transformers_model(trained, cfg, s3_s
     keys = {o["Key"] for o in listed} - {prefix}  # (pyarrow may leave a directory marker)
     assert keys == {prefix + name for name in files}
     check_model_dir(EXPORT)
+    # Ray Train's checkpoints and the export went through a bucket whose policy refuses any
+    # object written without the encryption header (conftest's s3_server): all carry it
+    stored = s3_server.list_objects_v2(Bucket="aigc-test", Prefix="runs/stages/")["Contents"]
+    checkpoints = [o["Key"] for o in stored if "/checkpoint_" in o["Key"]]
+    assert checkpoints, [o["Key"] for o in stored]
+    sse = {
+        o["Key"]: s3_server.head_object(Bucket="aigc-test", Key=o["Key"]).get(
+            "ServerSideEncryption"
+        )
+        for o in stored
+    }
+    assert set(sse.values()) == {"AES256"}, sse
 
 
 @pytest.mark.slow
