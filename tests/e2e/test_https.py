@@ -92,7 +92,9 @@ def test_https_endpoint_trusted_through_our_ca_only(tmp_path):
         base = f"https://127.0.0.1:{port}/v1"
         trusted = httpx.Client(verify=ssl_context(ca))
         client = OpenAI(base_url=base, api_key="none", http_client=trusted, max_retries=0)
-        done = client.completions.create(model="aigc-tiny", prompt="def f(x):", max_tokens=4)
+        done = client.completions.create(
+            model="aigc-tiny", prompt="def f(x):", max_tokens=4, extra_body={"ignore_eos": True}
+        )
         assert done.usage.completion_tokens == 4
         # a client that does not trust our CA (the system's CAs) is refused by itself
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):

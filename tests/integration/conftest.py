@@ -23,15 +23,38 @@ def session_env():
 
 
 @pytest.fixture(scope="session")
-def s3_env() -> dict[str, str]:
-    """Settings of the moto S3 server (its port chosen now). Ray's workers get them through the
-    runtime env, as they would get real AWS settings."""
-    return {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+def s3_env():
+    """Settings of the session's S3 server: moto with bucket aigc-test, which refuses every
+    object written without the server-side encryption header (s3_policy: the bucket policy
+    AWS recommends), so each test that writes there shows our writes carry it. It starts here,
+    its port taken the moment it is chosen (not minutes later, after Ray's processes took
+    ports of their own); Ray's workers get the settings through the runtime env, as they would
+    get real AWS settings."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parents[1] / "s3_policy.py"), str(port), "aigc-test"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(200):
+        if proc.poll() is not None:
+            pytest.fail(f"the S3 server (s3_policy.py) exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail(f"the S3 server (s3_policy.py) never listened on 127.0.0.1:{port}")
+    yield {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
+    proc.kill()
+    proc.wait(30)
 
 
 @pytest.fixture(scope="session")
@@ -74,29 +97,11 @@ def ray_session(tmp_path_factory, session_env, s3_env):
 
 @pytest.fixture(scope="session")
 def s3_server(s3_env, session_env):
-    """moto's S3 server with bucket aigc-test, which refuses every object written without the
-    server-side encryption header (s3_policy: the bucket policy AWS recommends), so each test
-    that writes there shows our writes carry it; s3_env is set in this process while the
-    session runs (restored at its end)."""
-    port = int(s3_env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parents[1] / "s3_policy.py"), str(port), "aigc-test"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail(f"the S3 server (s3_policy.py) never listened on 127.0.0.1:{port}")
+    """The session's S3 server (s3_env) with bucket aigc-test; its settings are set in this
+    process while the session runs (restored at its end). A boto3 client."""
     for k, v in s3_env.items():
         session_env.setenv(k, v)
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="aigc-test")
-    yield boto3.client("s3")
-    proc.kill()
+    return boto3.client("s3")

@@ -389,7 +389,9 @@ def test_context_overflow_and_empty_chat_get_400(client):
         client.chat.completions.create(model="tiny-a", messages=[], max_tokens=3)
     assert e.value.body["param"] == "messages"
     # the server is still up and the next valid request succeeds
-    ok = client.completions.create(model="tiny-a", prompt="x", max_tokens=2)
+    ok = client.completions.create(
+        model="tiny-a", prompt="x", max_tokens=2, extra_body={"ignore_eos": True}
+    )
     assert ok.usage.completion_tokens == 2
 
 
@@ -408,7 +410,9 @@ def test_auth_and_not_found_errors(client, base_url):
     resp = httpx.get(f"{base_url}/nothing-here")
     assert resp.status_code == 404 and "error" in resp.json()
     # the server is still up and the next valid request succeeds
-    ok = client.completions.create(model="tiny-a", prompt="x", max_tokens=2)
+    ok = client.completions.create(
+        model="tiny-a", prompt="x", max_tokens=2, extra_body={"ignore_eos": True}
+    )
     assert ok.usage.completion_tokens == 2
 
 
@@ -482,7 +486,9 @@ def test_client_disconnect_cancels_generation(base_url):
     closed = time.monotonic()
     while stats("slow")["running"] and time.monotonic() < closed + 10:
         time.sleep(0.05)
-    assert time.monotonic() - closed < 1.5, "the row outlived the disconnect"
+    # (3 s: a row never cancelled runs to SLOW_LIMIT tokens; the stall of one Ray hop on a busy
+    # 2-core machine is not a failure to cancel)
+    assert time.monotonic() - closed < 3.0, "the row outlived the disconnect"
     assert time.monotonic() - started < TIMEOUT_S, "too slow to tell a disconnect from a 408"
     first = stats("slow")
     time.sleep(1.0)
@@ -503,7 +509,9 @@ def test_scale_from_zero(client):
     deadline = time.monotonic() + 120
     while True:
         try:
-            out = client.completions.create(model="lazy", prompt="x", max_tokens=3)
+            out = client.completions.create(
+                model="lazy", prompt="x", max_tokens=3, extra_body={"ignore_eos": True}
+            )
             break
         except APIStatusError as e:
             assert e.status_code == 408 and e.body["type"] == "timeout"

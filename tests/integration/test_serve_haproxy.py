@@ -73,6 +73,7 @@ def haproxy_app(ray_session, serve_port, tmp_path_factory):
 def _complete(url: str, stream: bool = False, key: str | None = KEY) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 4, "stream": stream}
+    body["ignore_eos"] = True  # exactly 4 tokens (a sampled row may draw EOS first)
     return httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
 
 

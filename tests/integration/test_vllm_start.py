@@ -72,7 +72,7 @@ def test_auto_falls_back_to_builtin_with_the_engine_cores_own_error(
         assert "See root cause above" not in reason, reason
         r = httpx.post(
             f"{url}/v1/completions",
-            json={"model": "no-room", "prompt": "def f():", "max_tokens": 3},
+            json={"model": "no-room", "prompt": "def f():", "max_tokens": 3, "ignore_eos": True},
             headers={"Authorization": f"Bearer {KEY}"},
             timeout=60,
         )

@@ -107,7 +107,7 @@ def test_seeded_row_independent_of_batch_neighbours(engine):
 
 
 def test_mixed_batch_keeps_greedy_row_exact(engine, model, tokenizer):
-    sampled = SamplingParams(max_tokens=16, temperature=1.3, top_k=20, top_p=0.9)
+    sampled = SamplingParams(max_tokens=16, temperature=1.3, top_k=20, top_p=0.9, ignore_eos=True)
     results = engine.generate([PROMPTS[0], PROMPTS[3]], [GREEDY, sampled])
     assert results[0].token_ids == hf_greedy(model, tokenizer, PROMPTS[0], GREEDY.max_tokens)
     assert results[1].completion_tokens == 16

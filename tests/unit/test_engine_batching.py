@@ -123,7 +123,8 @@ def test_adeltas_stream_pacing_and_cancel_on_close(engine):  # noqa: F811
 
     fast, result = asyncio.run(collect(None))
     assert "".join(fast) == expected == result.text
-    paced, _ = asyncio.run(collect(lambda: 10.0))  # first delta at once, then held to the end
+    with slowed(engine, 0.02):  # 30 tokens outlast the consumer's first wake-up (>= 0.6 s)
+        paced, _ = asyncio.run(collect(lambda: 10.0))  # first delta at once, then held to the end
     assert len(paced) == 2 and "".join(paced) == expected
 
     async def close_early():
