@@ -10,14 +10,15 @@ from pathlib import Path
 import torch
 
 from aigc_ray.config import ModelConfig
-from aigc_ray.train.steps import LORA_FILE, STATE_FILE
+from aigc_ray.train.steps import ADAPTER_DIR, LORA_FILE, STATE_FILE
 
 log = logging.getLogger(__name__)
 
 
 def save_model(model, tok, directory: str, state_dict: dict | None = None) -> None:
     """A plain Hugging Face model directory; a LoRA model is saved merged, plus its adapter
-    weights (LORA_FILE) so training can resume with the adapters separate."""
+    weights (LORA_FILE) so training can resume with the adapters separate, and the adapter as
+    a PEFT adapter directory (ADAPTER_DIR)."""
     from aigc_ray.model import is_lora, merge_lora
     from aigc_ray.train.fsdp import is_fsdp, plain_model
 
@@ -28,6 +29,9 @@ def save_model(model, tok, directory: str, state_dict: dict | None = None) -> No
         from peft import get_peft_model_state_dict
 
         torch.save(get_peft_model_state_dict(unwrapped), os.path.join(directory, LORA_FILE))
+        # the adapter as PEFT saves it (adapter_config.json, adapter_model.safetensors): what
+        # PeftModel.from_pretrained and vLLM's LoRA support load over the base
+        unwrapped.save_pretrained(os.path.join(directory, ADAPTER_DIR))
         unwrapped = merge_lora(copy.deepcopy(unwrapped))
     unwrapped.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     tok.save_pretrained(directory)

@@ -27,7 +27,7 @@ from aigc_ray.storage import (
 )
 from aigc_ray.train.checkpoint import latest_complete_checkpoint
 from aigc_ray.train.loop import train_loop_per_worker
-from aigc_ray.train.steps import LORA_FILE, METRICS_FILE, STATE_FILE, TrainError
+from aigc_ray.train.steps import ADAPTER_DIR, LORA_FILE, METRICS_FILE, STATE_FILE, TrainError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class TrainResult:
     exported_to: str | None = None  # train.export_dir, when set (e.g. s3:// for a cluster)
     export_s: float = 0.0  # driver seconds after trainer.fit() returned: export, plot, copies
     privacy: dict | None = None  # train.privacy: epsilon, delta, noise, sample rate, steps
+    adapter_dir: str | None = None  # model.lora_r: the PEFT adapter (over its base)
 
     @property
     def serving_dir(self) -> str:
@@ -76,6 +77,11 @@ class TrainResult:
                 f"  model      {self.model_dir} (save_pretrained: config, safetensors, tokenizer)",
                 f"  metrics    {self.run_dir}/metrics.jsonl, {self.run_dir}/loss.png",
                 *([f"  exported   {self.exported_to}"] if self.exported_to else []),
+                *(
+                    [f"  adapter    {self.adapter_dir} (PEFT, over its base)"]
+                    if self.adapter_dir
+                    else []
+                ),
                 *([privacy_line(self.privacy)] if self.privacy else []),
             ]
         )
@@ -302,6 +308,7 @@ def _export(checkpoint, run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig,
         (run_dir / "ledger.json").write_text(json.dumps(ledger))
     (model_dir / STATE_FILE).unlink()
     (model_dir / LORA_FILE).unlink(missing_ok=True)
+    adapter = _export_adapter(model_dir, run_dir, model_cfg, cfg.seed)
     shutil.move(str(model_dir / METRICS_FILE), run_dir / METRICS_FILE)
     plot_loss(history, run_dir / "loss.png")
     write_resolved(cfg, run_dir, "train_config.resolved.json")
@@ -329,7 +336,36 @@ def _export(checkpoint, run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig,
         exported,
         round(time.time() - started, 2),
         dp,
+        adapter,
     )
+
+
+def _export_adapter(model_dir: Path, run_dir: Path, model_cfg: ModelConfig, seed: int):
+    """A LoRA run's adapter leaves the (plain, merged) model directory for run_dir/adapter,
+    its adapter_config.json naming the base it was trained over: model.pretrained, or the
+    seeded random-init base, saved to run_dir/base. vLLM (`--enable-lora --lora-modules
+    name=run_dir/adapter` over the base) and PeftModel.from_pretrained load it. None for a
+    run without LoRA."""
+    src = model_dir / ADAPTER_DIR
+    if not src.is_dir():
+        return None
+    dest = run_dir / ADAPTER_DIR
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.move(str(src), dest)
+    base = model_cfg.pretrained
+    if not base:
+        from aigc_ray.model import build_model, load_tokenizer
+
+        tok = load_tokenizer(model_dir)
+        base = str(run_dir / "base")
+        shutil.rmtree(base, ignore_errors=True)
+        build_model(model_cfg, tok, seed=seed).save_pretrained(base, safe_serialization=True)
+        tok.save_pretrained(base)
+    config_file = dest / "adapter_config.json"
+    adapter_cfg = json.loads(config_file.read_text())
+    adapter_cfg["base_model_name_or_path"] = base
+    config_file.write_text(json.dumps(adapter_cfg, indent=2))
+    return str(dest)
 
 
 def _privacy_of(saved: dict | None) -> dict | None:

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
 LORA_FILE = "lora_adapter.pt"
+ADAPTER_DIR = "adapter"  # a LoRA run's adapter, as PEFT saves it (in checkpoints)
 METRICS_FILE = "metrics.jsonl"
 
 

@@ -152,6 +152,19 @@ def test_train_two_workers_exports_a_plain_transformers_model(trained, cfg, s3_s
     files = {p.name for p in Path(trained.model_dir).iterdir()}
     assert "config.json" in files and not any("adapter" in f for f in files)
     assert not any("lora" in n for n, _ in model.named_parameters())
+    # the adapter, as PEFT saves it, over the base it trained on (the seeded random init,
+    # saved beside it): loaded by PEFT alone and merged, it is the exported model
+    from peft import PeftModel
+
+    adapter = json.loads((Path(trained.adapter_dir) / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["base_model_name_or_path"] == str(run / "base")
+    assert f"adapter    {trained.adapter_dir}" in trained.summary()
+    base = AutoModelForCausalLM.from_pretrained(adapter["base_model_name_or_path"])
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+        merged = PeftModel.from_pretrained(base, trained.adapter_dir).merge_and_unload()
+        assert torch.allclose(merged(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
+        assert not torch.allclose(base_logits, model(input_ids=ids).logits, atol=1e-3)
     assert trained.exported_to == trained.serving_dir == EXPORT
     assert f"exported   {EXPORT}" in trained.summary()
     prefix = EXPORT.removeprefix("s3://aigc-test/") + "/"
