@@ -23,7 +23,6 @@ from aigc_ray.storage import (
     filesystem_for,
     is_uri,
     portable_location,
-    writer_filesystem,
 )
 from aigc_ray.train.checkpoint import latest_complete_checkpoint
 from aigc_ray.train.loop import train_loop_per_worker
@@ -202,7 +201,9 @@ def run_trainer(loop, loop_config: dict, cfg, scaling: dict, progress: Progress,
     # setting in the environment wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     storage = storage_of(cfg)
-    filesystem = writer_filesystem(storage)
+    # on s3:// a filesystem whose every object carries the encryption header; Ray Train then
+    # takes the path without its scheme
+    filesystem, path = filesystem_for(storage) if storage.startswith("s3://") else (None, storage)
     with Watch(progress, show) as watch:
         trainer = TorchTrainer(
             loop,
@@ -211,8 +212,7 @@ def run_trainer(loop, loop_config: dict, cfg, scaling: dict, progress: Progress,
             scaling_config=ScalingConfig(use_gpu=cfg.use_gpu, **scaling),
             run_config=RunConfig(
                 name=cfg.name,
-                # on s3:// a filesystem whose every object carries the encryption header
-                storage_path=filesystem_for(storage)[1] if filesystem else storage,
+                storage_path=path,
                 storage_filesystem=filesystem,
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
