@@ -513,12 +513,17 @@ class ServeConfig(ReplicaSettings):
         "host:port, what cluster.yaml's SSH tunnel reaches) or EveryNode (one per node with a "
         "replica, behind your load balancer).",
     )
-    ingress: Literal["proxy", "haproxy"] = Field(
-        "proxy",
-        description="What takes HTTP in front of the Router: proxy (Serve's Python proxy actor) "
-        "or haproxy (Ray's HAProxy ingress: HAProxy forwards straight to the Router replicas, "
-        "one Python hop less; HTTP only). Applies when this command starts Serve; when HAProxy "
-        "is not usable here the proxy is used and the reason logged.",
+    ingress: Literal["direct", "haproxy", "proxy"] = Field(
+        "direct",
+        description="How HTTP reaches the engine. direct (the default): an app of one text "
+        "model has no Router, the model's replicas serve the OpenAI API themselves, behind "
+        "Ray's HAProxy ingress (no Python hop between client and engine); apps of several "
+        "models, or image models, keep the Router behind HAProxy. haproxy: HAProxy, then the "
+        "Router, then the model replicas. proxy: Serve's Python proxy actor, then the Router "
+        "(the path before HAProxy). HAProxy is HTTP only: with TLS, direct uses Serve's proxy "
+        "(which terminates TLS) in front of the model replicas. Applies when this command "
+        "starts Serve; when HAProxy is not usable here Serve's proxy is used and the reason "
+        "logged.",
     )
     request_timeout_s: float = Field(300.0, gt=0, description="Past this a request gets a 408.")
     max_tokens_limit: int = Field(512, ge=1, description="Largest max_tokens a request may ask.")

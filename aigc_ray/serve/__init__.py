@@ -1,7 +1,8 @@
 """Serving stage: an OpenAI-compatible API on Ray Serve.
 
 `aigc_ray.serve:build_app` is the app builder for `serve run/deploy configs/serve.yaml`;
-`run_serve` is what `aigc-ray serve` calls. See deployments.py for the Router / ModelServer split.
+`run_serve` is what `aigc-ray serve` calls. See deployments.py for the
+Router / ModelServer split and the ModelIngress that joins them.
 """
 
 import importlib
@@ -13,6 +14,7 @@ _EXPORTS = {
     "deployment_options": "app",
     "engine_report": "app",
     "run_serve": "app",
+    "ModelIngress": "deployments",
     "ModelServer": "deployments",
     "Router": "deployments",
     "ImageServer": "images",
@@ -51,6 +53,7 @@ __all__ = [
     "CompletionRequest",
     "Job",
     "ImageServer",
+    "ModelIngress",
     "ModelServer",
     "Router",
     "ServeError",

@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from ray import serve
 
 from aigc_ray.config import ServeConfig, ServedModel
-from aigc_ray.serve.deployments import ModelServer, Router
+from aigc_ray.serve.deployments import ModelIngress, ModelServer, Router
 from aigc_ray.serve.images import ImageServer
 from aigc_ray.serve.security import ServeError, check_bind, load_api_keys
+
+logger = logging.getLogger(__name__)
 
 
 def deployment_options(m: ServedModel) -> dict:
@@ -96,7 +99,18 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             continue
         check_model_dir(m.model_dir)
         check_engine(m)
+        if cfg.ingress == "direct" and len(models) == 1:  # the model's replicas take HTTP
+            return ModelIngress.options(**deployment_options(m)).bind(
+                fields, cfg.max_tokens_limit, cfg.request_timeout_s, cfg.log_prompts
+            )
         handles[m.name] = ModelServer.options(**deployment_options(m)).bind(fields)
+    if cfg.ingress == "direct":
+        logger.info(
+            "serve.ingress direct serves an app of one text model; this app's %d model(s) "
+            "(%s) are reached through the Router",
+            len(models),
+            ", ".join(m.name for m in models),
+        )
     # The versions reach the Router as user_config: deployed from a config file (`serve deploy`,
     # a stable code version), a new one reconfigures the running Router in place. `serve.run`
     # gives every changed deployment a new code version, so there the Router is replaced, new
@@ -131,7 +145,7 @@ def run_serve(cfg: ServeConfig, model_dir: str | None = None, app_name: str = "a
     app = build_app(args)
     from aigc_ray.serve.ingress import controller_options
 
-    options = controller_options(cfg.ingress)  # None: Serve's proxy
+    options = controller_options(cfg.ingress, bool(cfg.tls_certfile))  # None: Serve's proxy
     serve.start(
         http_options=http_options,
         proxy_location=cfg.proxy_location,

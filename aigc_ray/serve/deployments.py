@@ -333,18 +333,25 @@ async def _merge(reqs: list[EngineRequest], interval):
 
 # ---------------------------------------------------------------- router (ingress)
 
-api = FastAPI(title="aigc_ray OpenAI-compatible API")
-
-
-@api.exception_handler(RequestValidationError)
 async def _on_validation_error(request, exc):
     return ApiError(400, str(exc.errors()[0].get("msg"))).response()
 
 
-@api.exception_handler(StarletteHTTPException)
 async def _on_http_error(request, exc):
     type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     return ApiError(exc.status_code, str(exc.detail), type_).response()
+
+
+def _openai_api() -> FastAPI:
+    """A FastAPI app whose own errors (unknown route, bad JSON) leave in OpenAI's shape."""
+    app = FastAPI(title="aigc_ray OpenAI-compatible API")
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    return app
+
+
+api = _openai_api()  # the Router's routes
+direct_api = _openai_api()  # a ModelIngress's routes (one model, its replicas take HTTP)
 
 
 def _failure(e: BaseException, guard: PromptGuard) -> ApiError:
@@ -397,17 +404,15 @@ def _auth_error() -> ApiError:
     )
 
 
-# On the head, beside Serve's controller and proxy: a node the autoscaler removes when it is
-# idle (no CPU or GPU in use) must never be the one holding the 0-CPU router.
-@serve.deployment(
-    max_ongoing_requests=1024,
-    ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
-)
-@serve.ingress(api)
-class Router:
-    """The OpenAI HTTP API in front of one ModelServer deployment per model."""
+class OpenAISurface:
+    """The OpenAI HTTP API over model servers reached through handles: API keys, parsing and
+    validation, routing by ``model``, the request timeout (408), overload and replica failures
+    (503), server-sent events, request metrics and usage per key, no texts in logs. The Router
+    serves it in front of one deployment per model; a ModelIngress serves it for its own engine
+    (its handle is a LocalHandle). The routes are each class's own (Serve binds FastAPI routes
+    to the class that defines them)."""
 
-    def __init__(
+    def _init_surface(
         self,
         models: dict,
         max_tokens_limit: int,
@@ -415,14 +420,14 @@ class Router:
         image_models: list[str] | None = None,
         max_images: int = 10,
         log_prompts: bool = False,
-    ):
+    ) -> None:
         self.models = models  # name -> DeploymentHandle of its ModelServer (or ImageServer)
         self.image_models = set(image_models or [])
         self.max_images = max_images
         self.limit, self.timeout = max_tokens_limit, request_timeout_s
         self.keys = load_api_keys()
         self.created = int(time.time())
-        self.metrics = RouterMetrics()
+        self.route_metrics = RouterMetrics()
         self.usage = KeyUsageMetrics()
         self.log_prompts = log_prompts
         self.engines: dict[str, str] = {}  # model -> engine, learnt from its responses
@@ -430,17 +435,10 @@ class Router:
         # whichever replica answered last)
         self.versions: dict[str, str] = {}
 
-    def reconfigure(self, config: dict) -> None:
-        """Serve's user_config: the deployed models' versions (a rollout updates them here, in
-        place, without restarting the ingress)."""
-        self.versions.update(config.get("versions") or {})
-
-    @api.get("/health")
-    async def health(self) -> dict:
+    def _health(self) -> dict:
         return {"status": "ok", "models": sorted(self.models)}
 
-    @api.get("/v1/models")
-    async def list_models(self, request: Request):
+    def _list_models(self, request: Request):
         if not key_allowed(request.headers.get("authorization"), self.keys):
             return self._record("", "models", _auth_error())
         cards = [
@@ -456,16 +454,7 @@ class Router:
         ]
         return {"object": "list", "data": cards}
 
-    @api.post("/v1/completions")
-    async def completions(self, request: Request):
-        return await self._handle(request, CompletionRequest, "completions")
-
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request):
-        return await self._handle(request, ChatCompletionRequest, "chat")
-
-    @api.post("/v1/images/generations")
-    async def image_generations(self, request: Request):
+    async def _images(self, request: Request):
         deadline = time.monotonic() + self.timeout
         model, route = "", "images"
         guard = PromptGuard(self.log_prompts, route)
@@ -541,7 +530,7 @@ class Router:
     ) -> JSONResponse:
         """Count a failed request (per key too, once its key was accepted); the error leaves
         without the request's texts."""
-        self.metrics.record(model, route, err.status, err.type)
+        self.route_metrics.record(model, route, err.status, err.type)
         if guard is None:
             return err.response()
         if guard.key is not None:
@@ -549,7 +538,7 @@ class Router:
         return guard.clean(err).response()
 
     def _record_ok(self, model: str, route: str, guard: PromptGuard) -> None:
-        self.metrics.record(model, route, 200)
+        self.route_metrics.record(model, route, 200)
         self.usage.record(guard.key, model, 200)
 
     def _answered(self, model: str, guard: PromptGuard, response: dict) -> None:
@@ -636,3 +625,149 @@ class Router:
             events.cancel()
             self.usage.add_tokens(guard.key, writer.model, prompt_tokens, done_tokens)
             guard.answered(["".join(texts[i]) for i in sorted(texts)])
+
+
+# On the head, beside Serve's controller and proxy: a node the autoscaler removes when it is
+# idle (no CPU or GPU in use) must never be the one holding the 0-CPU router.
+@serve.deployment(
+    max_ongoing_requests=1024,
+    ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
+)
+@serve.ingress(api)
+class Router(OpenAISurface):
+    """The OpenAI HTTP API in front of one ModelServer (or ImageServer) deployment per model."""
+
+    def __init__(
+        self,
+        models: dict,
+        max_tokens_limit: int,
+        request_timeout_s: float,
+        image_models: list[str] | None = None,
+        max_images: int = 10,
+        log_prompts: bool = False,
+    ):
+        self._init_surface(
+            models, max_tokens_limit, request_timeout_s, image_models, max_images, log_prompts
+        )
+
+    def reconfigure(self, config: dict) -> None:
+        """Serve's user_config: the deployed models' versions (a rollout updates them here, in
+        place, without restarting the ingress)."""
+        self.versions.update(config.get("versions") or {})
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        return self._health()
+
+    @api.get("/v1/models")
+    async def list_models(self, request: Request):
+        return self._list_models(request)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._handle(request, CompletionRequest, "completions")
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._handle(request, ChatCompletionRequest, "chat")
+
+    @api.post("/v1/images/generations")
+    async def image_generations(self, request: Request):
+        return await self._images(request)
+
+
+class _LocalCall:
+    """A LocalHandle call: awaitable like a DeploymentResponse, cancellable like one."""
+
+    def __init__(self, coro):
+        self._task = asyncio.ensure_future(coro)
+
+    def __await__(self):
+        return self._task.__await__()
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+
+class _LocalStream:
+    """A LocalHandle stream: iterated like a DeploymentResponseGenerator; cancel() closes the
+    model server's generator, whose ``finally`` cancels its engine requests."""
+
+    def __init__(self, agen):
+        self._agen = agen
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self._agen.__anext__()
+
+    def cancel(self) -> None:
+        if self._agen.ag_running:  # cancelled mid-step: the exception already closes it
+            return
+        asyncio.ensure_future(self._agen.aclose())
+
+
+class _LocalMethod:
+    def __init__(self, call):
+        self.remote = call
+
+
+class LocalHandle:
+    """What OpenAISurface calls on a model server, for the server in this very replica: the
+    calls of a DeploymentHandle (``complete.remote``, ``options(stream=True).stream.remote``)
+    made in-process, without Ray in between."""
+
+    def __init__(self, server: "ModelServer"):
+        self._server = server
+
+    def options(self, **_) -> "LocalHandle":
+        return self
+
+    @property
+    def complete(self) -> _LocalMethod:
+        return _LocalMethod(lambda job: _LocalCall(self._server.complete(job)))
+
+    @property
+    def stream(self) -> _LocalMethod:
+        return _LocalMethod(lambda job: _LocalStream(self._server.stream(job)))
+
+
+@serve.deployment(health_check_period_s=5)
+@serve.ingress(direct_api)
+class ModelIngress(ModelServer.func_or_class, OpenAISurface):
+    """One text model whose replicas take HTTP themselves (serve.ingress: direct): the OpenAI
+    surface and the engine in one replica. Behind HAProxy (Serve's direct ingress) no Python hop
+    is left between the client and the engine; behind Serve's proxy, one fewer than through the
+    Router. Deployed as ``model-<name>`` with that model's replicas, resources and autoscaling."""
+
+    def __init__(
+        self, model: dict, max_tokens_limit: int, request_timeout_s: float, log_prompts: bool
+    ):
+        super().__init__(model)
+        self._init_surface(
+            {self.name: LocalHandle(self)}, max_tokens_limit, request_timeout_s, None, 1,
+            log_prompts,
+        )
+        self.engines[self.name] = self.choice.name
+        self.versions[self.name] = self.version
+
+    @direct_api.get("/health")
+    async def health(self) -> dict:
+        return self._health()
+
+    @direct_api.get("/v1/models")
+    async def list_models(self, request: Request):
+        return self._list_models(request)
+
+    @direct_api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._handle(request, CompletionRequest, "completions")
+
+    @direct_api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._handle(request, ChatCompletionRequest, "chat")
+
+    @direct_api.post("/v1/images/generations")
+    async def image_generations(self, request: Request):
+        return await self._images(request)

@@ -88,10 +88,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def controller_options(ingress: str) -> dict | None:
+# How long a stopping ingress replica stays reachable before it refuses connections (HAProxy
+# then retries another replica). Ray's default, 30 s, is for external load balancers that poll
+# health checks; our HAProxy learns the change from Serve's controller within a reload.
+DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+DEFAULT_DRAIN_S = "5"
+
+
+def uses_haproxy(ingress: str, tls: bool) -> bool:
+    """Whether `ingress` asks for HAProxy in front (direct and haproxy; direct with TLS takes
+    Serve's proxy, which terminates TLS; haproxy with TLS is refused by ServeConfig)."""
+    return ingress == "haproxy" or (ingress == "direct" and not tls)
+
+
+def controller_options(ingress: str, tls: bool = False) -> dict | None:
     """serve.start's controller_options for `ingress`: None for Serve's proxy, or when HAProxy
     is not usable here (logged, with the reason: the proxy serves instead)."""
-    if ingress != "haproxy":
+    if not uses_haproxy(ingress, tls):
         return None
     problem = haproxy_problem()
     if problem:
@@ -103,5 +116,6 @@ def controller_options(ingress: str) -> dict | None:
         "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+        DRAIN_ENV: os.environ.get(DRAIN_ENV, DEFAULT_DRAIN_S),
     }
     return {"runtime_env": {"env_vars": env}}

@@ -606,8 +606,9 @@ def test_serving_scales_gpu_replicas_and_nodes_up_down_to_zero_and_back(local, t
         Path(os.environ["AIGC_RAY_CLUSTER_TIMELINE"]).write_text(json.dumps(timeline, indent=1))
     assert load.failed == 0, load.errors[:5]
     assert load.ok > 20
-    # every replica of the app that was placed ran on a GPU node, the router on the head (a
-    # replica stopped before any node took it has no node)
+    # every replica of the app that was placed ran on a GPU node (a replica stopped before any
+    # node took it has no node); the one-model app has no Router (serve.ingress: direct): HAProxy
+    # on the head forwarded to the model replicas on the GPU nodes
     nodes = local.nodes_by_id()
     servers = [
         a
@@ -615,8 +616,9 @@ def test_serving_scales_gpu_replicas_and_nodes_up_down_to_zero_and_back(local, t
         if a.get("node_id")
     ]
     assert servers and {nodes[a["node_id"]]["node_type"] for a in servers} == {"gpu-worker"}
-    routers = local.api.actors(class_name="ServeReplica:aigc:Router")
-    assert routers and {nodes[a["node_id"]]["node_type"] for a in routers} == {"head"}
+    assert not local.api.actors(class_name="ServeReplica:aigc:Router")
+    ingress = local.api.actors(class_name="HAProxyManager")
+    assert ingress and {nodes[a["node_id"]]["node_type"] for a in ingress} == {"head"}
     # each GPU node launched for a replica was up within NODE_UP_S of Serve creating it
     assert len(node_waits) >= 3 and max(node_waits) <= NODE_UP_S, node_waits
     assert first_token < 120, first_token

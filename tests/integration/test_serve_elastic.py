@@ -1,9 +1,11 @@
 """Serving under change: replicas that autoscale with load (both replicas answer) and back while
 clients keep sending (no failed request), a cold start after scale-to-zero that waits instead
 of failing, and a model replaced under load (rolling update, then rollback) with zero failed
-requests, plain and streamed, each answer the greedy text of the version that gave it. Each
-test reports what it measured (requests sent and failed, times to scale and to switch) in the
-session's summary."""
+requests, plain and streamed, each answer the greedy text of the version that gave it. The
+autoscaling and cold-start tests serve an app of three models (the Router in front); the
+rollout serves its one model alone, on the default path (HAProxy straight to the model's
+replicas, which drain as Serve replaces them). Each test reports what it measured (requests
+sent and failed, times to scale and to switch) in the session's summary."""
 
 import time
 
@@ -57,6 +59,13 @@ def _serve_cfg(dirs, port: int, live_dir: str, live_version: str | None = None):
             {"name": "live", "model_dir": live_dir, "version": live_version},
         ],
     )
+
+
+def _live_cfg(dirs, port: int, live_dir: str, live_version: str | None = None):
+    """The app of model `live` alone: serve.ingress direct (the default) puts no Router in
+    front of it; HAProxy forwards to its replicas, which a rollout replaces."""
+    cfg = _serve_cfg(dirs, port, live_dir, live_version)
+    return cfg.model_copy(update={"models": cfg.models[-1:]})
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +168,14 @@ def _update_under_load(base, cfg, old: str, new: str, expected: dict) -> tuple[L
 
 
 def test_model_update_and_rollback_under_load_fail_no_request(base, dirs, serve_port, measured):
+    from ray import serve
+
     from aigc_ray.storage import model_version
 
-    assert _versions(base)["live"] == "v1"
+    # the one-model app of `live` (the default path: no Router), in place of the module's app
+    redeploy(_live_cfg(dirs, serve_port, dirs["a"], "v1"))
+    assert set(serve.status().applications["aigc"].deployments) == {"model-live"}
+    assert _versions(base) == {"live": "v1"}
     new = model_version(dirs["b"])  # the same name to a new directory with no label
     expected = {
         "v1": greedy_text(dirs["a"], PROMPT, MAX_TOKENS),
@@ -169,7 +183,7 @@ def test_model_update_and_rollback_under_load_fail_no_request(base, dirs, serve_
     }
     assert expected["v1"] != expected[new]  # the two versions can be told apart by their text
     load, switched = _update_under_load(
-        base, _serve_cfg(dirs, serve_port, dirs["b"]), "v1", new, expected
+        base, _live_cfg(dirs, serve_port, dirs["b"]), "v1", new, expected
     )
     assert _versions(base)["live"] == new
     measured(
@@ -179,7 +193,7 @@ def test_model_update_and_rollback_under_load_fail_no_request(base, dirs, serve_
     )
     # roll back: the previous config again
     back, switched = _update_under_load(
-        base, _serve_cfg(dirs, serve_port, dirs["a"], "v1"), new, "v1", expected
+        base, _live_cfg(dirs, serve_port, dirs["a"], "v1"), new, "v1", expected
     )
     assert _versions(base)["live"] == "v1"
     measured(

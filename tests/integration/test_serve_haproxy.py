@@ -1,11 +1,12 @@
-"""serve.ingress: haproxy on the session's Ray: Ray 2.60's HAProxy ingress in front of the Router
-replicas (which serve HTTP themselves), the OpenAI surface through it (keys, streaming), and
-HAProxy never outliving what started it: SIGKILL of the HAProxyManager actor (what `ray stop
---force` does) takes HAProxy and its port with it and Serve starts a new one; serve.shutdown()
-leaves no HAProxy process and the port free.
+"""serve.ingress on the session's Ray. The default, direct: Ray 2.60's HAProxy ingress forwards to
+the model's own replicas, which serve the OpenAI surface (keys, streaming) with no Router. The
+two other paths stay selectable and answer: haproxy (HAProxy, then the Router) and proxy (Serve's
+Python proxy, then the Router). HAProxy never outlives what started it: SIGKILL of the
+HAProxyManager actor takes HAProxy and its port with it and Serve starts a new one;
+serve.shutdown() and `ray stop --force` leave no HAProxy process and the port free.
 
 Serve reads the switch when its controller starts, so this module stops the session's Serve
-controller first and stops its own at the end (the next module starts a plain one again)."""
+controller first and stops its own at the end (the next module starts a new one)."""
 
 import contextlib
 import os
@@ -49,6 +50,7 @@ def _manager_pid() -> int:
 
 @pytest.fixture(scope="module")
 def haproxy_app(ray_session, serve_port, tmp_path_factory):
+    """(base URL, port, ServeConfig) of a one-model app with every ingress default."""
     from ray import serve
 
     from aigc_ray.config import ServeConfig
@@ -58,16 +60,35 @@ def haproxy_app(ray_session, serve_port, tmp_path_factory):
     cfg = ServeConfig(
         port=serve_port,
         num_cpus=0.25,
-        ingress="haproxy",
         models=[
             {"name": "tiny", "model_dir": model_dir(tmp_path_factory, "a"), "engine": "builtin"}
         ],
     )
+    assert cfg.ingress == "direct"
     url = run_serve(cfg, app_name="haproxy")
     try:
-        yield url, serve_port
+        yield url, serve_port, cfg
     finally:
         serve.shutdown()
+
+
+def _deployments() -> set[str]:
+    from ray import serve
+
+    return set(serve.status().applications["haproxy"].deployments)
+
+
+def _surface_answers(url: str) -> httpx.Response:
+    """Whole, streamed and keyless completions through `url`: 200 with 4 tokens, a stream
+    ending in [DONE], and a 401 in OpenAI's shape; the whole one's response."""
+    r = _complete(url)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+    streamed = _complete(url, stream=True)
+    lines = [x for x in streamed.text.splitlines() if x.startswith("data:")]
+    assert streamed.status_code == 200 and lines[-1] == "data: [DONE]" and len(lines) >= 3
+    refused = _complete(url, key=None)  # the keys hold on every path
+    assert refused.status_code == 401 and refused.json()["error"]["type"], refused.text
+    return r
 
 
 def _complete(url: str, stream: bool = False, key: str | None = KEY) -> httpx.Response:
@@ -84,23 +105,31 @@ def _answers(url: str) -> bool:
         return False
 
 
-def test_haproxy_fronts_the_router_with_the_openai_surface(haproxy_app):
-    url, port = haproxy_app
-    pid = _manager_pid()
-    assert _haproxies(pid), "no HAProxy under the HAProxyManager actor"
-    r = _complete(url)
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
-    streamed = _complete(url, stream=True)
-    lines = [x for x in streamed.text.splitlines() if x.startswith("data:")]
-    assert streamed.status_code == 200 and lines[-1] == "data: [DONE]" and len(lines) >= 3
-    refused = _complete(url, key=None)  # the Router's keys hold behind HAProxy
-    assert refused.status_code == 401 and refused.json()["error"]["type"], refused.text
+def test_direct_haproxy_fronts_the_model_replica_itself(haproxy_app):
+    """The default: no Router; the replica that answered is one of the model's own."""
+    from serving import stats
+
+    url, port, _ = haproxy_app
+    assert _deployments() == {"model-tiny"}
+    assert _haproxies(_manager_pid()), "no HAProxy under the HAProxyManager actor"
+    r = _surface_answers(url)
+    assert r.headers["x-aigc-replica"] == stats("tiny", app="haproxy")["replica"]
+
+
+def test_ingress_haproxy_keeps_the_router_path(haproxy_app):
+    """serve.ingress: haproxy, redeployed in place: HAProxy, then the Router, then the model."""
+    from aigc_ray.serve import run_serve
+
+    url, port, cfg = haproxy_app
+    run_serve(cfg.model_copy(update={"ingress": "haproxy"}), app_name="haproxy")
+    assert _deployments() == {"Router", "model-tiny"}
+    _surface_answers(url)
 
 
 def test_haproxy_dies_with_its_manager_and_is_replaced(haproxy_app):
     """The HAProxyManager actor's process killed (its raylet alive, which reaps what it
     leaves): HAProxy goes with it and Serve starts a new manager and HAProxy."""
-    url, port = haproxy_app
+    url, port, _ = haproxy_app
     pid = _manager_pid()
     before = _haproxies(pid)
     assert before
@@ -115,7 +144,7 @@ def test_haproxy_dies_with_its_manager_and_is_replaced(haproxy_app):
 def test_serve_shutdown_leaves_no_haproxy_and_frees_the_port(haproxy_app):
     from ray import serve
 
-    url, port = haproxy_app
+    url, port, _ = haproxy_app
     procs = _haproxies(_manager_pid())
     assert procs and listening(port)
     serve.shutdown()
@@ -124,10 +153,22 @@ def test_serve_shutdown_leaves_no_haproxy_and_frees_the_port(haproxy_app):
     wait_until(lambda: not listening(port), 30, f"port {port} free")
 
 
+def test_ingress_proxy_keeps_serves_python_proxy(haproxy_app):
+    """serve.ingress: proxy on a new Serve: its Python proxy actor, no HAProxy, the Router."""
+    from aigc_ray.serve import run_serve
+
+    url, port, cfg = haproxy_app
+    run_serve(cfg.model_copy(update={"ingress": "proxy"}), app_name="haproxy")
+    assert _deployments() == {"Router", "model-tiny"}
+    assert not _haproxies(_manager_pid())
+    assert "ProxyActor" in repr(_manager()), repr(_manager())
+    _surface_answers(url)
+
+
 def test_ray_stop_force_leaves_no_haproxy_holding_the_port(tmp_path, tmp_path_factory):
     """`ray stop --force` SIGKILLs every Ray process, raylet included, and never HAProxy: with
     nothing left to reap it, HAProxy kept the port and the next `aigc-ray serve` could not
-    bind. Here on a node of its own (`aigc-ray serve --keep-serving` with serve.ingress haproxy
+    bind. Here on a node of its own (`aigc-ray serve --keep-serving`, every ingress default,
     against it): every process of the node is SIGKILLed at once, and HAProxy dies too (the
     kernel's parent-death signal, set by aigc-ray-haproxy) and the port is free."""
     import shutil
@@ -148,7 +189,7 @@ def test_ray_stop_force_leaves_no_haproxy_holding_the_port(tmp_path, tmp_path_fa
     driver = subprocess.Popen(
         [str(bin_dir / "aigc-ray"), "serve", "--config", "configs/tiny.yaml", "--keep-serving"]
         + [f"serve.model_dir={model_dir(tmp_path_factory, 'a')}", f"serve.port={port}"]
-        + ["serve.ingress=haproxy", "serve.engine=builtin", "serve.num_cpus=0.5"],
+        + ["serve.engine=builtin", "serve.num_cpus=0.5"],  # serve.ingress: direct, the default
         cwd=Path(__file__).resolve().parents[2],
         env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"},
         stdout=subprocess.PIPE,

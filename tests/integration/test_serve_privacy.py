@@ -48,7 +48,7 @@ def _post(base_url, path, body, key):
 
 def _series(text: str, name: str, **labels) -> dict[str, float]:
     """{series (its full label set): value} of metric `name` with `labels`; one series per
-    Router replica (Serve adds the replica's tag)."""
+    ingress replica (Serve adds the replica's tag)."""
     out = {}
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
@@ -78,7 +78,7 @@ def _counts(text: str) -> dict[str, dict[str, float]]:
 
 
 def _delta(now: dict, before: dict) -> dict[str, float]:
-    """What each watched count grew by, series by series (a series of a Router replica that
+    """What each watched count grew by, series by series (a series of an ingress replica that
     is gone may stop being exported: only series exported now count)."""
     return {k: sum(v - before[k].get(series, 0.0) for series, v in now[k].items()) for k in now}
 
@@ -179,14 +179,15 @@ def test_usage_by_key_fingerprint_and_no_prompt_in_logs(app, ray_session):
     assert not leaks, leaks
 
 
-# the Router writes these logs whatever the engine: once, on the builtin app
+# the app's ingress writes these logs whatever the engine (the model's replica itself under
+# serve.ingress direct, this one-model app's default): once, on the builtin app
 @pytest.mark.parametrize("app", ["builtin"], indirect=True)
 def test_log_prompts_true_writes_prompts_to_the_replica_log(app, ray_session):
     """The same search finds a prompt once serve.log_prompts is on: the check above can fail."""
     from aigc_ray.serve import run_serve
 
     base_url, cfg, _ = app
-    run_serve(cfg.model_copy(update={"log_prompts": True}))  # the Router restarts with it
+    run_serve(cfg.model_copy(update={"log_prompts": True}))  # its replica restarts with it
     marker = "zq7-LOGGED-marker-5127"
     good = {"model": MODEL, "prompt": f"def {marker}(x):", "max_tokens": 3}
     r = _post(base_url, "/completions", good, KEYS[0])
@@ -194,4 +195,4 @@ def test_log_prompts_true_writes_prompts_to_the_replica_log(app, ray_session):
     node = ray_session._private.worker.global_worker.node
     files = _wait_for_request_logs(node, [r.headers["x-request-id"]])
     found = [name for name, data in files if marker.encode() in data]
-    assert any("replica_aigc_Router" in f for f in found), found
+    assert any(f"replica_aigc_model-{MODEL}" in f for f in found), found

@@ -1,0 +1,144 @@
+"""ModelIngress (serve.ingress: direct) in-process, without Ray: the OpenAI surface over the
+replica's own engine through a LocalHandle. Its answers equal the Router's in front of a
+ModelServer on the same model; a stream the client leaves, or a request past its deadline,
+cancels the engine request in the replica (nothing keeps decoding for nobody)."""
+
+import asyncio
+import json
+import time
+
+import pytest
+from engine_support import slowed
+from starlette.requests import Request
+
+from aigc_ray.serve.security import API_KEYS_ENV, API_KEYS_FILE_ENV
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+KEY = "sk-direct-test-key-0001"
+
+
+def _plain(deployment, name: str):
+    """Our class under Serve's ASGI wrapper."""
+    return next(c for c in deployment.func_or_class.__mro__[1:] if c.__name__ == name)
+
+
+@pytest.fixture(scope="module")
+def ingress(tiny_model_dir):
+    from aigc_ray.serve.deployments import ModelIngress
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv(API_KEYS_ENV, KEY)
+    mp.delenv(API_KEYS_FILE_ENV, raising=False)
+    cls = _plain(ModelIngress, "ModelIngress")
+    model = {"name": "tiny", "model_dir": str(tiny_model_dir), "engine": "builtin"}
+    server = cls(model, 64, 30.0, False)
+    yield server
+    mp.undo()
+
+
+def _request(body: dict, key: str | None = KEY) -> Request:
+    raw = json.dumps(body).encode()
+    headers = [(b"authorization", f"Bearer {key}".encode())] if key else []
+
+    async def receive():
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": headers}, receive)
+
+
+async def _read(response) -> tuple[int, str]:
+    if isinstance(response, dict):
+        return 200, json.dumps(response)
+    if hasattr(response, "body_iterator"):
+        return response.status_code, "".join([c async for c in response.body_iterator])
+    return response.status_code, response.body.decode()
+
+
+def _sse_text(body: str) -> str:
+    out = []
+    for line in body.splitlines():
+        if line.startswith("data: {"):
+            out += [c.get("text", "") for c in json.loads(line[6:])["choices"]]
+    return "".join(out)
+
+
+def test_answers_equal_the_routers_over_a_model_server(ingress, tiny_model_dir):
+    from aigc_ray.serve.deployments import LocalHandle, Router
+
+    router = _plain(Router, "Router").__new__(_plain(Router, "Router"))
+    router._init_surface({"tiny": LocalHandle(ingress)}, 64, 30.0)  # a second front, same engine
+    body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 12, "temperature": 0}
+
+    async def go():
+        direct = await _read(await ingress.completions(_request(body)))
+        routed = await _read(await router.completions(_request(body)))
+        stream = await _read(await ingress.completions(_request({**body, "stream": True})))
+        chat = await _read(
+            await ingress.chat_completions(
+                _request({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+            )
+        )
+        return direct, routed, stream, chat
+
+    direct, routed, stream, chat = asyncio.run(go())
+    assert direct[0] == routed[0] == stream[0] == chat[0] == 200
+    text = json.loads(direct[1])["choices"][0]["text"]
+    assert text and text == json.loads(routed[1])["choices"][0]["text"]
+    assert _sse_text(stream[1]) == text and stream[1].rstrip().endswith("data: [DONE]")
+    assert json.loads(direct[1])["usage"]["completion_tokens"] == 12 or "stop" in direct[1]
+    cards = ingress._list_models(_request({}))["data"]
+    assert [(c["id"], c["engine"], c["version"]) for c in cards] == [
+        ("tiny", "builtin", ingress.version)
+    ]
+
+
+def test_errors_keep_openais_shape(ingress):
+    async def go():
+        calls = [
+            ingress.completions(_request({"model": "nope", "prompt": "x"})),
+            ingress.completions(_request({"model": "tiny", "prompt": "x"}, key=None)),
+            ingress.completions(_request({"model": "tiny", "prompt": "x", "max_tokens": 999})),
+            ingress.image_generations(_request({"model": "tiny", "prompt": "a cat"})),
+        ]
+        return [await _read(await c) for c in calls]
+
+    results = asyncio.run(go())
+    assert [s for s, _ in results] == [404, 401, 400, 400]
+    assert "'nope' not found" in results[0][1]
+    assert all(set(json.loads(b)) == {"error"} for _, b in results)
+
+
+def test_a_left_stream_and_a_timeout_cancel_the_engine_request(ingress):
+    """Each decode step slowed to 20 ms: the 40-token requests last 0.8 s unless cancelled."""
+    body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 40, "ignore_eos": True}
+    before = ingress.engine.stats()
+
+    async def left_stream():
+        response = await ingress.completions(_request({**body, "stream": True}))
+        assert response.status_code == 200, response.body
+        chunks = response.body_iterator
+        await chunks.__anext__()  # the role chunk
+        await chunks.__anext__()  # the first text
+        assert ingress.engine.num_running == 1
+        await chunks.aclose()  # the client went away (Starlette closes the body iterator)
+        await asyncio.sleep(0.1)
+
+    async def late():
+        return await _read(await ingress.completions(_request(body)))
+
+    with slowed(ingress.engine, 0.02):
+        asyncio.run(left_stream())
+        assert ingress.engine.num_running == 0
+        left = ingress.engine.stats()
+        ingress.timeout = 0.3  # past its deadline mid-decode: a 408, then no more decoding
+        try:
+            status, text = asyncio.run(late())
+        finally:
+            ingress.timeout = 30.0
+        time.sleep(0.1)
+    assert left["cancelled"] == before["cancelled"] + 1, left
+    assert left["generated_tokens"] - before["generated_tokens"] < 40
+    assert status == 408 and "timed out" in text
+    assert ingress.engine.num_running == 0
+    after = ingress.engine.stats()
+    assert after["cancelled"] == left["cancelled"] + 1 and after["finished"] == left["finished"]
