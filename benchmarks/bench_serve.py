@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = make_model_dir(args.model_dir)
     prompts = bench_prompts(AutoTokenizer.from_pretrained(model_dir), 32, args.prompt_tokens)
     raw, startup = {}, {}
+
     def runner(name: str):
         if name == "vllm-server":
             return run_vllm_server(model_dir, prompts, args)

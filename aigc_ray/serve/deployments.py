@@ -333,6 +333,7 @@ async def _merge(reqs: list[EngineRequest], interval):
 
 # ---------------------------------------------------------------- router (ingress)
 
+
 async def _on_validation_error(request, exc):
     return ApiError(400, str(exc.errors()[0].get("msg"))).response()
 
@@ -746,7 +747,11 @@ class ModelIngress(ModelServer.func_or_class, OpenAISurface):
     ):
         super().__init__(model)
         self._init_surface(
-            {self.name: LocalHandle(self)}, max_tokens_limit, request_timeout_s, None, 1,
+            {self.name: LocalHandle(self)},
+            max_tokens_limit,
+            request_timeout_s,
+            None,
+            1,
             log_prompts,
         )
         self.engines[self.name] = self.choice.name
