@@ -250,6 +250,7 @@ def run_ours(
             max_tokens_limit=args.output_tokens,
             vllm={"kv_cache_memory_gb": 4},
             ingress=ingress,
+            **({} if args.chunks_per_s is None else {"stream_chunks_per_s": args.chunks_per_s}),
         )
         base = run_serve(cfg)
         wait_ready(f"{base}/health", None)
@@ -309,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8061)
     p.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "aigc_bench_tiny"))
     p.add_argument("--only", nargs="*", default=list(SERVERS), choices=CHOICES)
+    p.add_argument(
+        "--chunks-per-s", type=float, default=None, help="serve.stream_chunks_per_s of ours"
+    )
     args = p.parse_args(argv)
 
     from transformers import AutoTokenizer
