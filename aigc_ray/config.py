@@ -463,7 +463,7 @@ class ReplicaSettings(EngineSettings):
         0.05, ge=0, description="Image models: wait this long to batch concurrent requests."
     )
     stream_chunks_per_s: float = Field(
-        1000,
+        330,
         ge=0,
         description="Streamed chunks/s per replica before chunks carry several tokens (each "
         "chunk costs CPU in the replica, and in the Router and Serve's proxy where they are in "

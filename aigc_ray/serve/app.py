@@ -55,6 +55,23 @@ def deployment_options(m: ServedModel) -> dict:
     return options
 
 
+def ingress_options(m: ServedModel) -> dict:
+    """A ModelIngress's Serve options: the model's, with the queue moved into the replica.
+    Serve admits every request its capacity allows, and a few more, so that the replica itself
+    answers the ones beyond it with an OpenAI-shaped 503 (Serve's own is plain text)."""
+    from aigc_ray.serve.deployments import ingress_capacity
+
+    options = deployment_options(m)
+    capacity = ingress_capacity(m)
+    if capacity is not None:
+        options["max_ongoing_requests"] = capacity + INGRESS_HEADROOM
+        options["max_queued_requests"] = -1
+    return options
+
+
+INGRESS_HEADROOM = 16  # requests past the capacity that reach the replica's own 503
+
+
 def check_engine(m: ServedModel) -> None:
     """``engine: vllm`` on a model vLLM cannot serve is an error now, naming the model and the
     reason, not a replica that fails to start again and again. Checked where vLLM is installed
@@ -100,7 +117,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         check_model_dir(m.model_dir)
         check_engine(m)
         if cfg.ingress == "direct" and len(models) == 1:  # the model's replicas take HTTP
-            return ModelIngress.options(**deployment_options(m)).bind(
+            return ModelIngress.options(**ingress_options(m)).bind(
                 fields, cfg.max_tokens_limit, cfg.request_timeout_s, cfg.log_prompts
             )
         handles[m.name] = ModelServer.options(**deployment_options(m)).bind(fields)

@@ -1,14 +1,16 @@
-"""The two Serve deployments of the app.
+"""The Serve deployments of the app.
 
-- ``Router`` (the FastAPI ingress, one per app): API keys, JSON parsing and validation, routing by
-  the request's ``model`` to that model's deployment, the request timeout (408), overload (503),
-  replica failures (503), server-sent events, request metrics. It holds no model.
 - ``ModelServer`` (one deployment per model, its own replicas, resources and autoscaling): one
   GenerationEngine doing continuous batching; validates prompts against the model's tokenizer and
   context window, and records token-level metrics.
-
-Keeping the two apart is what lets Serve's own backpressure (``max_queued_requests``) and replica
-deaths surface in OpenAI's error shape: they are raised into the Router's handle calls.
+- ``Router`` (the FastAPI ingress in front of several models): the OpenAI surface
+  (``OpenAISurface``: API keys, JSON parsing and validation, routing by the request's ``model``,
+  the request timeout (408), overload and replica failures (503), server-sent events, request
+  metrics and usage per key). It holds no model; Serve's backpressure (``max_queued_requests``)
+  and replica deaths are raised into its handle calls and leave in OpenAI's error shape.
+- ``ModelIngress`` (serve.ingress direct, an app of one text model): a ModelServer that serves the
+  OpenAI surface itself, calling its engine in-process (``LocalHandle``), so HAProxy forwards to
+  it and no Python hop is left. It answers past its own queue with OpenAI's 503.
 """
 
 # No `from __future__ import annotations`: FastAPI must resolve the route annotations at runtime.
@@ -103,6 +105,7 @@ class ModelServer:
             stat_loggers=_vllm_stat_loggers(),
         )
         self.metrics = ModelMetrics(cfg.name)
+        self.open = 0  # engine requests submitted and not yet finished
         self.chunks_per_s, self.max_interval = cfg.stream_chunks_per_s, cfg.stream_max_interval_s
         log.info(
             "model %s ready from %s: engine %s (%s)",
@@ -140,9 +143,11 @@ class ModelServer:
             _cancel(reqs)
             raise _engine_failure(e) from None
         self.metrics.update(self.engine.stats())
+        self.open += len(reqs)
         return reqs, prompts
 
     def _finished(self, reqs: list[EngineRequest]) -> None:
+        self.open -= len(reqs)
         for req in reqs:
             req.cancel()  # no-op when finished
             if req.done and req.first_token_at is not None:
@@ -677,6 +682,15 @@ class Router(OpenAISurface):
         return await self._images(request)
 
 
+def ingress_capacity(m: ServedModel) -> int | None:
+    """Engine requests a ModelIngress replica takes before it answers 503: the requests it
+    runs plus those it queues (max_ongoing_requests + max_queued_requests), or None (no
+    limit) when the queue has none."""
+    if m.max_queued_requests < 0:
+        return None
+    return m.max_ongoing_requests + m.max_queued_requests
+
+
 class _LocalCall:
     """A LocalHandle call: awaitable like a DeploymentResponse, cancellable like one."""
 
@@ -746,6 +760,7 @@ class ModelIngress(ModelServer.func_or_class, OpenAISurface):
         self, model: dict, max_tokens_limit: int, request_timeout_s: float, log_prompts: bool
     ):
         super().__init__(model)
+        self.capacity = ingress_capacity(ServedModel(**model))
         self._init_surface(
             {self.name: LocalHandle(self)},
             max_tokens_limit,
@@ -756,6 +771,19 @@ class ModelIngress(ModelServer.func_or_class, OpenAISurface):
         )
         self.engines[self.name] = self.choice.name
         self.versions[self.name] = self.version
+
+    async def _submit(self, job: Job, stream: bool):
+        """Serve's own rejection past max_queued_requests is a plain-text 503 here (direct
+        ingress answers before our code): the replica admits that many more itself and
+        answers beyond them in OpenAI's shape."""
+        if self.capacity is not None and self.open >= self.capacity:
+            raise ApiError(
+                503,
+                "the model's request queue is full; retry shortly",
+                "server_overloaded",
+                code="overloaded",
+            )
+        return await super()._submit(job, stream)
 
     @direct_api.get("/health")
     async def health(self) -> dict:

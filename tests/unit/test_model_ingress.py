@@ -142,3 +142,46 @@ def test_a_left_stream_and_a_timeout_cancel_the_engine_request(ingress):
     assert ingress.engine.num_running == 0
     after = ingress.engine.stats()
     assert after["cancelled"] == left["cancelled"] + 1 and after["finished"] == left["finished"]
+
+
+def test_past_its_queue_the_replica_answers_503_in_openais_shape(tiny_model_dir, monkeypatch):
+    """max_ongoing_requests 1 + max_queued_requests 1: two streams are taken (one decoding,
+    one waiting in the engine), the third request gets OpenAI's 503; once they end, requests
+    are taken again. (Serve's own rejection would be plain text: ingress_options lets them
+    reach the replica.)"""
+    from aigc_ray.config import ServedModel
+    from aigc_ray.serve.app import ingress_options
+    from aigc_ray.serve.deployments import ModelIngress
+
+    monkeypatch.setenv(API_KEYS_ENV, KEY)
+    model = {
+        "name": "tiny",
+        "model_dir": str(tiny_model_dir),
+        "engine": "builtin",
+        "max_ongoing_requests": 1,
+        "max_queued_requests": 1,
+        "max_batch_size": 1,
+    }
+    options = ingress_options(ServedModel(**model))
+    assert options["max_ongoing_requests"] > 2 and options["max_queued_requests"] == -1
+    server = _plain(ModelIngress, "ModelIngress")(model, 64, 30.0, False)
+    body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 20, "ignore_eos": True}
+
+    async def go():
+        first = await server.completions(_request({**body, "stream": True}))
+        second = await server.completions(_request({**body, "stream": True}))
+        third = await _read(await server.completions(_request(body)))
+        streamed = [await _read(first), await _read(second)]
+        after = await _read(await server.completions(_request({**body, "max_tokens": 2})))
+        return third, streamed, after
+
+    try:
+        with slowed(server.engine, 0.02):
+            third, streamed, after = asyncio.run(go())
+    finally:
+        server.engine.close()
+    assert third[0] == 503, third
+    assert json.loads(third[1])["error"]["code"] == "overloaded"
+    assert [s for s, _ in streamed] == [200, 200]
+    assert all(b.rstrip().endswith("data: [DONE]") for _, b in streamed)
+    assert after[0] == 200 and server.open == 0
