@@ -47,7 +47,7 @@ test-tools:
 
 # Everything (CI runs this): unit, integration (one shared Ray) and e2e. Budget: 25 min on 2 cores.
 test: $(TSTAMP) test-tools
-	$(PY) -m pytest -q -ra --timeout=900 --durations=20
+	$(PY) -m pytest -q -ra --timeout=900 --durations=30
 
 # The inner loop: the unit tier and the fast integration tests (no test marked slow). Budget: 8 min.
 test-quick: $(TSTAMP) test-tools
