@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from aigc_ray.engine.batch import HFRunner
+from aigc_ray.engine.lora import AdapterBank, AdapterError, AdaptersBusyError
 from aigc_ray.engine.params import (
     ContextLengthError,
     EngineError,
@@ -85,6 +86,9 @@ class GenerationEngine:
         max_len: int | None = None,
         linear=None,
         compile: bool = False,
+        adapters: dict[str, str] | None = None,
+        max_loras: int = 4,
+        max_lora_rank: int = 16,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -108,6 +112,21 @@ class GenerationEngine:
             self.path = "transformers"
         self.path_reason = problem or "Llama-family model"
         self._linear, self._compile = linear, compile
+        self.bank = None  # LoRA adapters by name (lora.py), slot decoder only
+        if adapters:
+            if self.path != "slots":
+                raise ValueError(
+                    f"LoRA adapters need the slot decoder; this model runs on transformers "
+                    f"({self.path_reason})"
+                )
+            self.bank = AdapterBank(
+                adapters,
+                model.config,
+                max_loras,
+                max_lora_rank,
+                next(model.parameters()).dtype,
+                self.device,
+            )
         self.runner = None  # built by _start_runner, on the thread that will decode
         self._ids = itertools.count()
         self._cv = threading.Condition()
@@ -229,17 +248,32 @@ class GenerationEngine:
         return len(ids)
 
     def submit(
-        self, prompt: str | list[int], params: SamplingParams, stream: bool = False
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        stream: bool = False,
+        adapter: str | None = None,
     ) -> EngineRequest:
         """Validate and queue one request (``prompt`` as text or token ids); return its handle.
-        ``stream=True`` keeps the request's streamable text up to date at every token."""
+        ``stream=True`` keeps the request's streamable text up to date at every token.
+        ``adapter`` names a LoRA adapter of ``adapters`` to decode this row with (loaded on
+        first use; AdapterError when unknown or unusable)."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check(ids, params)
         row = RowState(len(ids), params, self.tokenizer, self.eos_ids)
         generator = make_generator(params.seed, self.device)
         req = EngineRequest(next(self._ids), ids, row, generator, stream)
+        if adapter is not None:
+            if self.bank is None:
+                raise AdapterError(f"adapter {adapter!r} not found; available: []", status=404)
+            try:
+                req.adapter = self.bank.acquire(adapter)
+            except AdaptersBusyError as e:
+                raise EngineError(str(e)) from None
         with self._cv:
             if self._closed:
+                if self.bank is not None:
+                    self.bank.release(req.adapter)
                 raise EngineError("engine is closed")
             self._waiting.append(req)
             self._ensure_thread()
@@ -247,10 +281,14 @@ class GenerationEngine:
         return req
 
     async def asubmit(
-        self, prompt: str | list[int], params: SamplingParams, stream: bool = False
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        stream: bool = False,
+        adapter: str | None = None,
     ) -> EngineRequest:
         """``submit`` for asyncio callers (the built-in engine queues without waiting)."""
-        return self.submit(prompt, params, stream)
+        return self.submit(prompt, params, stream, adapter)
 
     def generate(
         self,
@@ -445,6 +483,9 @@ class GenerationEngine:
         else:
             key = "cancelled" if req.cancelled and not req.row.finished else "finished"
         self.counters[key] += 1
+        if self.bank is not None:
+            self.bank.release(req.adapter)
+            req.adapter = 0
         req._finish(error)
 
     def _fail_all(self, joiners: list[EngineRequest], error: EngineError) -> None:
@@ -472,6 +513,8 @@ class GenerationEngine:
                 linear=self._linear,
                 compile=self._compile,
             )
+            if self.bank is not None:
+                self.runner.decoder.adapters = self.bank.slots
         else:
             self.runner = HFRunner(self.model, self.pad_id)
         if isinstance(self.runner, HFRunner):

@@ -37,6 +37,7 @@ class EngineRequest:
         self.finished_at: float | None = None
         self.token_times: list[float] = []
         self.slot: int | None = None  # the built-in engine's KV-cache slot while running
+        self.adapter = 0  # the built-in engine's adapter slot (lora.py; 0: the base model)
         self._cancelled = False
         self._on_cancel: list[Callable[[], None]] = []  # engine hooks (vLLM aborts its request)
         self._quiet_until = 0.0  # time.monotonic() before which a paced consumer needs no wake

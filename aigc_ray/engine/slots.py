@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from aigc_ray.engine.lora import row_groups
 from aigc_ray.engine.quant import fused_dense, fused_unpacked
 from aigc_ray.engine.sampling import prompt_token_logprobs
 
@@ -59,6 +60,7 @@ class Layer:
     down: object
     q_norm: torch.Tensor | None = None  # Qwen3: RMSNorm over each head
     k_norm: torch.Tensor | None = None
+    index: int = 0
 
 
 class SlotDecoder:
@@ -79,7 +81,7 @@ class SlotDecoder:
         self.scale = self.head_dim**-0.5
         self.embed = inner.embed_tokens.weight.detach()
         self.layers = []
-        for block in inner.layers:
+        for index, block in enumerate(inner.layers):
             a, m = block.self_attn, block.mlp
             self.layers.append(
                 Layer(
@@ -91,9 +93,25 @@ class SlotDecoder:
                     down=linear(m.down_proj),
                     q_norm=getattr(getattr(a, "q_norm", None), "weight", None),
                     k_norm=getattr(getattr(a, "k_norm", None), "weight", None),
+                    index=index,
                 )
             )
         self.norm = inner.norm.weight.detach()
+        # LoRA adapters (lora.py): the bank's slots, and for the forward running now, which
+        # rows have which adapter (None: every row is the base model's)
+        self.adapters = None  # list[Adapter | None], an AdapterBank's slots
+        self.row_groups = None
+        inter = cfg.intermediate_size
+        self.parts = {  # fused projection -> (PEFT module, start, size) of its output
+            "qkv": [
+                ("q_proj", 0, self.q_size),
+                ("k_proj", self.q_size, self.kv_size),
+                ("v_proj", self.q_size + self.kv_size, self.kv_size),
+            ],
+            "o": [("o_proj", 0, cfg.hidden_size)],
+            "gate_up": [("gate_proj", 0, inter), ("up_proj", inter, inter)],
+            "down": [("down_proj", 0, cfg.hidden_size)],
+        }
         self.lm_head = linear(model.lm_head)
         self.slots, self.max_len = slots, max_len
         positions = torch.arange(max_len, device=self.device)[None]
@@ -121,9 +139,25 @@ class SlotDecoder:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
+    def _lora(self, layer: Layer, fused: str, x: torch.Tensor, out: torch.Tensor):
+        """``out`` (the fused projection ``fused`` of ``x``, rows first) plus each adapted
+        row's LoRA delta, (x A^T) B^T * scale, one matmul pair per adapter in the batch."""
+        if self.row_groups is None:
+            return out
+        for slot, rows in self.row_groups:
+            adapter = self.adapters[slot]
+            xs = x.index_select(0, rows)
+            for module, start, size in self.parts[fused]:
+                w = adapter.weights.get((layer.index, module))
+                if w is not None:
+                    delta = (xs @ w[0].t()) @ w[1].t()
+                    out[rows, ..., start : start + size] += delta * adapter.scale
+        return out
+
     def _qkv(self, layer: Layer, x: torch.Tensor, cos, sin):
         """x [..., hidden] -> q [..., heads, d], k / v [..., kv_heads, d], rotated."""
-        qkv = layer.qkv(self._rms(x, layer.attn_norm))
+        h = self._rms(x, layer.attn_norm)
+        qkv = self._lora(layer, "qkv", h, layer.qkv(h))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.unflatten(-1, (self.heads, self.head_dim))
         k = k.unflatten(-1, (self.kv_heads, self.head_dim))
@@ -133,8 +167,13 @@ class SlotDecoder:
         return self._rope(q, cos, sin), self._rope(k, cos, sin), v
 
     def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = layer.gate_up(self._rms(x, layer.mlp_norm)).chunk(2, dim=-1)
-        return layer.down(F.silu(gate) * up)
+        h = self._rms(x, layer.mlp_norm)
+        gate, up = self._lora(layer, "gate_up", h, layer.gate_up(h)).chunk(2, dim=-1)
+        act = F.silu(gate) * up
+        return self._lora(layer, "down", act, layer.down(act))
+
+    def _o(self, layer: Layer, attn: torch.Tensor) -> torch.Tensor:
+        return self._lora(layer, "o", attn, layer.o(attn))
 
     # ------------------------------------------------------------ prefill and decode
 
@@ -157,7 +196,7 @@ class SlotDecoder:
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads
             )
-            x = x + layer.o(out.transpose(1, 2).flatten(2))
+            x = x + self._o(layer, out.transpose(1, 2).flatten(2))
             x = x + self._mlp(layer, x)
         return self._rms(x, self.norm)
 
@@ -182,7 +221,7 @@ class SlotDecoder:
             q = q.unflatten(1, (self.kv_heads, groups)).to(self.kv_dtype) * self.scale
             scores = (q @ keys.transpose(-1, -2)).float() + bias  # [hi, kv, g, width]
             out = scores.softmax(-1).to(values.dtype) @ values  # [hi, kv, g, d]
-            x = x + layer.o(out.flatten(1).to(self.dtype))
+            x = x + self._o(layer, out.flatten(1).to(self.dtype))
             x = x + self._mlp(layer, x)
         return self._rms(x, self.norm)
 
@@ -216,6 +255,7 @@ class SlotRunner:
         self.lengths = torch.zeros(max_rows, dtype=torch.long, device=device)
         self.next_tokens = torch.full((max_rows,), pad_id, dtype=torch.long, device=device)
         self.free = list(range(max_rows))
+        self.slot_adapter = [0] * max_rows  # the adapter slot (lora.py) of each KV slot's row
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -250,6 +290,7 @@ class SlotRunner:
             r.slot = slots[j]
         tokens, lens = tokens.to(device), torch.tensor(lengths, device=device)
         slot_index = torch.tensor(slots, device=device)
+        self.decoder.row_groups = row_groups([r.adapter for r in group], device)
         try:
             hidden = self.decoder.prefill(tokens, lens, slot_index)
         except BaseException:
@@ -259,6 +300,7 @@ class SlotRunner:
             raise
         last = hidden[torch.arange(len(group), device=device), lens - 1]
         for j, r in enumerate(group):
+            self.slot_adapter[r.slot] = r.adapter
             if r.row.params.prompt_logprobs is not None:
                 full = self.decoder.logits(hidden[j, : lengths[j]])
                 r.row.prompt_logprobs = prompt_token_logprobs(
@@ -273,6 +315,7 @@ class SlotRunner:
         Uses free slots' cache space and leaves them free."""
         slots = torch.tensor(sorted(self.free)[: ids.shape[0]], device=ids.device)
         lengths = torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
+        self.decoder.row_groups = None  # scoring is the base model's
         return self.decoder.logits(self.decoder.prefill(ids, lengths, slots))
 
     def decode(self) -> torch.Tensor:
@@ -282,6 +325,7 @@ class SlotRunner:
         width = int(positions.max()) + 1
         if width > self.max_len:
             raise RuntimeError(f"a row outgrew the KV cache ({self.max_len} tokens)")
+        self.decoder.row_groups = row_groups(self.slot_adapter[:hi], self.decoder.device)
         hidden = self.decoder.decode(self.next_tokens[:hi], positions, width)
         index = self._slot_index()
         self.lengths[index] += 1
@@ -309,6 +353,7 @@ class SlotRunner:
         self.rows = []
 
     def _release(self, req) -> None:
+        self.slot_adapter[req.slot] = 0
         self.lengths[req.slot] = 0
         self.next_tokens[req.slot] = self.pad_id
         self.free.append(req.slot)

@@ -1,6 +1,7 @@
-"""Serve's ingress: Serve's Python proxy actor (serve.ingress: proxy) or Ray 2.60's HAProxy
-ingress (serve.ingress: haproxy), where HAProxy forwards each request straight to a Router
-replica's own HTTP server (Serve's direct ingress), one Python hop less.
+"""Serve's ingress: Ray 2.60's HAProxy ingress (serve.ingress: direct, the default, and haproxy),
+where HAProxy forwards each request straight to the ingress replica's own HTTP server (Serve's
+direct ingress): a one-model app's ModelIngress under direct, else the Router; or Serve's
+Python proxy actor (serve.ingress: proxy, and direct with TLS).
 
 Ray reads RAY_SERVE_ENABLE_HA_PROXY once, in each process, when it imports Serve: the Serve
 controller (which then runs an HAProxyManager actor per proxy node instead of a ProxyActor) and

@@ -485,3 +485,40 @@ def test_the_haproxy_wrapper_never_execs_itself(monkeypatch):
     real = ingress.real_haproxy()
     assert real and real != wrapper and real.endswith("haproxy")
     assert ingress.os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] == wrapper  # restored
+
+
+def test_the_ingress_of_an_app_follows_serve_ingress(tiny_model_dir, caplog):
+    """direct (the default): one text model -> its ModelIngress, no Router, its queue in the
+    replica; two models -> the Router (logged); haproxy and proxy -> the Router always."""
+    one = {"model_dir": str(tiny_model_dir), "model_name": "tiny", "max_queued_requests": 8}
+    two = {
+        "models": [
+            {"name": "a", "model_dir": str(tiny_model_dir)},
+            {"name": "b", "model_dir": str(tiny_model_dir)},
+        ]
+    }
+
+    def ingress(args):
+        d = build_app(args)._bound_deployment
+        return d.name, d._deployment_config
+
+    name, config = ingress(one)
+    assert name == "model-tiny"
+    assert config.max_ongoing_requests > 64 + 8 and config.max_queued_requests == -1
+    with caplog.at_level("INFO", logger="aigc_ray.serve.app"):
+        assert ingress(two)[0] == "Router"
+    assert "reached through the Router" in caplog.text
+    for path in ("haproxy", "proxy"):
+        assert ingress({**one, "ingress": path})[0] == "Router"
+
+
+def test_direct_ingress_takes_haproxy_except_with_tls(monkeypatch):
+    from aigc_ray.serve import ingress
+
+    env = ingress.controller_options("direct")["runtime_env"]["env_vars"]
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert env[ingress.DRAIN_ENV] == "5"  # not Ray's 30 s per stopping ingress replica
+    monkeypatch.setenv(ingress.DRAIN_ENV, "2")
+    assert ingress.controller_options("direct")["runtime_env"]["env_vars"][ingress.DRAIN_ENV] == "2"
+    assert ingress.controller_options("direct", tls=True) is None  # Serve's proxy has the TLS
+    assert ingress.controller_options("proxy") is None
