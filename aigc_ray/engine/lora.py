@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,8 +133,6 @@ class AdapterBank:
     ``release`` count the requests holding each slot; thread-safe."""
 
     def __init__(self, paths: dict[str, str], config, max_loras: int, max_rank: int, dtype, device):
-        import threading
-
         self.paths, self.config = dict(paths), config
         self.max_loras, self.max_rank = max_loras, max_rank
         self.dtype, self.device = dtype, device

@@ -55,6 +55,9 @@ def deployment_options(m: ServedModel) -> dict:
     return options
 
 
+INGRESS_HEADROOM = 16  # requests past the capacity that reach the replica's own 503
+
+
 def ingress_options(m: ServedModel) -> dict:
     """A ModelIngress's Serve options: the model's, with the queue moved into the replica.
     Serve admits every request its capacity allows, and a few more, so that the replica itself
@@ -67,9 +70,6 @@ def ingress_options(m: ServedModel) -> dict:
         options["max_ongoing_requests"] = capacity + INGRESS_HEADROOM
         options["max_queued_requests"] = -1
     return options
-
-
-INGRESS_HEADROOM = 16  # requests past the capacity that reach the replica's own 503
 
 
 def check_engine(m: ServedModel) -> None:

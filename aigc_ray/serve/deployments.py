@@ -87,7 +87,7 @@ class ModelServer:
     def __init__(self, model: dict):
         import torch
 
-        cfg = ServedModel(**model)
+        self.cfg = cfg = ServedModel(**model)
         threads = cpu_threads(cfg.num_cpus, cfg.num_gpus)
         if threads:
             torch.set_num_threads(threads)
@@ -366,12 +366,7 @@ def _failure(e: BaseException, guard: PromptGuard) -> ApiError:
     if isinstance(e, ApiError):
         return e
     if isinstance(e, BackPressureError):
-        return ApiError(
-            503,
-            "the model's request queue is full; retry shortly",
-            "server_overloaded",
-            code="overloaded",
-        )
+        return _overloaded()
     if isinstance(e, TimeoutError | asyncio.TimeoutError):
         return ApiError(408, "request timed out", "timeout", code="timeout")
     if isinstance(
@@ -389,6 +384,15 @@ def _failure(e: BaseException, guard: PromptGuard) -> ApiError:
         )
     guard.log_failure("unexpected error from a model deployment", e)
     return ApiError(500, f"internal error: {type(e).__name__}", "server_error")
+
+
+def _overloaded() -> ApiError:
+    return ApiError(
+        503,
+        "the model's request queue is full; retry shortly",
+        "server_overloaded",
+        code="overloaded",
+    )
 
 
 def _loop_deadline(deadline: float) -> float:
@@ -760,14 +764,12 @@ class ModelIngress(ModelServer.func_or_class, OpenAISurface):
         self, model: dict, max_tokens_limit: int, request_timeout_s: float, log_prompts: bool
     ):
         super().__init__(model)
-        self.capacity = ingress_capacity(ServedModel(**model))
+        self.capacity = ingress_capacity(self.cfg)
         self._init_surface(
             {self.name: LocalHandle(self)},
             max_tokens_limit,
             request_timeout_s,
-            None,
-            1,
-            log_prompts,
+            log_prompts=log_prompts,
         )
         self.engines[self.name] = self.choice.name
         self.versions[self.name] = self.version
@@ -777,12 +779,7 @@ class ModelIngress(ModelServer.func_or_class, OpenAISurface):
         ingress answers before our code): the replica admits that many more itself and
         answers beyond them in OpenAI's shape."""
         if self.capacity is not None and self.open >= self.capacity:
-            raise ApiError(
-                503,
-                "the model's request queue is full; retry shortly",
-                "server_overloaded",
-                code="overloaded",
-            )
+            raise _overloaded()
         return await super()._submit(job, stream)
 
     @direct_api.get("/health")
