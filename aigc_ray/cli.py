@@ -619,16 +619,33 @@ def _dispatch(args, cfg: PipelineConfig) -> int:
     return 0
 
 
+STOP_WAIT_S = 45  # Serve's 20 s graceful shutdown per replica, the ingress drain, slack
+
+
 def stop_serving(app_name: str = "aigc") -> None:
     """Stop what the command deployed: its application (the replicas drain and stop their
     engines), then, on the local instance the command started itself, Ray with Serve's
     controller and proxies. serve.shutdown() is not used: it kills the controller while its own
     call is in flight, and Ray prints two "(raylet) Task ServeController... failed" notices for
-    that. On a cluster (RAY_ADDRESS), Serve stays up for the cluster's other applications."""
+    that. On a cluster (RAY_ADDRESS), Serve stays up for the cluster's other applications.
+
+    The wait for the app is bounded (STOP_WAIT_S: replicas get Serve's 20 s graceful shutdown
+    and the ingress its drain): a replica that never stops does not hold the command; the
+    local Ray it started is stopped with everything on it anyway."""
     import ray
     from ray import serve
 
-    serve.delete(app_name)
+    serve.delete(app_name, _blocking=False)  # public signature; the wait is ours, bounded
+    deadline = time.monotonic() + STOP_WAIT_S
+    while app_name in serve.status().applications:
+        if time.monotonic() > deadline:
+            print(
+                f"serve: app {app_name!r} still stopping after {STOP_WAIT_S} s"
+                + ("" if os.environ.get("RAY_ADDRESS") else "; stopping the local Ray"),
+                flush=True,
+            )
+            break
+        time.sleep(0.5)
     if not os.environ.get("RAY_ADDRESS"):
         ray.shutdown()
 

@@ -74,6 +74,12 @@ def ray_session(tmp_path_factory, session_env, s3_env):
     # processes inherit this environment): autoscaling and cold-start tests take seconds less.
     for who in ("HANDLE", "REPLICA"):
         session_env.setenv(f"RAY_SERVE_{who}_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+    # A stopping ingress replica (an app deleted, scaled down or rolled) stays reachable 1 s,
+    # not the 5 s a user gets (serve.ingress.DEFAULT_DRAIN_S), before HAProxy must retry
+    # elsewhere: the rollouts under load then prove the retry path with less slack, and the
+    # tier's many app deletions wait 4 s less per ingress replica. Serve's controller reads it
+    # when the first app starts it (serve.ingress.controller_options).
+    session_env.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     cache = str(tmp_path_factory.mktemp("model-cache"))  # remote model dirs are copied here
     ray.init(
         num_cpus=2,

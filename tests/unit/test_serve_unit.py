@@ -515,6 +515,7 @@ def test_the_ingress_of_an_app_follows_serve_ingress(tiny_model_dir, caplog):
 def test_direct_ingress_takes_haproxy_except_with_tls(monkeypatch):
     from aigc_ray.serve import ingress
 
+    monkeypatch.delenv(ingress.DRAIN_ENV, raising=False)  # the integration tier sets 1 s
     env = ingress.controller_options("direct")["runtime_env"]["env_vars"]
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert env[ingress.DRAIN_ENV] == "5"  # not Ray's 30 s per stopping ingress replica
