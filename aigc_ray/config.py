@@ -423,6 +423,21 @@ class EngineSettings(_Section):
         None, ge=16, description="Longest prompt + completion; empty = the model's context window."
     )
     vllm: VllmSettings = Field(default_factory=VllmSettings, description="vLLM engine settings.")
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapters over this model, unmerged: name -> PEFT adapter directory "
+        "(local or s3://, as train.lora exports it). Serving: a request names one as its "
+        "`model`; batch generation: a row's `adapter` column. Loaded on first use.",
+    )
+    max_loras: int = Field(
+        4,
+        ge=1,
+        description="Adapters one engine holds at once; beyond, the least recently used "
+        "idle one is evicted (vLLM: max_loras).",
+    )
+    max_lora_rank: int = Field(
+        16, ge=1, description="Largest adapter rank accepted (vLLM: max_lora_rank)."
+    )
 
 
 class ReplicaSettings(EngineSettings):
@@ -561,6 +576,22 @@ class ServeConfig(ReplicaSettings):
         return self
 
     @model_validator(mode="after")
+    def _adapter_names(self) -> ServeConfig:
+        if self.models and self.adapters:
+            raise ValueError(
+                "serve.adapters are model_name's; with serve.models, give each model its own "
+                "(serve.models[].adapters)"
+            )
+        names = [m.name for m in self.models] or [self.model_name]
+        adapters = [a for m in self.models for a in m.adapters] or list(self.adapters)
+        clash = sorted({a for a in adapters if a in names or adapters.count(a) > 1})
+        if clash:
+            raise ValueError(
+                f"adapter names must differ from every model's and each other's: {clash}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _tls(self) -> ServeConfig:
         if bool(self.tls_certfile) != bool(self.tls_keyfile):
             raise ValueError("serve.tls_certfile and serve.tls_keyfile go together (HTTPS)")
@@ -588,6 +619,8 @@ class ServeConfig(ReplicaSettings):
 
     def _inherit(self, fields: dict) -> ServedModel:
         base = {k: getattr(self, k) for k in ReplicaSettings.model_fields}
+        if self.models:  # adapters belong to one base model: serve.models[].adapters
+            base.pop("adapters")
         return ServedModel(**{**base, **fields})
 
 

@@ -8,6 +8,7 @@ the same way (params.py). Never imports Ray.
 
 from aigc_ray.engine.core import GenerationEngine
 from aigc_ray.engine.loader import EngineChoice, choose_engine, load_engine, vllm_distribution
+from aigc_ray.engine.lora import AdapterError
 from aigc_ray.engine.params import (
     ContextLengthError,
     EngineDeadError,
@@ -21,6 +22,7 @@ from aigc_ray.engine.params import (
 from aigc_ray.engine.request import EngineRequest
 
 __all__ = [
+    "AdapterError",
     "ContextLengthError",
     "EngineChoice",
     "EngineDeadError",

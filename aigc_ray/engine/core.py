@@ -167,8 +167,12 @@ class GenerationEngine:
         max_batch_size: int = 32,
         own_cores: bool = False,
         max_len: int | None = None,
+        adapters: dict[str, str] | None = None,
+        max_loras: int = 4,
+        max_lora_rank: int = 16,
     ) -> GenerationEngine:
-        """Load a HF model dir (model + tokenizer) onto ``device`` in ``dtype``, in eval mode.
+        """Load a HF model dir (model + tokenizer) onto ``device`` in ``dtype``, in eval mode,
+        with LoRA ``adapters`` (name -> PEFT directory) requests may name.
 
         ``model_dir`` may be s3:// or gs://: it is copied to this node's cache first."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -218,6 +222,9 @@ class GenerationEngine:
             max_len=max_len,
             linear=linear,
             compile=settings.get("compile", False),
+            adapters=adapters,
+            max_loras=max_loras,
+            max_lora_rank=max_lora_rank,
         )
 
     # ------------------------------------------------------------ requests

@@ -155,9 +155,14 @@ def load_engine(
     vllm: dict[str, Any] | None = None,
     own_cores: bool = False,
     stat_loggers: list | None = None,
+    adapters: dict[str, str] | None = None,
+    max_loras: int = 4,
+    max_lora_rank: int = 16,
 ):
     """Load ``model_dir`` (local, or s3:// copied to this node's cache) with the chosen engine.
-    ``vllm`` holds VllmSettings fields. Returns (engine, EngineChoice)."""
+    ``vllm`` holds VllmSettings fields; ``adapters`` (name -> PEFT directory) are LoRA adapters
+    a request may name, loaded on first use. Returns (engine, EngineChoice)."""
+    lora = {"adapters": adapters or None, "max_loras": max_loras, "max_lora_rank": max_lora_rank}
     from aigc_ray.storage import local_model_dir
 
     model_dir = local_model_dir(model_dir)
@@ -177,6 +182,7 @@ def load_engine(
                 max_batch_size=max_batch_size,
                 stat_loggers=stat_loggers,
                 warm_up=not own_cores,
+                **lora,
                 **vllm_engine_options(vllm),
             )
             logger.info("engine for %s: vllm %s (%s)", model_dir, choice.version, choice.reason)
@@ -195,6 +201,7 @@ def load_engine(
         max_batch_size=max_batch_size or 32,
         own_cores=own_cores,
         max_len=max_model_len,
+        **lora,
     )
     logger.info("engine for %s: builtin (%s)", model_dir, choice.reason)
     return eng, choice

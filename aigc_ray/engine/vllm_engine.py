@@ -130,6 +130,9 @@ class VllmEngine:
         engine_kwargs: dict[str, Any] | None = None,
         stat_loggers: list | None = None,
         warm_up: bool = True,
+        adapters: dict[str, str] | None = None,
+        max_loras: int = 4,
+        max_lora_rank: int = 16,
     ):
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -146,7 +149,9 @@ class VllmEngine:
             quantization=quantization,
             enable_prefix_caching=enable_prefix_caching,
             engine_kwargs=engine_kwargs,
+            lora=(max_loras, max_lora_rank) if adapters else None,
         )
+        self.adapters = VllmAdapters(adapters or {}, model_dir, max_lora_rank)
         self.counters = new_counters(running=0, waiting=0, kv_cache_usage=0.0)
         loggers = [stats_logger_factory(self.counters), *(stat_loggers or [])]
         if _on_cpu(args):
@@ -245,20 +250,31 @@ class VllmEngine:
             raise InvalidParamError(str(e), getattr(e, "parameter", None) or "body") from None
 
     def submit(
-        self, prompt: str | list[int], params: SamplingParams, stream: bool = False
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        stream: bool = False,
+        adapter: str | None = None,
     ) -> EngineRequest:
-        """Validate and hand one request to vLLM; return its handle (any thread)."""
+        """Validate and hand one request to vLLM; return its handle (any thread). ``adapter``
+        names a LoRA adapter of ``adapters`` (AdapterError when unknown or unusable)."""
         req, sp = self._prepare(prompt, params, stream)
-        future = asyncio.run_coroutine_threadsafe(self._start(req, sp), self._loop)
+        lora = self.adapters.request(adapter)
+        future = asyncio.run_coroutine_threadsafe(self._start(req, sp, lora), self._loop)
         future.result()
         return req
 
     async def asubmit(
-        self, prompt: str | list[int], params: SamplingParams, stream: bool = False
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        stream: bool = False,
+        adapter: str | None = None,
     ) -> EngineRequest:
         """``submit`` for asyncio callers: vLLM's admission runs without blocking their loop."""
         req, sp = self._prepare(prompt, params, stream)
-        future = asyncio.run_coroutine_threadsafe(self._start(req, sp), self._loop)
+        lora = self.adapters.request(adapter)
+        future = asyncio.run_coroutine_threadsafe(self._start(req, sp, lora), self._loop)
         await asyncio.wrap_future(future)
         return req
 
@@ -273,13 +289,13 @@ class VllmEngine:
         req = EngineRequest(next(self._ids), ids, VllmRow(len(ids), params), None, stream)
         return req, sp
 
-    async def _start(self, req: EngineRequest, sp) -> None:
+    async def _start(self, req: EngineRequest, sp, lora=None) -> None:
         from vllm.inputs import TokensPrompt
 
         rid = f"aigc-{req.id}"
         try:
             collector = await self.llm.add_request(
-                rid, TokensPrompt(prompt_token_ids=req.prompt_ids), sp
+                rid, TokensPrompt(prompt_token_ids=req.prompt_ids), sp, lora_request=lora
             )
         except Exception as e:
             raise _translate(e) from None
@@ -379,6 +395,7 @@ def engine_args(
     quantization: str | None,
     enable_prefix_caching: bool,
     engine_kwargs: dict | None,
+    lora: tuple[int, int] | None = None,
 ) -> dict:
     """AsyncEngineArgs keywords (pure: unit-tested without vLLM). A replica spanning several
     GPUs (tensor_parallel_size > 1) runs vLLM's workers on Ray, inside the replica's placement
@@ -400,8 +417,48 @@ def engine_args(
         args["quantization"] = quantization
     if tensor_parallel_size > 1:
         args["distributed_executor_backend"] = "ray"
+    if lora:  # (max_loras, max_lora_rank): vLLM's --enable-lora
+        args.update(enable_lora=True, max_loras=lora[0], max_lora_rank=lora[1])
     args.update(engine_kwargs or {})
     return args
+
+
+class VllmAdapters:
+    """The LoRA adapters (name -> PEFT directory) vLLM serves over its base model, as
+    LoRARequests. vLLM loads an adapter in its engine core at the first request that names it
+    and evicts the least recently used beyond ``max_loras``; an adapter it cannot use would fail
+    there, so each is read here first (once) with the built-in engine's checks (lora.py: files,
+    base model, rank): a bad one is that request's AdapterError, 400, and vLLM never sees it."""
+
+    def __init__(self, paths: dict[str, str], model_dir: str, max_rank: int):
+        self.paths, self.model_dir, self.max_rank = dict(paths), model_dir, max_rank
+        self._ready: dict[str, Any] = {}  # name -> LoRARequest, once checked
+        self._lock = threading.Lock()
+
+    def request(self, name: str | None):
+        if name is None:
+            return None
+        from aigc_ray.engine.lora import AdapterError, read_adapter
+
+        if name not in self.paths:
+            raise AdapterError(
+                f"adapter {name!r} not found; available: {sorted(self.paths)}", status=404
+            )
+        with self._lock:
+            if name not in self._ready:
+                import torch
+                from transformers import AutoConfig
+                from vllm.lora.request import LoRARequest
+
+                from aigc_ray.storage import local_model_dir
+
+                path = self.paths[name]
+                config = AutoConfig.from_pretrained(self.model_dir)
+                read_adapter(name, path, config, self.max_rank, torch.float32, "cpu")
+                local = local_model_dir(path)  # checked readable just above
+                ids = len(self._ready) + 1  # vLLM's id of an adapter: unique per name
+                self._ready[name] = LoRARequest(name, ids, str(local))
+            return self._ready[name]
 
 
 def _translate(e: BaseException) -> BaseException:

@@ -100,7 +100,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         models = cfg.served_models()
     except ValueError as e:
         raise ServeError(str(e)) from None
-    handles, image_models, versions = {}, [], {}
+    handles, image_models, versions, adapters = {}, [], {}, {}
     for m in models:
         # A new version (or the same path with new files) changes the deployment's arguments:
         # Serve replaces its replicas one by one, starting each new one before stopping an old.
@@ -111,6 +111,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             "version": versions[m.name],
         }
         if is_image_model_dir(m.model_dir):
+            if m.adapters:
+                raise ServeError(f"model {m.name}: LoRA adapters are for text models")
             handles[m.name] = ImageServer.options(**deployment_options(m)).bind(fields)
             image_models.append(m.name)
             continue
@@ -121,6 +123,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                 fields, cfg.max_tokens_limit, cfg.request_timeout_s, cfg.log_prompts
             )
         handles[m.name] = ModelServer.options(**deployment_options(m)).bind(fields)
+        adapters.update(dict.fromkeys(m.adapters, m.name))
     if cfg.ingress == "direct":
         logger.info(
             "serve.ingress direct serves an app of one text model; this app's %d model(s) "
@@ -142,6 +145,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         image_models=image_models,
         max_images=cfg.max_images_per_request,
         log_prompts=cfg.log_prompts,
+        adapters=adapters,
     )
 
 

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aigc_ray.config import ServedModel
 from aigc_ray.engine import (
+    AdapterError,
     ContextLengthError,
     EngineDeadError,
     EngineError,
@@ -103,6 +104,9 @@ class ModelServer:
             max_model_len=cfg.max_model_len,
             vllm=cfg.vllm.model_dump(),
             stat_loggers=_vllm_stat_loggers(),
+            adapters=cfg.adapters,
+            max_loras=cfg.max_loras,
+            max_lora_rank=cfg.max_lora_rank,
         )
         self.metrics = ModelMetrics(cfg.name)
         self.open = 0  # engine requests submitted and not yet finished
@@ -132,10 +136,16 @@ class ModelServer:
             for ids in prompts:
                 for i in range(job.n):
                     seed = params.seed + i if params.seed is not None else None
-                    reqs.append(await self.engine.asubmit(ids, _with_seed(params, seed), stream))
+                    sp = _with_seed(params, seed)
+                    reqs.append(await self.engine.asubmit(ids, sp, stream, job.adapter))
         except ContextLengthError as e:
             _cancel(reqs)
             raise ApiError(400, str(e), param=e.param, code="context_length_exceeded") from None
+        except AdapterError as e:  # unknown (404), or unusable: unreadable, other base, rank
+            _cancel(reqs)
+            if e.status == 404:
+                raise _model_not_found(str(e)) from None
+            raise ApiError(400, str(e), param="model", code="adapter_unusable") from None
         except InvalidParamError as e:
             _cancel(reqs)
             raise ApiError(400, str(e), param=e.param) from None
@@ -386,6 +396,10 @@ def _failure(e: BaseException, guard: PromptGuard) -> ApiError:
     return ApiError(500, f"internal error: {type(e).__name__}", "server_error")
 
 
+def _model_not_found(message: str) -> ApiError:
+    return ApiError(404, message, "not_found_error", "model", "model_not_found")
+
+
 def _overloaded() -> ApiError:
     return ApiError(
         503,
@@ -430,8 +444,10 @@ class OpenAISurface:
         image_models: list[str] | None = None,
         max_images: int = 10,
         log_prompts: bool = False,
+        adapters: dict[str, str] | None = None,
     ) -> None:
         self.models = models  # name -> DeploymentHandle of its ModelServer (or ImageServer)
+        self.adapters = dict(adapters or {})  # LoRA adapter name -> its base model's name
         self.image_models = set(image_models or [])
         self.max_images = max_images
         self.limit, self.timeout = max_tokens_limit, request_timeout_s
@@ -462,6 +478,18 @@ class OpenAISurface:
             }
             for name in self.models
         ]
+        cards += [  # as vLLM lists its LoRA adapters: the base model is the parent
+            {
+                "id": name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "aigc_ray",
+                "parent": base,
+                "engine": self.engines.get(base),
+                "version": self.versions.get(base),
+            }
+            for name, base in self.adapters.items()
+        ]
         return {"object": "list", "data": cards}
 
     async def _images(self, request: Request):
@@ -484,15 +512,11 @@ class OpenAISurface:
         return images_response(out)
 
     def _check_model(self, model: str, image: bool) -> None:
-        """404 for a model not served; 400 for a text model on the images route or back."""
-        if model not in self.models:
-            raise ApiError(
-                404,
-                f"model {model!r} not found; available: {sorted(self.models)}",
-                "not_found_error",
-                "model",
-                "model_not_found",
-            )
+        """404 for a model (or adapter) not served; 400 for a text model on the images route or
+        back."""
+        if model not in self.models and model not in self.adapters:
+            available = sorted([*self.models, *self.adapters])
+            raise _model_not_found(f"model {model!r} not found; available: {available}")
         if (model in self.image_models) != image:
             kind, route = ("an image", "/v1/images/generations") if not image else ("a text", "")
             route = route or "/v1/completions or /v1/chat/completions"
@@ -508,15 +532,19 @@ class OpenAISurface:
             model = req.model
             self._check_model(model, image=False)
             job = to_job(req, self.limit)
-            handle = self.models[model]
+            base = self.adapters.get(model)  # an adapter runs on its base model's replicas
+            if base is not None:
+                job.adapter = model
+            handle = self.models[base or model]
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
                 writer = ChunkWriter(job.kind, model, include_usage)
                 response = await self._open_stream(handle, job, writer, deadline, guard)
             else:
                 out = await self._call(handle.complete, job, deadline)
-                self.engines[model] = out["engine"]
-                self.versions[model] = out.get("version") or self.versions.get(model)
+                base = base or model
+                self.engines[base] = out["engine"]
+                self.versions[base] = out.get("version") or self.versions.get(base)
                 body = response_body(job.kind, model, out)
                 self._answered(model, guard, body)
                 response = JSONResponse(body, headers=_replica_header(out.get("replica")))
@@ -655,9 +683,16 @@ class Router(OpenAISurface):
         image_models: list[str] | None = None,
         max_images: int = 10,
         log_prompts: bool = False,
+        adapters: dict[str, str] | None = None,
     ):
         self._init_surface(
-            models, max_tokens_limit, request_timeout_s, image_models, max_images, log_prompts
+            models,
+            max_tokens_limit,
+            request_timeout_s,
+            image_models,
+            max_images,
+            log_prompts,
+            adapters,
         )
 
     def reconfigure(self, config: dict) -> None:
@@ -770,6 +805,7 @@ class ModelIngress(ModelServer.func_or_class, OpenAISurface):
             max_tokens_limit,
             request_timeout_s,
             log_prompts=log_prompts,
+            adapters=dict.fromkeys(self.cfg.adapters, self.name),
         )
         self.engines[self.name] = self.choice.name
         self.versions[self.name] = self.version

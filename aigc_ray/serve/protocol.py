@@ -166,6 +166,7 @@ class Job:
     n: int = 1
     echo: bool = False
     score_only: bool = False  # echo with max_tokens 0: the prompt's logprobs, nothing generated
+    adapter: str | None = None  # the LoRA adapter the request named as its model, if any
 
 
 def to_job(req: CompletionRequest | ChatCompletionRequest, limit: int) -> Job:

@@ -4,34 +4,15 @@ adapter merged into the base (PEFT's merge_and_unload) or on the base; adapters 
 use and the least recently used one is evicted beyond max_loras; an unknown, unreadable,
 mismatched or too-large adapter fails its own request with the reason, and the engine goes on."""
 
-import copy
-
 import pytest
 import torch
 from engine_support import PROMPTS, hf_greedy, slowed
+from engine_support import lora_adapter as _adapter
 
 from aigc_ray.engine import EngineError, GenerationEngine, SamplingParams
 from aigc_ray.engine.lora import AdapterError
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
-
-
-def _adapter(model, path, seed: int, r: int = 4, targets=ALL):
-    """A PEFT LoRA adapter of `model` with random A and B (B is zero at init: no effect),
-    saved to `path`; returns the base with it merged."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    peft = get_peft_model(
-        copy.deepcopy(model), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets)
-    )
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-    peft.save_pretrained(str(path))
-    return peft.merge_and_unload().eval()
 
 
 @pytest.fixture(scope="module")
