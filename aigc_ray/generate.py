@@ -10,7 +10,8 @@ Nothing is fatal to the job and nothing is lost:
 - a row that is read but cannot be generated (a bad parameter, a prompt beyond the context
   window) gets its error recorded in the output and an empty completion.
 Per-row sampling: columns named max_tokens, temperature, top_p, top_k, seed, stop or ignore_eos
-override the config's defaults.
+override the config's defaults; a row's ``adapter`` column names one of ``generate.adapters``
+(LoRA over the model: rows of different adapters decode in the same batch).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from aigc_ray.config import GenerateConfig
 from aigc_ray.data.readers import table_records
 from aigc_ray.engine import InvalidParamError, SamplingParams, load_engine
 from aigc_ray.engine.loader import cpu_threads, placed_device
+from aigc_ray.engine.lora import AdaptersBusyError
 from aigc_ray.engine.params import usable_device
 from aigc_ray.errors import AigcRayError, StorageError
 from aigc_ray.progress import Progress, Watch, post
@@ -42,6 +44,7 @@ from aigc_ray.storage import (
 log = logging.getLogger(__name__)
 
 ROW_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+ROW_COLUMNS = (*ROW_PARAMS, "adapter")  # a row's own settings, kept as its params JSON
 PROMPT_SCHEMA = pa.schema(
     [
         ("prompt", pa.string()),
@@ -63,6 +66,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("source", pa.string()),
         ("line", pa.int64()),
+        ("adapter", pa.string()),  # the row's LoRA adapter, null for the model itself
     ]
 )
 PROMPT_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet")
@@ -152,7 +156,7 @@ class _PromptRows:
             kind = type(obj[self.column]).__name__
             self.bad(line, f"column {self.column!r} is {kind}, not a string", raw)
         else:
-            params = {k: obj[k] for k in ROW_PARAMS if obj.get(k) is not None}
+            params = {k: obj[k] for k in ROW_COLUMNS if obj.get(k) is not None}
             self.rows.append(
                 {
                     "prompt": obj[self.column],
@@ -178,7 +182,7 @@ def read_prompt_file(path: str, column: str) -> pa.Table:
         rows.bad(-1, f"cannot read file: {e}")
         return rows.table()
     fmt = "parquet" if path.endswith(".parquet") else "json"
-    for line, value, problem, raw in table_records(path, data, fmt, [column, *ROW_PARAMS]):
+    for line, value, problem, raw in table_records(path, data, fmt, [column, *ROW_COLUMNS]):
         if problem:
             rows.bad(line, problem, raw)
         else:
@@ -215,6 +219,9 @@ class GenerateUDF:
             max_model_len=self.cfg.max_model_len,
             vllm=self.cfg.vllm.model_dump(),
             own_cores=True,
+            adapters=self.cfg.adapters,
+            max_loras=self.cfg.max_loras,
+            max_lora_rank=self.cfg.max_lora_rank,
         )
         log.info("batch generation engine: %s (%s)", self.choice.name, self.choice.reason)
 
@@ -232,15 +239,34 @@ class GenerateUDF:
                 "error": None,
                 "source": row.get("source"),
                 "line": row.get("line"),
+                "adapter": None,
             }
             out.append(record)
             try:
                 if not isinstance(row["prompt"], str):
                     raise InvalidParamError("prompt must be a string", "prompt")
-                params = row_params(json.loads(row.get("params") or "{}"), self.cfg)
-                pending.append((record, self.engine.submit(row["prompt"], params)))
+                columns = json.loads(row.get("params") or "{}")
+                adapter = columns.pop("adapter", None)
+                if adapter is not None and not isinstance(adapter, str):
+                    raise InvalidParamError(f"adapter must be a name, got {adapter!r}", "adapter")
+                record["adapter"] = adapter
+                params = row_params(columns, self.cfg)
+                try:
+                    req = self.engine.submit(row["prompt"], params, adapter=adapter)
+                except AdaptersBusyError:  # every adapter slot is held by this batch's rows
+                    self._finish(pending, started)
+                    req = self.engine.submit(row["prompt"], params, adapter=adapter)
+                pending.append((record, req))
             except (InvalidParamError, TypeError, ValueError) as e:
                 record["error"] = f"{type(e).__name__}: {e}"
+        self._finish(pending, started)
+        errors = sum(r["error"] is not None for r in out)
+        post(self.board, {"rows": len(out), "errors": errors})
+        return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+
+    @staticmethod
+    def _finish(pending: list, started: float) -> None:
+        """Wait for the submitted rows and record their results (or errors); empties it."""
         for record, req in pending:
             try:
                 result = req.result()
@@ -254,9 +280,7 @@ class GenerateUDF:
                 finish_reason=result.finish_reason,
                 latency_s=(req.finished_at or started) - req.submitted_at,
             )
-        errors = sum(r["error"] is not None for r in out)
-        post(self.board, {"rows": len(out), "errors": errors})
-        return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+        pending.clear()
 
 
 def preflight(cfg: GenerateConfig, model_dir: str) -> None:

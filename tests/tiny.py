@@ -125,3 +125,32 @@ def tiny_text_to_image(directory: str | Path, seed: int = 0) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(str(directory))
+
+
+def lora_adapter(model, path, seed: int, r: int = 4, targets=None):
+    """A PEFT LoRA adapter of `model` (on every projection unless `targets`) with random A and
+    B (PEFT starts B at zero: no effect), saved to `path`; returns the base with it merged."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    targets = targets or [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
+    torch.manual_seed(seed)
+    peft = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets)
+    )
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    peft.save_pretrained(str(path))
+    return peft.merge_and_unload().eval()

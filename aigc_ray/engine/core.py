@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from aigc_ray.engine.batch import HFRunner
-from aigc_ray.engine.lora import AdapterBank, AdapterError, AdaptersBusyError
+from aigc_ray.engine.lora import AdapterBank, AdapterError
 from aigc_ray.engine.params import (
     ContextLengthError,
     EngineError,
@@ -273,10 +273,7 @@ class GenerationEngine:
         if adapter is not None:
             if self.bank is None:
                 raise AdapterError(f"adapter {adapter!r} not found; available: []", status=404)
-            try:
-                req.adapter = self.bank.acquire(adapter)
-            except AdaptersBusyError as e:
-                raise EngineError(str(e)) from None
+            req.adapter = self.bank.acquire(adapter)  # AdapterError, AdaptersBusyError
         with self._cv:
             if self._closed:
                 if self.bank is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from aigc_ray.engine.params import InvalidParamError
+from aigc_ray.engine.params import EngineError, InvalidParamError
 
 # PEFT module name -> (the slot decoder's fused projection, which part of its output)
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -34,8 +34,9 @@ class AdapterError(InvalidParamError):
         self.status = status
 
 
-class AdaptersBusyError(RuntimeError):
-    """Every adapter slot holds an adapter that running requests still use (retry)."""
+class AdaptersBusyError(EngineError):
+    """Every adapter slot holds an adapter that running requests still use (retry once some
+    finish; serving answers 503)."""
 
 
 @dataclass

@@ -17,15 +17,43 @@ def tiny_gen_model_dir(tmp_path_factory) -> str:
     return tiny_model_dir(root / "model", tok, seed=0, **arch)
 
 
+@pytest.fixture(scope="module")
+def gen_adapter(tiny_gen_model_dir, tmp_path_factory) -> tuple[str, dict[str, str]]:
+    """A random PEFT adapter of the model (tiny.lora_adapter) and the greedy 6-token texts of
+    ADAPTER_PROMPT from transformers: {"base": ..., "merged": the adapter merged in}."""
+    import torch
+    from tiny import lora_adapter
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_gen_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_gen_model_dir)
+    path = tmp_path_factory.mktemp("gen-adapter") / "one"
+    merged = lora_adapter(base, path, seed=1)
+    ids = tok(ADAPTER_PROMPT, return_tensors="pt")["input_ids"]
+    texts = {}
+    for name, model in (("base", base), ("merged", merged)):
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        texts[name] = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert texts["base"] != texts["merged"]
+    return str(path), texts
+
+
+ADAPTER_PROMPT = "class Stack:"
+
+
 # Both engines: which parameters a row may carry and how a bad one is refused are the engine's
-# (its own request checks), so the bad-rows contract is checked on each.
+# (its own request checks), so the bad-rows contract is checked on each; so is a row's LoRA
+# adapter (vLLM: its enable_lora, a LoRARequest per row).
 @pytest.mark.parametrize("engine", ["builtin", "vllm"])
 def test_batch_generation_survives_bad_rows_and_loses_none(
-    ray_session, tmp_path, engine, tiny_gen_model_dir, capsys
+    ray_session, tmp_path, engine, tiny_gen_model_dir, gen_adapter, capsys
 ):
     """Ray Data + an engine in an actor pool: per-row params; unreadable rows quarantined with
     file and line, rows with bad parameters recorded in the output; never fatal. The driver
-    shows the rows done, their rate and the errors so far (a plain line: not a terminal)."""
+    shows the rows done, their rate and the errors so far (a plain line: not a terminal). A
+    row naming adapter `one` gets the adapter's merged model's greedy text; one naming an
+    unknown adapter gets that as its error."""
     import json
 
     import pyarrow.parquet as pq
@@ -38,12 +66,15 @@ def test_batch_generation_survives_bad_rows_and_loses_none(
     lines = [json.dumps(r).encode() for r in rows]
     lines[3:3] = [b'{"prompt": "broken', json.dumps({"prompt": 5}).encode(), b"\xff\xfe"]
     lines += [json.dumps({"prompt": "x", "max_tokens": 0}).encode(), b"[1, 2]"]
+    adapter_row = {"prompt": ADAPTER_PROMPT, "adapter": "one", "max_tokens": 6, "ignore_eos": True}
+    lines += [json.dumps(r).encode() for r in (adapter_row, {"prompt": "y", "adapter": "nope"})]
     src.write_bytes(b"\n".join(lines) + b"\n")
     second = tmp_path / "more.parquet"
     pq.write_table(
         pa_table([{"prompt": "import os", "seed": 1}, {"prompt": None, "seed": 2}]), second
     )
-    settings = {"engine": engine}
+    adapter_dir, adapter_texts = gen_adapter
+    settings = {"engine": engine, "adapters": {"one": adapter_dir}}
     if engine == "vllm":
         settings["vllm"] = {"kv_cache_memory_gb": 0.25, "engine_kwargs": {"enforce_eager": True}}
     cfg = GenerateConfig(
@@ -60,14 +91,18 @@ def test_batch_generation_survives_bad_rows_and_loses_none(
     )
     quarantine = pq.read_table(tmp_path / "out_quarantine").to_pylist()
     assert summary["quarantine_dir"] == str(tmp_path / "out_quarantine")
-    # 20 good + 1 bad max_tokens + "import os": generated or recorded; 5 unreadable: quarantined
-    assert summary["rows"] == table.num_rows == 22 and summary["errors"] == 1
+    # 20 good + 1 bad max_tokens + "import os" + 2 of adapters: generated or recorded; 5
+    # unreadable: quarantined
+    assert summary["rows"] == table.num_rows == 24 and summary["errors"] == 2
     assert summary["quarantined"] == len(quarantine) == 5
     got = {r["prompt"]: r for r in table.to_pylist()}
     for r in rows:
         assert got[r["prompt"]]["error"] is None
         assert 1 <= got[r["prompt"]]["completion_tokens"] <= r["max_tokens"]
     assert "max_tokens" in got["x"]["error"]
+    assert "adapter 'nope' not found" in got["y"]["error"]
+    adapted = pq.read_table(tmp_path / "out", filters=[("adapter", "=", "one")]).to_pylist()
+    assert [(r["error"], r["completion"]) for r in adapted] == [(None, adapter_texts["merged"])]
     assert got["import os"]["source"] == str(second)
     where = sorted((q["source"].rsplit("/", 1)[1], q["line"]) for q in quarantine)
     assert where == [
@@ -80,7 +115,7 @@ def test_batch_generation_survives_bad_rows_and_loses_none(
     assert all(q["reason"] for q in quarantine)
     shown = [x for x in capsys.readouterr().out.splitlines() if x.startswith("generate ")]
     assert shown and re.match(
-        r"generate 22/22 rows \(100%\)  rows/s [\d.,]+  errors 1  elapsed \d+:\d\d  left 0:00$",
+        r"generate 24/24 rows \(100%\)  rows/s [\d.,]+  errors 2  elapsed \d+:\d\d  left 0:00$",
         shown[-1],
     ), shown
 

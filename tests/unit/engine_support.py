@@ -1,6 +1,7 @@
 """What the engine tests share (test_engine.py, test_engine_batching.py, the LoRA tests): the
-prompts, the word list the tiny tokenizer is trained on, transformers' own greedy reference, a
-context manager that slows decode steps, and random PEFT adapters with their merged models. Their fixtures (tokenizer, model, engine) are in conftest.py."""
+prompts, the word list the tiny tokenizer is trained on, transformers' own greedy reference, and
+a context manager that slows decode steps. Their fixtures (tokenizer, model, engine) are in
+conftest.py; random PEFT adapters are tiny.lora_adapter."""
 
 import contextlib
 import time
@@ -63,31 +64,3 @@ def slowed(eng, seconds: float = 0.005):
         yield eng
     finally:
         eng.runner.decode = real
-
-
-def lora_adapter(model, path, seed: int, r: int = 4, targets=None):
-    """A PEFT LoRA adapter of `model` (on every projection unless `targets`) with random A and
-    B (PEFT starts B at zero: no effect), saved to `path`; returns the base with it merged."""
-    import copy
-
-    from peft import LoraConfig, get_peft_model
-
-    targets = targets or [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ]
-    torch.manual_seed(seed)
-    peft = get_peft_model(
-        copy.deepcopy(model), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets)
-    )
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-    peft.save_pretrained(str(path))
-    return peft.merge_and_unload().eval()

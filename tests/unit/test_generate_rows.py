@@ -68,6 +68,45 @@ def test_udf_generates_and_records_bad_rows(tiny_model_dir):
     udf.engine.close()
 
 
+def test_rows_name_their_adapter_and_get_its_merged_models_text(tiny_model_dir, tmp_path):
+    """A row's `adapter` column: rows of two adapters and of the model itself in one batch,
+    each row's text that adapter's merged model's greedy text. One adapter slot (max_loras=1):
+    a row whose adapter finds the slot held by the batch's earlier rows waits for them, none is
+    lost or failed. An unknown adapter, or one that is not a name, is that row's error."""
+    import torch
+    from tiny import lora_adapter
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    merged = {n: lora_adapter(base, tmp_path / n, seed) for n, seed in (("one", 1), ("two", 2))}
+    cfg = GenerateConfig(
+        max_tokens=8,
+        engine="builtin",
+        adapters={n: str(tmp_path / n) for n in merged},
+        max_loras=1,
+    )
+    udf = GenerateUDF(str(tiny_model_dir), cfg.model_dump())
+    names = ["one", None, "two", "one", "nope", 7]
+    out = udf(pa.Table.from_pylist([_row("def main(", adapter=a) for a in names])).to_pylist()
+    udf.engine.close()
+    ids = tok("def main(", return_tensors="pt")["input_ids"]
+
+    def greedy(model) -> str:
+        with torch.inference_mode():
+            gen = model.generate(ids, max_new_tokens=8, do_sample=False)
+        return tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
+
+    want = {None: greedy(base), **{n: greedy(m) for n, m in merged.items()}}
+    assert len(set(want.values())) == 3
+    for row, name in zip(out[:4], names[:4], strict=True):
+        assert row["error"] is None and row["adapter"] == name
+        assert row["completion"] == want[name], name
+    assert "adapter 'nope' not found" in out[4]["error"]
+    assert "adapter must be a name" in out[5]["error"]
+    assert udf.engine.bank.loads == 3  # one, two (evicting one), one again
+
+
 def test_prompt_file_reader_quarantines_every_bad_row(tmp_path):
     lines = [
         json.dumps({"prompt": "good one", "max_tokens": 3}).encode(),

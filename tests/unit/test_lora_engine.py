@@ -5,9 +5,8 @@ use and the least recently used one is evicted beyond max_loras; an unknown, unr
 mismatched or too-large adapter fails its own request with the reason, and the engine goes on."""
 
 import pytest
-import torch
 from engine_support import PROMPTS, hf_greedy, slowed
-from engine_support import lora_adapter as _adapter
+from tiny import lora_adapter as _adapter
 
 from aigc_ray.engine import EngineError, GenerationEngine, SamplingParams
 from aigc_ray.engine.lora import AdapterError

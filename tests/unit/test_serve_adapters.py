@@ -10,8 +10,8 @@ import json
 import shutil
 
 import pytest
-from engine_support import lora_adapter
 from starlette.requests import Request
+from tiny import lora_adapter
 
 from aigc_ray.serve.security import API_KEYS_ENV, API_KEYS_FILE_ENV
 
