@@ -211,18 +211,9 @@ def test_train_rerun_with_same_name_resumes(trained, cfg, capsys):
     ), shown
 
 
-@pytest.mark.slow
-def test_dp_lora_run_stops_before_its_budget_and_says_so_in_the_exported_card(
-    trained, cfg, s3_server
-):
-    """train.privacy over LoRA adapters on the two DDP workers, with a fixed noise and a budget
-    that 8 steps would exceed: the run stops after the last step within it (computed here with
-    Opacus' own accountant), says why in the last metrics row, the summary and the model card,
-    and still exports the model of that step (card included) to object storage."""
+def _dp_accounting(cfg):
+    """(epsilon after `steps` by Opacus' own accountant, the run's sampling rate q and noise)."""
     from opacus.accountants import RDPAccountant
-
-    from aigc_ray.config import DPConfig
-    from aigc_ray.train import fit
 
     n = json.loads((Path(cfg.resolved_data_dir()) / "manifest.json").read_text())["splits"][
         "train"
@@ -234,18 +225,40 @@ def test_dp_lora_run_stops_before_its_budget_and_says_so_in_the_exported_card(
         acc.history = [(sigma, q, steps)]
         return acc.get_epsilon(delta=1 / n)
 
+    return eps, sigma
+
+
+@pytest.fixture(scope="module")
+def dp_run(trained, cfg, s3_server):
+    """A second LoRA run over the same seeded base: DP-SGD on the two DDP workers, with a fixed
+    noise and a budget that 8 steps would exceed (its own run dir and export)."""
+    from aigc_ray.config import DPConfig
+    from aigc_ray.train import fit
+
+    eps, sigma = _dp_accounting(cfg)
     target = (eps(4) + eps(5)) / 2  # step 5 would exceed it
-    export = "s3://aigc-test/runs/stages-dp/model"
     dp_cfg = cfg.train.model_copy(
         update={
             "name": "dp-lora",
             "run_dir": str(Path(cfg.train.run_dir).parent / "dp-run"),
-            "export_dir": export,
+            "export_dir": "s3://aigc-test/runs/stages-dp/model",
             "max_steps": 8,
             "privacy": DPConfig(enabled=True, noise_multiplier=sigma, target_epsilon=target),
         }
     )
-    run = fit(dp_cfg, cfg.model, cfg.resolved_data_dir())
+    return fit(dp_cfg, cfg.model, cfg.resolved_data_dir()), dp_cfg, target
+
+
+@pytest.mark.slow
+def test_dp_lora_run_stops_before_its_budget_and_says_so_in_the_exported_card(
+    dp_run, cfg, s3_server
+):
+    """train.privacy over LoRA adapters: the run stops after the last step within its budget
+    (computed here with Opacus' own accountant), says why in the last metrics row, the summary
+    and the model card, and still exports the model of that step (card included) to object
+    storage."""
+    eps, _ = _dp_accounting(cfg)
+    run, dp_cfg, target = dp_run
     assert run.steps == 4 and run.privacy["steps"] == 4
     assert run.privacy["epsilon"] == pytest.approx(eps(4), rel=0.01) and eps(4) <= target
     stopped = run.privacy["stopped"]
@@ -260,6 +273,54 @@ def test_dp_lora_run_stops_before_its_budget_and_says_so_in_the_exported_card(
     text = card["Body"].read().decode()
     assert "DP-SGD" in text and f"Stopped early: {stopped}" in text
     assert not any("lora" in f.name for f in Path(run.model_dir).iterdir())
+
+
+@pytest.mark.slow
+def test_two_trained_adapters_are_served_over_their_base_each_as_its_merged_model(
+    trained, dp_run, cfg
+):
+    """The adapters of the two runs (plain LoRA, then DP-SGD LoRA: different training), served
+    unmerged over the base they were trained on (serve.adapters, built-in engine): a request
+    naming each gets the greedy text of that run's exported merged model, the two differ, and
+    /v1/models lists both with the base as parent."""
+    from ray import serve
+    from serving import greedy_text
+
+    from aigc_ray.serve import run_serve
+
+    run = dp_run[0]
+    base = json.loads((Path(trained.adapter_dir) / "adapter_config.json").read_text())
+    other = json.loads((Path(run.adapter_dir) / "adapter_config.json").read_text())
+    base_dir = base["base_model_name_or_path"]
+    same = [
+        (Path(d) / "model.safetensors").read_bytes()
+        for d in (base_dir, other["base_model_name_or_path"])
+    ]
+    assert same[0] == same[1], "the two runs' seeded bases differ"
+    adapters = {"plain": trained.adapter_dir, "dp": run.adapter_dir}
+    served = cfg.serve.model_copy(
+        update={"model_name": "base", "engine": "builtin", "adapters": adapters}
+    )
+    url = run_serve(served, base_dir, app_name="stages-lora")
+    try:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        cards = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"]
+        assert {c["id"]: c.get("parent") for c in cards} == {
+            "base": None,
+            "plain": "base",
+            "dp": "base",
+        }
+        texts = {}
+        for name, merged in (("plain", trained.model_dir), ("dp", run.model_dir)):
+            for prompt in ("def add(a, b):", "import os\n"):
+                body = {"model": name, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+                r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
+                assert r.status_code == 200, r.text
+                texts[name, prompt] = r.json()["choices"][0]["text"]
+                assert texts[name, prompt] == greedy_text(merged, prompt, 12), (name, prompt)
+        assert any(texts["plain", p] != texts["dp", p] for p in ("def add(a, b):", "import os\n"))
+    finally:
+        serve.delete("stages-lora")
 
 
 @pytest.fixture(scope="module")
