@@ -102,8 +102,10 @@ async def one_request(client, url, body, expected_tokens) -> dict:
 
 
 async def run_load(
-    url: str, prompts: list[str], n: int, concurrency: int, out_tokens: int, model: str
+    url: str, prompts: list[str], n: int, concurrency: int, out_tokens: int, model
 ) -> dict:
+    """``n`` streamed completions, ``concurrency`` at a time; ``model`` a name, or a list of
+    names taken in turn (request i names model[i % len])."""
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -111,7 +113,7 @@ async def run_load(
 
         async def go(i):
             body = {
-                "model": model,
+                "model": model if isinstance(model, str) else model[i % len(model)],
                 "prompt": prompts[i % len(prompts)],
                 "max_tokens": out_tokens,
                 "temperature": 0,
@@ -149,12 +151,15 @@ def summarize(results: list[dict], wall: float, concurrency: int) -> dict:
     }
 
 
-def measure(url: str, prompts, args, model: str, label: str) -> dict[int, list[dict]]:
-    """--rounds rounds of the three concurrencies; {concurrency: [round results]}."""
+def measure(
+    url: str, prompts, args, model, label: str, concurrency=CONCURRENCY
+) -> dict[int, list[dict]]:
+    """--rounds rounds of the concurrencies; {concurrency: [round results]}."""
     asyncio.run(run_load(url, prompts, 4, 4, args.output_tokens, model))  # warm-up
-    rows: dict[int, list[dict]] = {c: [] for c in CONCURRENCY}
+    rows: dict[int, list[dict]] = {c: [] for c in concurrency}
+    counts = dict(zip(CONCURRENCY, args.requests, strict=True))
     for r in range(args.rounds):
-        for c, n in zip(CONCURRENCY, args.requests, strict=True):
+        for c, n in ((c, counts[c]) for c in concurrency):
             row = asyncio.run(run_load(url, prompts, n, c, args.output_tokens, model))
             rows[c].append(row)
             print(
@@ -183,7 +188,11 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 600) ->
     raise TimeoutError(f"{url} not ready after {timeout}s")
 
 
-def run_vllm_server(model_dir: str, prompts, args) -> tuple[dict, float]:
+def run_vllm_server(
+    model_dir: str, prompts, args, extra: tuple[str, ...] = (), run=None
+) -> tuple[dict, float]:
+    """vLLM's own server (``extra``: more of its flags); ``run(url)`` measures it (default:
+    measure() of MODEL). Returns (measurements, startup seconds)."""
     port = args.port + 1
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4"}
     cmd = [
@@ -203,6 +212,7 @@ def run_vllm_server(model_dir: str, prompts, args) -> tuple[dict, float]:
         "--port",
         str(port),
         "--disable-log-stats",
+        *extra,
     ]
     log = open(Path(tempfile.gettempdir()) / "bench_serve_vllm.log", "w")  # noqa: SIM115
     t = time.perf_counter()
@@ -211,6 +221,8 @@ def run_vllm_server(model_dir: str, prompts, args) -> tuple[dict, float]:
         wait_ready(f"http://127.0.0.1:{port}/health", proc)
         startup = time.perf_counter() - t
         url = f"http://127.0.0.1:{port}/v1/completions"
+        if run is not None:
+            return run(url), startup
         return measure(url, prompts, args, MODEL, "vllm-server"), startup
     finally:
         proc.terminate()
@@ -222,8 +234,16 @@ def run_vllm_server(model_dir: str, prompts, args) -> tuple[dict, float]:
 
 
 def run_ours(
-    model_dir: str, prompts, args, engine: str, ingress: str = "direct"
+    model_dir: str,
+    prompts,
+    args,
+    engine: str,
+    ingress: str = "direct",
+    extra: dict | None = None,
+    run=None,
 ) -> tuple[dict, float]:
+    """Our endpoint on a local Ray (``extra``: more ServeConfig fields); ``run(url)`` measures
+    it (default: measure() of MODEL). Returns (measurements, startup seconds)."""
     import ray
     from ray import serve
 
@@ -251,10 +271,13 @@ def run_ours(
             vllm={"kv_cache_memory_gb": 4},
             ingress=ingress,
             **({} if args.chunks_per_s is None else {"stream_chunks_per_s": args.chunks_per_s}),
+            **(extra or {}),
         )
         base = run_serve(cfg)
         wait_ready(f"{base}/health", None)
         startup = time.perf_counter() - t
+        if run is not None:
+            return run(f"{base}/v1/completions"), startup
         label = f"ours/{engine}" + ("" if ingress == "direct" else f"+{ingress}")
         return measure(f"{base}/v1/completions", prompts, args, MODEL, label), startup
     finally:

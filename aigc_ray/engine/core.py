@@ -518,7 +518,7 @@ class GenerationEngine:
                 compile=self._compile,
             )
             if self.bank is not None:
-                self.runner.decoder.adapters = self.bank.slots
+                self.runner.decoder.bank = self.bank
         else:
             self.runner = HFRunner(self.model, self.pad_id)
         if isinstance(self.runner, HFRunner):

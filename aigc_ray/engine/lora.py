@@ -142,6 +142,7 @@ class AdapterBank:
         self._refs = [0] * (max_loras + 1)
         self._lock = threading.Lock()
         self.loads = 0  # adapters read from disk (first uses and reloads after eviction)
+        self.version = 0  # moves whenever a slot's adapter changes (decoders rebuild stacks)
 
     def acquire(self, name: str | None) -> int:
         """The slot of adapter ``name`` (loaded now if needed), held until ``release``."""
@@ -158,6 +159,7 @@ class AdapterBank:
                 self.slots[slot] = read_adapter(
                     name, self.paths[name], self.config, self.max_rank, self.dtype, self.device
                 )
+                self.version += 1
                 self.loads += 1
                 self._loaded[name] = slot
             self._loaded.move_to_end(name)
@@ -188,12 +190,59 @@ class AdapterBank:
             return list(self._loaded)
 
 
-def row_groups(adapters: list[int], device) -> list[tuple[int, torch.Tensor]] | None:
-    """[(adapter slot, row indices)] of the rows that have an adapter; None when none has."""
+def row_slots(adapters: list[int], device) -> torch.Tensor | None:
+    """The adapter slot of each row as a tensor; None when no row has an adapter."""
     if not any(adapters):
         return None
-    rows: dict[int, list[int]] = {}
-    for i, a in enumerate(adapters):
-        if a:
-            rows.setdefault(a, []).append(i)
-    return [(a, torch.tensor(r, device=device)) for a, r in rows.items()]
+    return torch.tensor(adapters, device=device)
+
+
+@dataclass
+class Stack:
+    """Every loaded adapter's LoRA of one fused projection of one layer, stacked: rows of
+    ``a`` [R, in] are the adapters' A matrices, part by part of the fused output (e.g. q, k,
+    v), ``slot`` [R] the adapter slot of each row; ``blocks`` [(lo, hi, b, start)]: rows lo:hi
+    of ``a`` belong to the part at output columns start:start + b.shape[1], whose B^T * scale
+    they stack in ``b`` [hi - lo, size]. A batch's deltas are then ((x A^T) * mask) then one
+    matmul per part, mask[row, j] = (slot of row == slot[j]): a fixed number of small matmuls
+    per projection whatever the number of adapters in the batch (measured on the bench model,
+    32 rows of 4 adapters: 0.32x the base model's tok/s one matmul pair per adapter, 0.68x
+    stacked with zero-padded B, see docs/engines.md)."""
+
+    a: torch.Tensor
+    slot: torch.Tensor
+    blocks: list[tuple[int, int, torch.Tensor, int]]
+
+    def mask(self, rows: torch.Tensor, dtype) -> torch.Tensor:
+        """[n, R] 1.0 where row i's adapter owns column j of x A^T (rows: slots [n])."""
+        return (rows.unsqueeze(1) == self.slot).to(dtype)
+
+    def add_delta(self, x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``out`` += the LoRA delta of ``x`` [n, ..., in] (``mask`` from ``mask``), in place."""
+        xa = x @ self.a.t()
+        xa = xa * (mask if x.dim() == 2 else mask.view(mask.shape[0], 1, -1))
+        for lo, hi, b, start in self.blocks:
+            out[..., start : start + b.shape[1]] += xa[..., lo:hi] @ b
+        return out
+
+
+def stack(
+    slots: list[Adapter | None], layer: int, parts: list[tuple[str, int, int]]
+) -> Stack | None:
+    """The Stack of one fused projection (``parts``: (PEFT module, start, size) of its output
+    columns) of ``layer`` over the adapters in ``slots``; None when none adapts it."""
+    a_rows, owner, blocks = [], [], []
+    for module, start, _ in parts:
+        lo, bs = len(owner), []
+        for slot, adapter in enumerate(slots):
+            w = None if adapter is None else adapter.weights.get((layer, module))
+            if w is not None:
+                a_rows.append(w[0])
+                bs.append(w[1].t() * adapter.scale)
+                owner += [slot] * w[0].shape[0]
+        if bs:
+            blocks.append((lo, len(owner), torch.cat(bs).contiguous(), start))
+    if not a_rows:
+        return None
+    device = a_rows[0].device
+    return Stack(torch.cat(a_rows), torch.tensor(owner, device=device), blocks)

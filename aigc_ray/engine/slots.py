@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from aigc_ray.engine.lora import row_groups
+from aigc_ray.engine.lora import row_slots, stack
 from aigc_ray.engine.quant import fused_dense, fused_unpacked
 from aigc_ray.engine.sampling import prompt_token_logprobs
 
@@ -97,10 +97,15 @@ class SlotDecoder:
                 )
             )
         self.norm = inner.norm.weight.detach()
-        # LoRA adapters (lora.py): the bank's slots, and for the forward running now, which
-        # rows have which adapter (None: every row is the base model's)
-        self.adapters = None  # list[Adapter | None], an AdapterBank's slots
-        self.row_groups = None
+        # LoRA adapters (lora.py): the engine's AdapterBank, its adapters stacked per fused
+        # projection (rebuilt when the bank's version moves), and for the forward running now
+        # each row's adapter slot (None: every row is the base model's)
+        self.bank = None
+        self._stacks: dict[tuple[int, str], object] = {}
+        self._stacks_version = -1
+        self._layouts: dict[tuple, torch.Tensor] = {}  # adapter slot layout -> its tensor
+        self._masks: dict[int, torch.Tensor] = {}  # this forward's mask per layout tensor
+        self._rows = None
         inter = cfg.intermediate_size
         self.parts = {  # fused projection -> (PEFT module, start, size) of its output
             "qkv": [
@@ -141,18 +146,45 @@ class SlotDecoder:
 
     def _lora(self, layer: Layer, fused: str, x: torch.Tensor, out: torch.Tensor):
         """``out`` (the fused projection ``fused`` of ``x``, rows first) plus each adapted
-        row's LoRA delta, (x A^T) B^T * scale, one matmul pair per adapter in the batch."""
-        if self.row_groups is None:
+        row's LoRA delta, (x A^T) B^T * scale: one stacked matmul pair for all the adapters
+        in the batch (lora.Stack)."""
+        if self._rows is None:
             return out
-        for slot, rows in self.row_groups:
-            adapter = self.adapters[slot]
-            xs = x.index_select(0, rows)
-            for module, start, size in self.parts[fused]:
-                w = adapter.weights.get((layer.index, module))
-                if w is not None:
-                    delta = (xs @ w[0].t()) @ w[1].t()
-                    out[rows, ..., start : start + size] += delta * adapter.scale
-        return out
+        if self._stacks_version != self.bank.version:
+            self._stacks, self._layouts = {}, {}
+            self._stacks_version, self._masks = self.bank.version, {}
+        key = (layer.index, fused)
+        if key not in self._stacks:
+            lora = stack(self.bank.slots, layer.index, self.parts[fused])
+            if lora is not None:  # layers of the same adapter layout share one slot tensor
+                lora.slot = self._layouts.setdefault(tuple(lora.slot.tolist()), lora.slot)
+            self._stacks[key] = lora
+        lora = self._stacks[key]
+        if lora is None:
+            return out
+        mask = self._masks.get(id(lora.slot))  # one per layout and forward, not per layer
+        if mask is None:
+            mask = self._masks[id(lora.slot)] = lora.mask(self._rows, x.dtype)
+        threads = torch.get_num_threads() if self.device.type == "cpu" else 1
+        if threads == 1:
+            return lora.add_delta(x, out, mask)
+        # CPU: these matmuls are tiny ([rows, in] x [in, 4 adapters x rank]); on the decode
+        # thread's throttled OpenMP workers (see core.GenerationEngine) one takes ~250 us on
+        # two threads and ~35 us on one (measured, 2 cores): 0.68x -> see docs/engines.md
+        torch.set_num_threads(1)
+        try:
+            return lora.add_delta(x, out, mask)
+        finally:
+            torch.set_num_threads(threads)
+
+    @property
+    def row_slots(self) -> torch.Tensor | None:
+        """Each row's adapter slot for the forward running now (None: no row has one)."""
+        return self._rows
+
+    @row_slots.setter
+    def row_slots(self, rows: torch.Tensor | None) -> None:
+        self._rows, self._masks = rows, {}
 
     def _qkv(self, layer: Layer, x: torch.Tensor, cos, sin):
         """x [..., hidden] -> q [..., heads, d], k / v [..., kv_heads, d], rotated."""
@@ -290,7 +322,7 @@ class SlotRunner:
             r.slot = slots[j]
         tokens, lens = tokens.to(device), torch.tensor(lengths, device=device)
         slot_index = torch.tensor(slots, device=device)
-        self.decoder.row_groups = row_groups([r.adapter for r in group], device)
+        self.decoder.row_slots = row_slots([r.adapter for r in group], device)
         try:
             hidden = self.decoder.prefill(tokens, lens, slot_index)
         except BaseException:
@@ -315,7 +347,7 @@ class SlotRunner:
         Uses free slots' cache space and leaves them free."""
         slots = torch.tensor(sorted(self.free)[: ids.shape[0]], device=ids.device)
         lengths = torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
-        self.decoder.row_groups = None  # scoring is the base model's
+        self.decoder.row_slots = None  # scoring is the base model's
         return self.decoder.logits(self.decoder.prefill(ids, lengths, slots))
 
     def decode(self) -> torch.Tensor:
@@ -325,7 +357,7 @@ class SlotRunner:
         width = int(positions.max()) + 1
         if width > self.max_len:
             raise RuntimeError(f"a row outgrew the KV cache ({self.max_len} tokens)")
-        self.decoder.row_groups = row_groups(self.slot_adapter[:hi], self.decoder.device)
+        self.decoder.row_slots = row_slots(self.slot_adapter[:hi], self.decoder.device)
         hidden = self.decoder.decode(self.next_tokens[:hi], positions, width)
         index = self._slot_index()
         self.lengths[index] += 1
