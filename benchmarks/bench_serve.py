@@ -336,7 +336,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--chunks-per-s", type=float, default=None, help="serve.stream_chunks_per_s of ours"
     )
+    p.add_argument(
+        "--ray-env",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment of our local Ray (its processes inherit it), e.g. Serve's settings",
+    )
     args = p.parse_args(argv)
+    os.environ.update(kv.split("=", 1) for kv in args.ray_env)
 
     from transformers import AutoTokenizer
 

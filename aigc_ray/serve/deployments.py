@@ -110,6 +110,15 @@ class ModelServer:
         )
         self.metrics = ModelMetrics(cfg.name)
         self.open = 0  # engine requests submitted and not yet finished
+
+        # Behind the Router, a request naming an adapter carries it as Serve's multiplexed
+        # model id: noting it here (Serve's multiplexing, an LRU of max_loras ids per replica,
+        # as the engine keeps) tells Serve's router this replica holds it, so the adapter's
+        # next requests come here, not to a replica that would load it again.
+        async def adapter_id(name: str) -> str:  # Serve keeps the name; the engine the weights
+            return name
+
+        self._hold_adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_loras)(adapter_id)
         self.chunks_per_s, self.max_interval = cfg.stream_chunks_per_s, cfg.stream_max_interval_s
         log.info(
             "model %s ready from %s: engine %s (%s)",
@@ -121,6 +130,9 @@ class ModelServer:
 
     async def _submit(self, job: Job, stream: bool) -> tuple[list[EngineRequest], list[list[int]]]:
         """Validate the job against this model and queue its prompts x n engine requests."""
+        routed = job.adapter and serve.get_multiplexed_model_id() == job.adapter  # by the Router
+        if routed and job.adapter in self.cfg.adapters and self._hold_adapter:
+            await self._hold_adapter(job.adapter)
         params = job.params
         if job.kind == "chat":
             prompt, extra_stop = render_chat(self.engine.tokenizer, job.messages)
@@ -533,9 +545,10 @@ class OpenAISurface:
             self._check_model(model, image=False)
             job = to_job(req, self.limit)
             base = self.adapters.get(model)  # an adapter runs on its base model's replicas
-            if base is not None:
-                job.adapter = model
             handle = self.models[base or model]
+            if base is not None:  # preferably on one that holds it (ModelServer._submit)
+                job.adapter = model
+                handle = handle.options(multiplexed_model_id=model)
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
                 writer = ChunkWriter(job.kind, model, include_usage)
@@ -799,6 +812,7 @@ class ModelIngress(ModelServer.func_or_class, OpenAISurface):
         self, model: dict, max_tokens_limit: int, request_timeout_s: float, log_prompts: bool
     ):
         super().__init__(model)
+        self._hold_adapter = None  # Serve's multiplexing is not for an ingress deployment
         self.capacity = ingress_capacity(self.cfg)
         self._init_surface(
             {self.name: LocalHandle(self)},

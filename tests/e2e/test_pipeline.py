@@ -70,6 +70,10 @@ def test_pipeline_command_end_to_end(tmp_path):
     report = json.loads((tmp_path / "optimized" / "report.json").read_text())
     assert report["passed"] and report["size_ratio"] < 0.6
     assert re.search(rf"^served model\s+{tmp_path / 'optimized'}$", out, re.M)
+    # engine auto with every vLLM default a user gets (compiled, its KV cache sized by aigc_ray
+    # from the memory free): the suite's one run of that path (test_vllm_start.py says why)
+    engine = r"^serve: aigc-tiny on vllm [\d.]+ \(vLLM supports this model\)"
+    assert re.search(engine, out, re.M), out[-3000:]
     assert (tmp_path / "data" / "manifest.json").is_file()
     # progress while training (plain lines: stdout is a pipe), and none of Ray's noise
     assert re.search(r"^train\s+30/30 steps \(100%\)  loss [\d.]+  tokens/s ", out, re.M), out

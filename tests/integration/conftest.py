@@ -80,6 +80,10 @@ def ray_session(tmp_path_factory, session_env, s3_env):
     # tier's many app deletions wait 4 s less per ingress replica. Serve's controller reads it
     # when the first app starts it (serve.ingress.controller_options).
     session_env.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+    # A replica whose constructor fails is tried once, not Serve's 3 times, before the deploy
+    # fails (test_vllm_start.py: each try starts vLLM); a replica that dies once running is
+    # replaced as before (Serve's constructor retries count failures to start only).
+    session_env.setenv("RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT", "1")
     cache = str(tmp_path_factory.mktemp("model-cache"))  # remote model dirs are copied here
     ray.init(
         num_cpus=2,

@@ -91,9 +91,11 @@ def _surface_answers(url: str) -> httpx.Response:
     return r
 
 
-def _complete(url: str, stream: bool = False, key: str | None = KEY) -> httpx.Response:
+def _complete(
+    url: str, stream: bool = False, key: str | None = KEY, model: str = "tiny"
+) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 4, "stream": stream}
+    body = {"model": model, "prompt": "def f(x):", "max_tokens": 4, "stream": stream}
     body["ignore_eos"] = True  # exactly 4 tokens (a sampled row may draw EOS first)
     return httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
 
@@ -116,14 +118,39 @@ def test_direct_haproxy_fronts_the_model_replica_itself(haproxy_app):
     assert r.headers["x-aigc-replica"] == stats("tiny", app="haproxy")["replica"]
 
 
-def test_ingress_haproxy_keeps_the_router_path(haproxy_app):
-    """serve.ingress: haproxy, redeployed in place: HAProxy, then the Router, then the model."""
+def test_ingress_haproxy_keeps_the_router_path(haproxy_app, tmp_path_factory):
+    """serve.ingress: haproxy, redeployed in place: HAProxy, then the Router, then the model,
+    here on 2 replicas with 2 LoRA adapters. The Router sends an adapter's requests to the
+    replica that already holds it (Serve's multiplexing by adapter name): after its first
+    request, every request naming adapter `one` is answered by that request's replica."""
+    import time
+
+    from tiny import lora_adapter
+    from transformers import AutoModelForCausalLM
+
     from aigc_ray.serve import run_serve
 
     url, port, cfg = haproxy_app
-    run_serve(cfg.model_copy(update={"ingress": "haproxy"}), app_name="haproxy")
+    base_dir = cfg.models[0].model_dir
+    root = tmp_path_factory.mktemp("router-adapters")
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    for seed, name in enumerate(("one", "two")):
+        lora_adapter(base, root / name, seed)
+    adapters = {name: str(root / name) for name in ("one", "two")}
+    model = cfg.models[0].model_copy(update={"num_replicas": 2, "adapters": adapters})
+    run_serve(cfg.model_copy(update={"ingress": "haproxy", "models": [model]}), app_name="haproxy")
     assert _deployments() == {"Router", "model-tiny"}
     _surface_answers(url)
+
+    def replica(name: str) -> str:
+        r = _complete(url, model=name)
+        assert r.status_code == 200, r.text
+        return r.headers["x-aigc-replica"]
+
+    first = replica("one")
+    time.sleep(2)  # the replica's adapter ids reach the Router (pushed every 0.1 s)
+    assert {replica(name) for name in ["one"] * 8} == {first}
+    assert replica("two")
 
 
 def test_haproxy_dies_with_its_manager_and_is_replaced(haproxy_app):

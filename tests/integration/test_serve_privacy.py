@@ -18,9 +18,12 @@ MARKER = "zq7-PRIVATE-marker-9913"
 # the label each key must get, computed here from the key (security.key_fingerprint's definition)
 FP = [hashlib.sha256(k.encode()).hexdigest()[:8] for k in KEYS]
 MODEL = "tiny-private"
-# vLLM with every default a user gets (compiled, its KV cache sized by aigc_ray from the free
-# memory): the one vLLM app of the suite that sets nothing (test_vllm_start.py says why)
-VLLM = {"engine": "vllm"}
+# vLLM in eager mode with a small KV cache, as in test_serve.py (vLLM with every default, which
+# was this app, is the pipeline test's: tests/e2e/test_pipeline.py)
+VLLM = {
+    "engine": "vllm",
+    "vllm": {"kv_cache_memory_gb": 0.25, "engine_kwargs": {"enforce_eager": True}},
+}
 
 
 @pytest.fixture(scope="module", params=["builtin", pytest.param("vllm", marks=pytest.mark.slow)])

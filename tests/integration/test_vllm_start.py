@@ -2,8 +2,8 @@
 
 With nothing set, vLLM's CPU worker reserves gpu_memory_utilization (0.9) of all memory and
 refuses to start unless that much is free; aigc_ray sizes the KV cache from the model and the
-memory free instead (engine/vllm_engine.size_cpu_kv_cache). The privacy tests serve their vLLM
-model with no vLLM setting at all (test_serve_privacy.py: the default path, compiled); here:
+memory free instead (engine/vllm_engine.size_cpu_kv_cache). The pipeline test serves its model
+with no vLLM setting at all (tests/e2e/test_pipeline.py: `auto` takes vLLM, compiled); here:
 what a user sees when vLLM cannot start, on `engine: vllm` (the deploy fails naming the reason
 and the app is deleted) and on `auto` (the built-in engine, vLLM's own reason in its report)."""
 
