@@ -205,9 +205,8 @@ class Stack:
     of ``a`` belong to the part at output columns start:start + b.shape[1], whose B^T * scale
     they stack in ``b`` [hi - lo, size]. A batch's deltas are then ((x A^T) * mask) then one
     matmul per part, mask[row, j] = (slot of row == slot[j]): a fixed number of small matmuls
-    per projection whatever the number of adapters in the batch (measured on the bench model,
-    32 rows of 4 adapters: 0.32x the base model's tok/s one matmul pair per adapter, 0.68x
-    stacked with zero-padded B, see docs/engines.md)."""
+    per projection whatever the number of adapters in the batch (bench_adapters, 32 streams
+    of 4 adapters: 0.84x the base model's tok/s; a matmul pair per adapter gave 0.32x)."""
 
     a: torch.Tensor
     slot: torch.Tensor

@@ -170,7 +170,7 @@ class SlotDecoder:
             return lora.add_delta(x, out, mask)
         # CPU: these matmuls are tiny ([rows, in] x [in, 4 adapters x rank]); on the decode
         # thread's throttled OpenMP workers (see core.GenerationEngine) one takes ~250 us on
-        # two threads and ~35 us on one (measured, 2 cores): 0.68x -> see docs/engines.md
+        # two threads and ~35 us on one (measured, 2 cores; docs/engines.md)
         torch.set_num_threads(1)
         try:
             return lora.add_delta(x, out, mask)
