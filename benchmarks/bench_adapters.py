@@ -25,15 +25,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_serve import MODEL, run_load, run_ours, run_vllm_server  # noqa: E402
-from tiny_model import bench_prompts, make_model_dir  # noqa: E402
+from bench_serve import (  # noqa: E402
+    MODEL,
+    bench_model,
+    load_args,
+    median_row,
+    run_load,
+    run_ours,
+    run_vllm_server,
+)
 
 ADAPTERS = ("a0", "a1", "a2", "a3")
 RANK, MAX_RANK = 8, 16
@@ -85,34 +90,15 @@ def measure_mix(url: str, prompts, args, label: str) -> dict[str, list[dict]]:
     return rows
 
 
-def median(rounds: list[dict]) -> dict:
-    out = {}
-    for key in ("tok_per_s", "ttft_p50", "gap_p50"):
-        values = [r[key] for r in rounds]
-        out[key] = statistics.median(values)
-        out[f"{key}_spread"] = (max(values) - min(values)) / out[key] if out[key] else 0.0
-    out["errors"] = sum(r["errors"] for r in rounds)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--requests", type=int, nargs=3, default=[8, 32, 96])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--output-tokens", type=int, default=64)
-    p.add_argument("--replica-cpus", type=float, default=2)
-    p.add_argument("--port", type=int, default=8071)
-    p.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "aigc_bench_tiny"))
+    load_args(p, port=8071)
     p.add_argument("--only", nargs="*", default=list(SERVERS), choices=SERVERS)
     args = p.parse_args(argv)
     args.chunks_per_s = None  # run_ours: serve's default
 
-    from transformers import AutoTokenizer
-
-    model_dir = make_model_dir(args.model_dir)
+    model_dir, prompts = bench_model(args)
     adapters = make_adapters(model_dir)
-    prompts = bench_prompts(AutoTokenizer.from_pretrained(model_dir), 32, args.prompt_tokens)
     vllm_flags = (
         "--enable-lora",
         "--max-loras",
@@ -136,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             raw[name], startup[name] = run_ours(
                 model_dir, prompts, args, engine, extra=ours, run=run
             )
-    results = {name: {load: median(r) for load, r in loads.items()} for name, loads in raw.items()}
+    results = {
+        name: {load: median_row(r) for load, r in loads.items()} for name, loads in raw.items()
+    }
 
     print(f"\nmedians of {args.rounds} rounds at c={CONCURRENCY} (spread = (max - min) / median)")
     head = (

@@ -317,8 +317,9 @@ def print_table(results: dict[str, dict[int, dict]], rounds: int) -> None:
             )
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def load_args(p: argparse.ArgumentParser, port: int) -> None:
+    """The load, model and replica options of the serving benchmarks (this one and
+    bench_adapters.py)."""
     p.add_argument(
         "--requests",
         type=int,
@@ -330,8 +331,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--replica-cpus", type=float, default=2)
-    p.add_argument("--port", type=int, default=8061)
+    p.add_argument("--port", type=int, default=port)
     p.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "aigc_bench_tiny"))
+
+
+def bench_model(args) -> tuple[str, list[str]]:
+    """(the bench model's directory, built once; 32 distinct prompts of --prompt-tokens)."""
+    from transformers import AutoTokenizer
+
+    model_dir = make_model_dir(args.model_dir)
+    prompts = bench_prompts(AutoTokenizer.from_pretrained(model_dir), 32, args.prompt_tokens)
+    return model_dir, prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    load_args(p, port=8061)
     p.add_argument("--only", nargs="*", default=list(SERVERS), choices=CHOICES)
     p.add_argument(
         "--chunks-per-s", type=float, default=None, help="serve.stream_chunks_per_s of ours"
@@ -346,10 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.update(kv.split("=", 1) for kv in args.ray_env)
 
-    from transformers import AutoTokenizer
-
-    model_dir = make_model_dir(args.model_dir)
-    prompts = bench_prompts(AutoTokenizer.from_pretrained(model_dir), 32, args.prompt_tokens)
+    model_dir, prompts = bench_model(args)
     raw, startup = {}, {}
 
     def runner(name: str):
