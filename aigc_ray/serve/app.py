@@ -12,6 +12,7 @@ from ray import serve
 from aigc_ray.config import ServeConfig, ServedModel
 from aigc_ray.serve.deployments import ModelIngress, ModelServer, Router
 from aigc_ray.serve.images import ImageServer
+from aigc_ray.serve.routing import AdapterRouter, haproxy_build
 from aigc_ray.serve.security import ServeError, check_bind, load_api_keys
 
 logger = logging.getLogger(__name__)
@@ -89,8 +90,11 @@ def check_engine(m: ServedModel) -> None:
         raise ServeError(f"serve model {m.name}: {e}") from None
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
-    """Typed app builder: `args` are ServeConfig fields (model_dir or models required)."""
+def build_app(args: dict[str, Any], haproxy: bool | None = None) -> serve.Application:
+    """Typed app builder: `args` are ServeConfig fields (model_dir or models required).
+    `haproxy`: whether Serve's controller runs HAProxy (then a direct app whose model has
+    adapters gets serve.routing's AdapterRouter); None reads Ray's setting in this process, as
+    for `serve run/deploy` config files."""
     from aigc_ray.images.model import is_image_model_dir
     from aigc_ray.model import check_model_dir
     from aigc_ray.storage import model_version, portable_location
@@ -119,9 +123,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         check_model_dir(m.model_dir)
         check_engine(m)
         if cfg.ingress == "direct" and len(models) == 1:  # the model's replicas take HTTP
-            return ModelIngress.options(**ingress_options(m)).bind(
+            app = ModelIngress.options(**ingress_options(m)).bind(
                 fields, cfg.max_tokens_limit, cfg.request_timeout_s, cfg.log_prompts
             )
+            if m.adapters and _haproxy_on(haproxy):  # an adapter's requests to its holder
+                app._with_ingress_request_router(AdapterRouter.bind(app, sorted(m.adapters)))
+            return app
         handles[m.name] = ModelServer.options(**deployment_options(m)).bind(fields)
         adapters.update(dict.fromkeys(m.adapters, m.name))
     if cfg.ingress == "direct":
@@ -149,6 +156,14 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     )
 
 
+def _haproxy_on(haproxy: bool | None) -> bool:
+    if haproxy is None:
+        from ray.serve._private.constants import RAY_SERVE_ENABLE_HA_PROXY
+
+        return bool(RAY_SERVE_ENABLE_HA_PROXY)
+    return haproxy
+
+
 def run_serve(cfg: ServeConfig, model_dir: str | None = None, app_name: str = "aigc") -> str:
     """Deploy on the connected Ray cluster; return the base URL. Returns once replicas are ready.
     ``model_dir`` fills in serve.model_dir when the config leaves it empty."""
@@ -163,17 +178,18 @@ def run_serve(cfg: ServeConfig, model_dir: str | None = None, app_name: str = "a
     args = cfg.model_dump(exclude_unset=True)
     if model_dir and not cfg.models:
         args["model_dir"] = model_dir
-    app = build_app(args)
     from aigc_ray.serve.ingress import controller_options
 
     options = controller_options(cfg.ingress, bool(cfg.tls_certfile))  # None: Serve's proxy
+    app = build_app(args, haproxy=options is not None)
     serve.start(
         http_options=http_options,
         proxy_location=cfg.proxy_location,
         controller_options=options,
     )
     try:
-        serve.run(app, name=app_name, route_prefix="/", blocking=False)
+        with haproxy_build(options is not None):
+            serve.run(app, name=app_name, route_prefix="/", blocking=False)
     except RuntimeError as e:  # Serve says only "Failed to update the deployments [...]"
         reasons = deploy_failures(app_name)
         serve.delete(app_name)  # no replica left retrying a constructor that fails

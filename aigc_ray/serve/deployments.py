@@ -111,10 +111,11 @@ class ModelServer:
         self.metrics = ModelMetrics(cfg.name)
         self.open = 0  # engine requests submitted and not yet finished
 
-        # Behind the Router, a request naming an adapter carries it as Serve's multiplexed
-        # model id: noting it here (Serve's multiplexing, an LRU of max_loras ids per replica,
-        # as the engine keeps) tells Serve's router this replica holds it, so the adapter's
-        # next requests come here, not to a replica that would load it again.
+        # Routed by the Router (or, on the direct path, serve.routing's AdapterRouter), a
+        # request naming an adapter carries it as Serve's multiplexed model id. Noting it here
+        # (Serve's multiplexing, an LRU of max_loras ids per replica, as the engine keeps) tells
+        # Serve's routers this replica holds it, so the adapter's next requests come here, not
+        # to a replica that would load it again.
         async def adapter_id(name: str) -> str:  # Serve keeps the name; the engine the weights
             return name
 
@@ -130,8 +131,8 @@ class ModelServer:
 
     async def _submit(self, job: Job, stream: bool) -> tuple[list[EngineRequest], list[list[int]]]:
         """Validate the job against this model and queue its prompts x n engine requests."""
-        routed = job.adapter and serve.get_multiplexed_model_id() == job.adapter  # by the Router
-        if routed and job.adapter in self.cfg.adapters and self._hold_adapter:
+        routed = job.adapter and serve.get_multiplexed_model_id() == job.adapter
+        if routed and job.adapter in self.cfg.adapters:
             await self._hold_adapter(job.adapter)
         params = job.params
         if job.kind == "chat":
@@ -812,7 +813,6 @@ class ModelIngress(ModelServer.func_or_class, OpenAISurface):
         self, model: dict, max_tokens_limit: int, request_timeout_s: float, log_prompts: bool
     ):
         super().__init__(model)
-        self._hold_adapter = None  # Serve's multiplexing is not for an ingress deployment
         self.capacity = ingress_capacity(self.cfg)
         self._init_surface(
             {self.name: LocalHandle(self)},

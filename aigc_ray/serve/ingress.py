@@ -118,5 +118,8 @@ def controller_options(ingress: str, tls: bool = False) -> dict | None:
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
         DRAIN_ENV: os.environ.get(DRAIN_ENV, DEFAULT_DRAIN_S),
+        # HAProxy posts each request's body to an app's ingress request router (serve.routing:
+        # apps with adapters; other apps have none and are not affected)
+        "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
     }
     return {"runtime_env": {"env_vars": env}}

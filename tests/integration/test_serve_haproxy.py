@@ -118,11 +118,19 @@ def test_direct_haproxy_fronts_the_model_replica_itself(haproxy_app):
     assert r.headers["x-aigc-replica"] == stats("tiny", app="haproxy")["replica"]
 
 
-def test_ingress_haproxy_keeps_the_router_path(haproxy_app, tmp_path_factory):
-    """serve.ingress: haproxy, redeployed in place: HAProxy, then the Router, then the model,
-    here on 2 replicas with 2 LoRA adapters. The Router sends an adapter's requests to the
-    replica that already holds it (Serve's multiplexing by adapter name): after its first
-    request, every request naming adapter `one` is answered by that request's replica."""
+@pytest.mark.parametrize(
+    ("ingress", "deployments"),
+    [("direct", {"model-tiny", "AdapterRouter"}), ("haproxy", {"Router", "model-tiny"})],
+)
+def test_adapter_requests_go_to_the_replica_holding_the_adapter(
+    haproxy_app, tmp_path_factory, ingress, deployments
+):
+    """2 replicas with 2 LoRA adapters, redeployed in place on each path that routes by
+    adapter: direct (HAProxy asks serve.routing's AdapterRouter, which reads the body) and
+    haproxy (HAProxy, then the Router; the smoke test of that path). An adapter's requests go
+    to the replica that already holds it (Serve's multiplexing by adapter name): after its
+    first request, every request naming adapter `one` is answered by that request's replica.
+    The surface holds behind the router: keys, streams, an unknown adapter's 404."""
     import time
 
     from tiny import lora_adapter
@@ -132,15 +140,17 @@ def test_ingress_haproxy_keeps_the_router_path(haproxy_app, tmp_path_factory):
 
     url, port, cfg = haproxy_app
     base_dir = cfg.models[0].model_dir
-    root = tmp_path_factory.mktemp("router-adapters")
+    root = tmp_path_factory.mktemp(f"adapters-{ingress}")
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     for seed, name in enumerate(("one", "two")):
         lora_adapter(base, root / name, seed)
     adapters = {name: str(root / name) for name in ("one", "two")}
     model = cfg.models[0].model_copy(update={"num_replicas": 2, "adapters": adapters})
-    run_serve(cfg.model_copy(update={"ingress": "haproxy", "models": [model]}), app_name="haproxy")
-    assert _deployments() == {"Router", "model-tiny"}
+    run_serve(cfg.model_copy(update={"ingress": ingress, "models": [model]}), app_name="haproxy")
+    assert _deployments() == deployments
     _surface_answers(url)
+    unknown = _complete(url, model="three")
+    assert unknown.status_code == 404 and "three" in unknown.json()["error"]["message"]
 
     def replica(name: str) -> str:
         r = _complete(url, model=name)
@@ -148,9 +158,10 @@ def test_ingress_haproxy_keeps_the_router_path(haproxy_app, tmp_path_factory):
         return r.headers["x-aigc-replica"]
 
     first = replica("one")
-    time.sleep(2)  # the replica's adapter ids reach the Router (pushed every 0.1 s)
+    time.sleep(2)  # the replica's adapter ids reach the router (pushed every 0.1 s)
     assert {replica(name) for name in ["one"] * 8} == {first}
     assert replica("two")
+    assert len({replica("tiny") for _ in range(16)}) == 2, "the base model's load is not spread"
 
 
 def test_haproxy_dies_with_its_manager_and_is_replaced(haproxy_app):

@@ -211,13 +211,12 @@ def test_train_rerun_with_same_name_resumes(trained, cfg, capsys):
     ), shown
 
 
-def _dp_accounting(cfg):
-    """(epsilon after `steps` by Opacus' own accountant, the run's sampling rate q and noise)."""
+def _dp_accounting(cfg, data_dir):
+    """(epsilon after `steps` by Opacus' own accountant, the run's noise) for a run of `cfg`'s
+    batch size on the data in `data_dir`."""
     from opacus.accountants import RDPAccountant
 
-    n = json.loads((Path(cfg.resolved_data_dir()) / "manifest.json").read_text())["splits"][
-        "train"
-    ]["blocks"]
+    n = json.loads((Path(data_dir) / "manifest.json").read_text())["splits"]["train"]["blocks"]
     q, sigma = 2 * cfg.train.batch_size / n, 1.0
 
     def eps(steps):
@@ -230,12 +229,29 @@ def _dp_accounting(cfg):
 
 @pytest.fixture(scope="module")
 def dp_run(trained, cfg, s3_server):
-    """A second LoRA run over the same seeded base: DP-SGD on the two DDP workers, with a fixed
-    noise and a budget that 8 steps would exceed (its own run dir and export)."""
+    """A second LoRA run over the same seeded base, on other data: standard-library files the
+    first run never saw, preprocessed with the first run's tokenizer (data.tokenizer). DP-SGD on
+    the two DDP workers, with a fixed noise and a budget that 8 steps would exceed (its own data,
+    run dir and export). Returns (run, its train config, its epsilon target, its data dir)."""
     from aigc_ray.config import DPConfig
+    from aigc_ray.data import run_preprocess
     from aigc_ray.train import fit
 
-    eps, sigma = _dp_accounting(cfg)
+    root = Path(cfg.data.output_dir).parent
+    corpus = root / "corpus-dp"
+    corpus.mkdir()
+    for i, f in enumerate(stdlib_files()[60:120]):
+        (corpus / f"d{i}.txt").write_text(Path(f).read_text())
+    data = cfg.data.model_copy(
+        update={
+            "inputs": [str(corpus)],
+            "output_dir": str(root / "data-dp"),
+            "tokenizer": f"{cfg.data.output_dir}/tokenizer",
+        }
+    )
+    run_preprocess(data)
+    data_dir = data.output_dir
+    eps, sigma = _dp_accounting(cfg, data_dir)
     target = (eps(4) + eps(5)) / 2  # step 5 would exceed it
     dp_cfg = cfg.train.model_copy(
         update={
@@ -246,7 +262,7 @@ def dp_run(trained, cfg, s3_server):
             "privacy": DPConfig(enabled=True, noise_multiplier=sigma, target_epsilon=target),
         }
     )
-    return fit(dp_cfg, cfg.model, cfg.resolved_data_dir()), dp_cfg, target
+    return fit(dp_cfg, cfg.model, data_dir), dp_cfg, target, data_dir
 
 
 @pytest.mark.slow
@@ -257,8 +273,8 @@ def test_dp_lora_run_stops_before_its_budget_and_says_so_in_the_exported_card(
     (computed here with Opacus' own accountant), says why in the last metrics row, the summary
     and the model card, and still exports the model of that step (card included) to object
     storage."""
-    eps, _ = _dp_accounting(cfg)
-    run, dp_cfg, target = dp_run
+    run, dp_cfg, target, data_dir = dp_run
+    eps, _ = _dp_accounting(cfg, data_dir)
     assert run.steps == 4 and run.privacy["steps"] == 4
     assert run.privacy["epsilon"] == pytest.approx(eps(4), rel=0.01) and eps(4) <= target
     stopped = run.privacy["stopped"]
@@ -279,7 +295,7 @@ def test_dp_lora_run_stops_before_its_budget_and_says_so_in_the_exported_card(
 def test_two_trained_adapters_are_served_over_their_base_each_as_its_merged_model(
     trained, dp_run, cfg
 ):
-    """The adapters of the two runs (plain LoRA, then DP-SGD LoRA: different training), served
+    """The adapters of the two runs (plain LoRA, then DP-SGD LoRA on other files), served
     unmerged over the base they were trained on (serve.adapters, built-in engine): a request
     naming each gets the greedy text of that run's exported merged model, the two differ, and
     /v1/models lists both with the base as parent."""
