@@ -347,6 +347,10 @@ def local_up(
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash_port}",
         f"--ray-client-server-port={_free_port()}",
+        # the head's agent (job submission) on a free port, not Ray's fixed 52365, which
+        # another Ray on this machine may hold (its agent would not start: "No available
+        # agent to submit job"); the launched nodes' agents already take free ports
+        "--dashboard-agent-listen-port=0",
         "--disable-usage-stats",
         # a lost node is declared dead in ~3 s (Ray's default: 15 s), so the autoscaler and
         # Train react to a preempted node quickly
