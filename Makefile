@@ -51,7 +51,8 @@ test-tools:
 # idle a third of the time in one serial run (Ray's waits), busy in two.
 TEST_WORKERS ?= 2
 test: $(TSTAMP) test-tools
-	$(PY) -m pytest -q -ra --timeout=900 --durations=30 -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -ra --timeout=900 --durations=30 -n $(TEST_WORKERS) --dist loadfile \
+		--no-loadscope-reorder
 
 # The inner loop: the unit tier and the fast integration tests (no test marked slow). Budget: 8 min.
 test-quick: $(TSTAMP) test-tools

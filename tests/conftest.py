@@ -39,8 +39,9 @@ def pytest_terminal_summary(terminalreporter):
 
 
 # The modules that take longest (seconds in a serial `make test`, rounded), run first: `make test`
-# spreads whole modules over pytest-xdist's two workers in this order, and a long module that
-# starts last leaves one worker idle at the end. Modules not named keep their order after these.
+# spreads whole modules over pytest-xdist's two workers in this order (--no-loadscope-reorder:
+# xdist would otherwise hand out the modules with most tests first, and these long ones, with
+# one to four tests each, came last). Modules not named keep their order after these.
 LONGEST = {
     "e2e/test_cluster_local.py": 290,
     "integration/test_serve.py": 250,

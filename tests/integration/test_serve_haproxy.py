@@ -118,6 +118,48 @@ def test_direct_haproxy_fronts_the_model_replica_itself(haproxy_app):
     assert r.headers["x-aigc-replica"] == stats("tiny", app="haproxy")["replica"]
 
 
+def test_replica_killed_mid_stream_ends_the_stream_and_is_replaced(haproxy_app):
+    """The direct path has no Router to send an error event when a replica dies: the one
+    replica is SIGKILLed after 3 chunks of a stream. The client's stream ends within seconds
+    without [DONE] (it never hangs), HAProxy answers 502/503 while no replica is up, and Serve
+    replaces the replica: requests succeed again."""
+    import time
+
+    from serving import stats
+
+    url, port, _ = haproxy_app
+    old = stats("tiny", app="haproxy")["pid"]
+    body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 240, "stream": True}
+    body["ignore_eos"] = True
+    headers = {"Authorization": f"Bearer {KEY}"}
+    lines, killed = [], None
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        with contextlib.suppress(httpx.HTTPError):  # HAProxy may cut the chunked body short
+            for line in r.iter_lines():
+                lines += [line] if line.startswith("data:") else []
+                if len(lines) == 3 and killed is None:
+                    os.kill(old, signal.SIGKILL)
+                    killed = time.monotonic()
+    assert killed is not None, f"the stream ended before 3 chunks: {lines}"
+    assert time.monotonic() - killed < 10, "the client's stream outlived its replica"
+    assert "data: [DONE]" not in lines
+    statuses = []
+
+    def recovered() -> bool:
+        try:
+            r = _complete(url)
+        except httpx.HTTPError as e:
+            statuses.append(type(e).__name__)
+            return False
+        statuses.append(r.status_code)
+        return r.status_code == 200
+
+    wait_until(recovered, 120, "a new replica serving")
+    assert set(statuses[:-1]) <= {502, 503, "RemoteProtocolError", "ReadError"}, statuses
+    assert stats("tiny", app="haproxy")["pid"] != old
+
+
 @pytest.mark.parametrize(
     ("ingress", "deployments"),
     [("direct", {"model-tiny", "AdapterRouter"}), ("haproxy", {"Router", "model-tiny"})],
