@@ -20,6 +20,10 @@ import json
 
 from fastapi import FastAPI, HTTPException, Request
 from ray import serve
+from ray.serve._private.constants import (
+    RAY_SERVE_INGRESS_REQUEST_ROUTER_OPT_HEADERS_FIELD as HEADERS,
+)
+from ray.serve._private.constants import SERVE_MULTIPLEXED_MODEL_ID
 from ray.serve.exceptions import DeploymentUnavailableError
 
 route_api = FastAPI()
@@ -47,11 +51,6 @@ class AdapterRouter:
 
     @route_api.post("/internal/route")
     async def route(self, request: Request) -> dict:
-        from ray.serve._private.constants import (
-            RAY_SERVE_INGRESS_REQUEST_ROUTER_OPT_HEADERS_FIELD as HEADERS,
-        )
-        from ray.serve._private.constants import SERVE_MULTIPLEXED_MODEL_ID
-
         model = requested_model(await request.body())
         adapter = model if model in self._adapters else ""
         handle = self._server.options(multiplexed_model_id=adapter) if adapter else self._server
