@@ -477,12 +477,13 @@ class ReplicaSettings(EngineSettings):
     batch_wait_timeout_s: float = Field(
         0.05, ge=0, description="Image models: wait this long to batch concurrent requests."
     )
-    stream_chunks_per_s: float = Field(
-        330,
+    stream_chunks_per_s: float | None = Field(
+        None,
         ge=0,
         description="Streamed chunks/s per replica before chunks carry several tokens (each "
         "chunk costs CPU in the replica, and in the Router and Serve's proxy where they are in "
-        "front); 0 = one chunk per token always.",
+        "front); 0 = one chunk per token always. Unset: 0 where the replica takes HTTP itself "
+        "(serve.ingress direct, one model), 330 behind the Router.",
     )
     stream_max_interval_s: float = Field(
         0.09,

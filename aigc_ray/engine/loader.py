@@ -158,10 +158,13 @@ def load_engine(
     adapters: dict[str, str] | None = None,
     max_loras: int = 4,
     max_lora_rank: int = 16,
+    on_caller_loop: bool = False,
 ):
     """Load ``model_dir`` (local, or s3:// copied to this node's cache) with the chosen engine.
     ``vllm`` holds VllmSettings fields; ``adapters`` (name -> PEFT directory) are LoRA adapters
-    a request may name, loaded on first use. Returns (engine, EngineChoice)."""
+    a request may name, loaded on first use. ``on_caller_loop``: vLLM's AsyncLLM runs on the
+    caller's running event loop (serving), not on a thread of its own. Returns (engine,
+    EngineChoice)."""
     lora = {"adapters": adapters or None, "max_loras": max_loras, "max_lora_rank": max_lora_rank}
     from aigc_ray.storage import local_model_dir
 
@@ -182,6 +185,7 @@ def load_engine(
                 max_batch_size=max_batch_size,
                 stat_loggers=stat_loggers,
                 warm_up=not own_cores,
+                on_caller_loop=on_caller_loop,
                 **lora,
                 **vllm_engine_options(vllm),
             )

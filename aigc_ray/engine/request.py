@@ -19,6 +19,9 @@ from aigc_ray.engine.params import GenerationResult
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    if asyncio._get_running_loop() is loop:  # vLLM's output handler on the consumer's own loop
+        loop.call_soon(fn)  # no write to the loop's self-pipe, as call_soon_threadsafe makes
+        return
     with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
         loop.call_soon_threadsafe(fn)
 

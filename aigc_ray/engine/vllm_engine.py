@@ -2,10 +2,12 @@
 
 ``submit`` / ``asubmit`` return the same EngineRequest handle, so the Serve model server, batch
 generation, metrics and errors do not care which engine runs. vLLM's AsyncLLM lives on an event
-loop in a thread of its own (a Serve replica's loop and a Ray Data actor's threads both call in);
-its engine core runs in a child process, as in vLLM's own server. Requests are validated here
-with the same rules as the built-in engine (so a bad request is the same 400 on both), then
-handed to vLLM as token ids; a cancelled request is aborted in vLLM (no more tokens generated).
+loop: the caller's (``on_caller_loop``: a Serve replica, which then has one loop for HTTP and
+vLLM's output handling, as vLLM's own server does) or one in a thread of its own (a Ray Data
+actor's threads call ``submit``); its engine core runs in a child process, as in vLLM's own
+server. Requests are validated here with the same rules as the built-in engine (so a bad request
+is the same 400 on both), then handed to vLLM as token ids; a cancelled request is aborted in
+vLLM (no more tokens generated).
 
 Never imports Ray: the Serve layer passes Ray's Prometheus stat logger in ``stat_loggers``.
 """
@@ -133,6 +135,7 @@ class VllmEngine:
         adapters: dict[str, str] | None = None,
         max_loras: int = 4,
         max_lora_rank: int = 16,
+        on_caller_loop: bool = False,
     ):
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -161,18 +164,31 @@ class VllmEngine:
             # CPU from the forward pass. Unset, vLLM binds its worker to its own cores and runs
             # the engine loop single-threaded, as in its own server.
             os.environ.pop("OMP_NUM_THREADS", None)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="aigc-vllm", daemon=True
-        )
-        self._thread.start()
+        # On the caller's running loop (a replica's: its constructor runs on it), AsyncLLM starts
+        # its output handler there: tokens reach the HTTP responses without a hop between
+        # threads (bench_serve, engine vllm at c=32). Else on a loop of its own, in a thread.
+        self.on_caller_loop = on_caller_loop
+        self._thread: threading.Thread | None = None
+        self._failed: EngineDeadError | None = None  # the warm-up on the caller's loop failed
+        self._warming: asyncio.Task | None = None
+        if on_caller_loop:
+            self._loop = asyncio.get_running_loop()
+        else:
+            self._loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(
+                target=self._loop.run_forever, name="aigc-vllm", daemon=True
+            )
+            self._thread.start()
 
         async def start():
             return AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=loggers)
 
         log = StderrTail()  # vLLM's engine core logs its own error there, not in `e`
         try:
-            self.llm = asyncio.run_coroutine_threadsafe(start(), self._loop).result()
+            if on_caller_loop:
+                self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=loggers)
+            else:
+                self.llm = asyncio.run_coroutine_threadsafe(start(), self._loop).result()
         except Exception as e:
             self._stop_loop()
             # vLLM's own reason, else its message ("... See root cause above": in this log)
@@ -186,7 +202,9 @@ class VllmEngine:
         self._closed = False
         self.args = args
         try:
-            if warm_up:
+            if warm_up and on_caller_loop:  # its loop runs once the caller's constructor returns
+                self._warming = self._loop.create_task(self._awarm_up())
+            elif warm_up:
                 self._warm_up()
         except EngineError as e:
             self.close()
@@ -196,12 +214,28 @@ class VllmEngine:
             ) from e
         logger.info("vLLM engine ready for %s (%s)", model_dir, args)
 
+    def _warm_up_request(self):
+        ids = [self.encode("a")[-1]] * 2
+        params = SamplingParams(max_tokens=1, temperature=0, logprobs=1, prompt_logprobs=1)
+        return self._prepare(ids, params, False)
+
     def _warm_up(self) -> None:
         """One request through the logprobs paths: their first use costs vLLM ~3.5 s here
         (measured on CPU), which would otherwise land on a user's first evaluation request."""
-        ids = [self.encode("a")[-1]] * 2
-        params = SamplingParams(max_tokens=1, temperature=0, logprobs=1, prompt_logprobs=1)
-        self.submit(ids, params).result(timeout=600)
+        req, sp = self._warm_up_request()
+        asyncio.run_coroutine_threadsafe(self._start(req, sp), self._loop).result()
+        req.result(timeout=600)
+
+    async def _awarm_up(self) -> None:
+        """``_warm_up`` on the caller's loop: requests wait for it; if it fails, the engine
+        counts as dead (the replica fails its health check and is replaced)."""
+        try:
+            req, sp = self._warm_up_request()
+            await self._start(req, sp)
+            await req.aresult()
+        except Exception as e:
+            logger.error("vLLM failed its first request on %s: %s", self.model_dir, e)
+            self._failed = EngineDeadError(f"vLLM failed its first request ({e})")
 
     # ------------------------------------------------------------ requests
 
@@ -258,6 +292,8 @@ class VllmEngine:
     ) -> EngineRequest:
         """Validate and hand one request to vLLM; return its handle (any thread). ``adapter``
         names a LoRA adapter of ``adapters`` (AdapterError when unknown or unusable)."""
+        if self._thread is None and _running_loop() is self._loop:
+            raise RuntimeError("VllmEngine.submit blocks its own loop here: use asubmit")
         req, sp = self._prepare(prompt, params, stream)
         lora = self.adapters.request(adapter)
         future = asyncio.run_coroutine_threadsafe(self._start(req, sp, lora), self._loop)
@@ -272,8 +308,13 @@ class VllmEngine:
         adapter: str | None = None,
     ) -> EngineRequest:
         """``submit`` for asyncio callers: vLLM's admission runs without blocking their loop."""
+        if self._warming is not None:
+            await asyncio.shield(self._warming)
         req, sp = self._prepare(prompt, params, stream)
         lora = self.adapters.request(adapter)
+        if self._thread is None:  # on the caller's loop, which is this one
+            await self._start(req, sp, lora)
+            return req
         future = asyncio.run_coroutine_threadsafe(self._start(req, sp, lora), self._loop)
         await asyncio.wrap_future(future)
         return req
@@ -283,6 +324,8 @@ class VllmEngine:
             raise EngineError("engine is closed")
         if self.llm.errored:
             raise EngineDeadError("vLLM's engine process died; this replica is being replaced")
+        if self._failed is not None:
+            raise self._failed
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check(ids, params)
         sp = self._sampling_params(params)
@@ -357,7 +400,7 @@ class VllmEngine:
 
     @property
     def dead(self) -> bool:
-        return bool(self.llm.errored)
+        return bool(self.llm.errored) or self._failed is not None
 
     def stats(self) -> dict:
         """vLLM's own counts (from its stat logger) plus our per-request outcomes."""
@@ -380,8 +423,17 @@ class VllmEngine:
             self._stop_loop()
 
     def _stop_loop(self) -> None:
+        if self._thread is None:  # the caller's loop: not ours to stop
+            return
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def engine_args(

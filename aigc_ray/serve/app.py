@@ -56,6 +56,7 @@ def deployment_options(m: ServedModel) -> dict:
     return options
 
 
+SAME_THREAD = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
 INGRESS_HEADROOM = 16  # requests past the capacity that reach the replica's own 503
 
 
@@ -66,6 +67,13 @@ def ingress_options(m: ServedModel) -> dict:
     from aigc_ray.serve.deployments import ingress_capacity
 
     options = deployment_options(m)
+    # Serve runs user code on an event loop of its own thread by default, and hands every ASGI
+    # message of a response to the replica's HTTP server on another loop: one hop between
+    # threads per streamed chunk. Our code never blocks its loop once constructed (the engines
+    # decode in a thread or process), so it runs on Serve's loop here. bench_serve, built-in
+    # engine, c=32: one chunk per token cost 14% of tok/s across the hop (782 -> 675 tok/s) and
+    # 2% without it (769 tok/s, chunk gap p50 35 ms).
+    options["ray_actor_options"]["runtime_env"] = {"env_vars": {SAME_THREAD: "0"}}
     capacity = ingress_capacity(m)
     if capacity is not None:
         options["max_ongoing_requests"] = capacity + INGRESS_HEADROOM

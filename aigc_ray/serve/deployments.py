@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import threading
 import time
 
 from fastapi import FastAPI, Request
@@ -85,6 +86,11 @@ class ModelServer:
     """One model: an engine (built-in or vLLM) with continuous batching, shared by all requests
     to this replica. ``model`` is a ServedModel's fields (validated again here)."""
 
+    # Behind the Router every chunk crosses two more Python processes, so under load chunks
+    # carry several tokens (docs/serving.md); ModelIngress, which takes HTTP itself, sends one
+    # per token.
+    DEFAULT_CHUNKS_PER_S = 330.0
+
     def __init__(self, model: dict):
         import torch
 
@@ -107,6 +113,7 @@ class ModelServer:
             adapters=cfg.adapters,
             max_loras=cfg.max_loras,
             max_lora_rank=cfg.max_lora_rank,
+            on_caller_loop=_in_event_loop(),  # Serve runs a constructor on the replica's loop
         )
         self.metrics = ModelMetrics(cfg.name)
         self.open = 0  # engine requests submitted and not yet finished
@@ -120,7 +127,10 @@ class ModelServer:
             return name
 
         self._hold_adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_loras)(adapter_id)
-        self.chunks_per_s, self.max_interval = cfg.stream_chunks_per_s, cfg.stream_max_interval_s
+        self.chunks_per_s = cfg.stream_chunks_per_s
+        if self.chunks_per_s is None:
+            self.chunks_per_s = self.DEFAULT_CHUNKS_PER_S
+        self.max_interval = cfg.stream_max_interval_s
         log.info(
             "model %s ready from %s: engine %s (%s)",
             cfg.name,
@@ -275,10 +285,12 @@ class ModelServer:
             "replica": self.replica,
             "model": self.name,
             "engine": self.choice.name,
+            "thread": threading.current_thread().name,  # where Serve runs this replica's code
             **self.engine.stats(),
         }
         if hasattr(self.engine, "engine_pids"):
             out["engine_pids"] = self.engine.engine_pids()
+            out["vllm_on_replica_loop"] = self.engine.on_caller_loop
         return out
 
     def check_health(self) -> None:
@@ -320,6 +332,14 @@ def _engine_failure(e: EngineError) -> ApiError:
             code="replica_unavailable",
         )
     return ApiError(500, str(e), "server_error")
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 async def _merge(reqs: list[EngineRequest], interval):
@@ -808,6 +828,8 @@ class ModelIngress(ModelServer.func_or_class, OpenAISurface):
     surface and the engine in one replica. Behind HAProxy (Serve's direct ingress) no Python hop
     is left between the client and the engine; behind Serve's proxy, one fewer than through the
     Router. Deployed as ``model-<name>`` with that model's replicas, resources and autoscaling."""
+
+    DEFAULT_CHUNKS_PER_S = 0.0  # one chunk per token (bench_serve: 35 ms chunk gap at c=32)
 
     def __init__(
         self, model: dict, max_tokens_limit: int, request_timeout_s: float, log_prompts: bool

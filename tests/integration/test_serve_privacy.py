@@ -199,3 +199,24 @@ def test_log_prompts_true_writes_prompts_to_the_replica_log(app, ray_session):
     files = _wait_for_request_logs(node, [r.headers["x-request-id"]])
     found = [name for name, data in files if marker.encode() in data]
     assert any(f"replica_aigc_model-{MODEL}" in f for f in found), found
+
+
+def test_one_model_replica_runs_on_serves_own_loop_and_vllm_on_it(app):
+    """(Here because this module's app is the tier's one-model app on both engines.) On the
+    default path the replica's code runs on Serve's own event loop, so a streamed chunk does
+    not cross threads to reach the replica's HTTP server (serve.app.ingress_options sets it in
+    the replica's runtime env, merged with the app's), and vLLM's output handler runs on that
+    same loop (VllmEngine on_caller_loop)."""
+    from serving import stats
+
+    base_url, _, engine = app
+    s = stats(MODEL)
+    # Ray runs an async actor's loop in its thread "AsyncIO Thread: default"; Serve's thread
+    # for user code is "Thread-N (_run_user_code_event_loop)"
+    assert s["engine"] == engine and s["thread"].startswith("AsyncIO Thread"), s
+    if engine == "vllm":
+        assert s["vllm_on_replica_loop"] is True, s
+    # the app's own runtime env still reached the replica: its API keys hold
+    good = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+    assert _post(base_url, "/completions", good, KEYS[1]).status_code == 200
+    assert _post(base_url, "/completions", good, "sk-wrong").status_code == 401

@@ -92,6 +92,49 @@ def test_answers_equal_the_routers_over_a_model_server(ingress, tiny_model_dir):
     ]
 
 
+def test_the_replica_that_takes_http_paces_no_stream_under_load(ingress):
+    """8 streams at once (decode steps slowed to 10 ms). By default (serve.stream_chunks_per_s
+    unset) the replica that takes HTTP holds no delta back: the pacing interval its streams ask
+    for (``_stream_interval``, which EngineRequest.adeltas waits out between two chunks) stays
+    0 while they run, and every stream gets all its tokens. With the Router path's budget
+    (330 chunks/s per replica) the same load asks for 8/330 s between chunks."""
+    from aigc_ray.serve.deployments import ModelServer
+
+    assert ingress.cfg.stream_chunks_per_s is None and ingress.chunks_per_s == 0
+    assert ModelServer.func_or_class.DEFAULT_CHUNKS_PER_S == 330
+    body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 16, "ignore_eos": True}
+
+    async def one() -> int:
+        status, text = await _read(await ingress.completions(_request({**body, "stream": True})))
+        assert status == 200, text
+        return json.loads(text.split("data: ")[-2])["usage"]["completion_tokens"]
+
+    async def load() -> tuple[list[int], set[float]]:
+        asked: set[float] = set()
+
+        async def sample():
+            while True:
+                if ingress.engine.num_running == 8:
+                    asked.add(ingress._stream_interval())
+                await asyncio.sleep(0.005)
+
+        sampler = asyncio.create_task(sample())
+        tokens = await asyncio.gather(*(one() for _ in range(8)))
+        sampler.cancel()
+        return tokens, asked
+
+    with slowed(ingress.engine, 0.01):
+        tokens, asked = asyncio.run(load())
+        ingress.chunks_per_s = 330.0
+        try:
+            _, budgeted = asyncio.run(load())
+        finally:
+            ingress.chunks_per_s = 0.0
+    assert tokens == [16] * 8
+    assert asked == {0.0}
+    assert budgeted == {8 / 330}
+
+
 def test_errors_keep_openais_shape(ingress):
     async def go():
         calls = [
