@@ -142,7 +142,13 @@ def test_batch_generation_from_a_model_in_object_storage(
     src = tmp_path / "prompts.jsonl"
     src.write_text("".join(json.dumps({"prompt": f"x{i} ="}) + "\n" for i in range(4)))
     cfg = GenerateConfig(
-        inputs=[str(src)], output_dir=str(tmp_path / "out"), max_tokens=3, num_cpus=0.5
+        inputs=[str(src)],
+        output_dir=str(tmp_path / "out"),
+        max_tokens=3,
+        num_cpus=0.5,
+        # `auto` still takes vLLM, its KV cache sized by aigc_ray; eager spares torch.compile's
+        # ~30 s of CPU (vLLM compiled, with every default, is the pipeline test's)
+        vllm={"engine_kwargs": {"enforce_eager": True}},
     )
     summary = run_generate(cfg, uri)
     rows = pq.read_table(tmp_path / "out").to_pylist()

@@ -62,6 +62,9 @@ def cfg(tmp_path_factory, serve_port):
         "train.checkpoint_every=3",
         "train.eval_batches=2",
         f"serve.port={serve_port}",
+        # `auto` still takes vLLM and sizes its KV cache itself; eager spares torch.compile's
+        # ~30 s of CPU (vLLM compiled, with every default, is the pipeline test's)
+        "serve.vllm.engine_kwargs.enforce_eager=true",
     ]
     c = load_config("configs/tiny.yaml", overrides)
     c.__dict__["_docs"] = docs
