@@ -180,15 +180,18 @@ class VllmEngine:
             )
             self._thread.start()
 
-        async def start():
+        def start():
             return AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=loggers)
+
+        async def start_on_loop():
+            return start()
 
         log = StderrTail()  # vLLM's engine core logs its own error there, not in `e`
         try:
-            if on_caller_loop:
-                self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=loggers)
+            if on_caller_loop:  # the caller's loop is running: AsyncLLM's handler starts there
+                self.llm = start()
             else:
-                self.llm = asyncio.run_coroutine_threadsafe(start(), self._loop).result()
+                self.llm = asyncio.run_coroutine_threadsafe(start_on_loop(), self._loop).result()
         except Exception as e:
             self._stop_loop()
             # vLLM's own reason, else its message ("... See root cause above": in this log)
@@ -292,7 +295,7 @@ class VllmEngine:
     ) -> EngineRequest:
         """Validate and hand one request to vLLM; return its handle (any thread). ``adapter``
         names a LoRA adapter of ``adapters`` (AdapterError when unknown or unusable)."""
-        if self._thread is None and _running_loop() is self._loop:
+        if self.on_caller_loop and asyncio._get_running_loop() is self._loop:
             raise RuntimeError("VllmEngine.submit blocks its own loop here: use asubmit")
         req, sp = self._prepare(prompt, params, stream)
         lora = self.adapters.request(adapter)
@@ -308,11 +311,11 @@ class VllmEngine:
         adapter: str | None = None,
     ) -> EngineRequest:
         """``submit`` for asyncio callers: vLLM's admission runs without blocking their loop."""
-        if self._warming is not None:
+        if self._warming is not None and not self._warming.done():
             await asyncio.shield(self._warming)
         req, sp = self._prepare(prompt, params, stream)
         lora = self.adapters.request(adapter)
-        if self._thread is None:  # on the caller's loop, which is this one
+        if self.on_caller_loop:  # the loop running this coroutine
             await self._start(req, sp, lora)
             return req
         future = asyncio.run_coroutine_threadsafe(self._start(req, sp, lora), self._loop)
@@ -423,17 +426,10 @@ class VllmEngine:
             self._stop_loop()
 
     def _stop_loop(self) -> None:
-        if self._thread is None:  # the caller's loop: not ours to stop
+        if self.on_caller_loop:  # the caller's loop: not ours to stop
             return
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 def engine_args(

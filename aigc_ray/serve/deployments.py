@@ -113,7 +113,8 @@ class ModelServer:
             adapters=cfg.adapters,
             max_loras=cfg.max_loras,
             max_lora_rank=cfg.max_lora_rank,
-            on_caller_loop=_in_event_loop(),  # Serve runs a constructor on the replica's loop
+            # Serve runs a constructor on the replica's loop (no loop: in-process tests)
+            on_caller_loop=asyncio._get_running_loop() is not None,
         )
         self.metrics = ModelMetrics(cfg.name)
         self.open = 0  # engine requests submitted and not yet finished
@@ -127,9 +128,8 @@ class ModelServer:
             return name
 
         self._hold_adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_loras)(adapter_id)
-        self.chunks_per_s = cfg.stream_chunks_per_s
-        if self.chunks_per_s is None:
-            self.chunks_per_s = self.DEFAULT_CHUNKS_PER_S
+        chunks = cfg.stream_chunks_per_s
+        self.chunks_per_s = self.DEFAULT_CHUNKS_PER_S if chunks is None else chunks
         self.max_interval = cfg.stream_max_interval_s
         log.info(
             "model %s ready from %s: engine %s (%s)",
@@ -332,14 +332,6 @@ def _engine_failure(e: EngineError) -> ApiError:
             code="replica_unavailable",
         )
     return ApiError(500, str(e), "server_error")
-
-
-def _in_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
 
 
 async def _merge(reqs: list[EngineRequest], interval):
