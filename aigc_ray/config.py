@@ -401,6 +401,13 @@ class VllmSettings(_Section):
         "gpu_memory_utilization, on CPUs room for 64 full-context sequences, at most 25% of the "
         "memory free when the engine starts.",
     )
+    cpu_isolation: bool = Field(
+        True,
+        description="CPU build, serving: once vLLM's worker binds itself to cores, keep this "
+        "node's other Ray processes (daemons, Serve's controller and proxies, HAProxy, the "
+        "replica, vLLM's scheduler) on the cores it left free; given back when the engine "
+        "closes. Batch generation never does (its pipeline's tasks share the node).",
+    )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Any other AsyncEngineArgs, passed through."
     )

@@ -134,9 +134,12 @@ def cpu_threads(num_cpus: float, num_gpus: float) -> int | None:
     return max(1, math.floor(num_cpus))
 
 
-def vllm_engine_options(settings: dict[str, Any] | None) -> dict[str, Any]:
-    """VllmSettings fields -> VllmEngine keywords (the KV-cache size in bytes for vLLM)."""
+def vllm_engine_options(settings: dict[str, Any] | None, own_cores: bool = False) -> dict[str, Any]:
+    """VllmSettings fields -> VllmEngine keywords (the KV-cache size in bytes for vLLM).
+    ``own_cores`` (batch generation): no CPU isolation, the pipeline's own tasks share the node."""
     options = dict(settings or {})
+    if own_cores:
+        options["cpu_isolation"] = False
     kv_gb = options.pop("kv_cache_memory_gb", None)
     extra = dict(options.pop("engine_kwargs", None) or {})
     if kv_gb:
@@ -187,7 +190,7 @@ def load_engine(
                 warm_up=not own_cores,
                 on_caller_loop=on_caller_loop,
                 **lora,
-                **vllm_engine_options(vllm),
+                **vllm_engine_options(vllm, own_cores),
             )
             logger.info("engine for %s: vllm %s (%s)", model_dir, choice.version, choice.reason)
             return eng, choice

@@ -136,6 +136,7 @@ class VllmEngine:
         max_loras: int = 4,
         max_lora_rank: int = 16,
         on_caller_loop: bool = False,
+        cpu_isolation: bool = False,
     ):
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -197,6 +198,8 @@ class VllmEngine:
             # vLLM's own reason, else its message ("... See root cause above": in this log)
             why = root_cause(log.new_text()) or f"{type(e).__name__}: {e}"
             raise EngineUnavailableError(f"vLLM could not load {model_dir}: {why}") from e
+        # vLLM's CPU worker has bound itself to its cores by now: keep the rest off them
+        self.isolation = _isolate_cpus() if cpu_isolation and _on_cpu(args) else None
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.context_window = int(self.llm.model_config.max_model_len)
         self.max_logprobs = int(getattr(self.llm.model_config, "max_logprobs", 20))
@@ -424,6 +427,8 @@ class VllmEngine:
             self.llm.shutdown()
         finally:
             self._stop_loop()
+            if self.isolation is not None:
+                self.isolation.restore()
 
     def _stop_loop(self) -> None:
         if self.on_caller_loop:  # the caller's loop: not ours to stop
@@ -620,6 +625,17 @@ class StderrTail:
         with open(self.path, "rb") as f:
             f.seek(max(self.start, os.path.getsize(self.path) - limit))
             return f.read().decode(errors="replace")
+
+
+def _isolate_cpus():
+    """CpuIsolation.apply(), never fatal: the engine serves either way, only slower."""
+    from aigc_ray.engine.cpu_isolation import CpuIsolation
+
+    try:
+        return CpuIsolation.apply()
+    except Exception as e:  # noqa: BLE001 - an optimization; say why it did not apply
+        logger.warning("cpu isolation not applied: %s: %s", type(e).__name__, e)
+        return None
 
 
 def _on_cpu(args: dict) -> bool:

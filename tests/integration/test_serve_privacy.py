@@ -220,3 +220,45 @@ def test_one_model_replica_runs_on_serves_own_loop_and_vllm_on_it(app):
     good = {"model": MODEL, "prompt": "x", "max_tokens": 2}
     assert _post(base_url, "/completions", good, KEYS[1]).status_code == 200
     assert _post(base_url, "/completions", good, "sk-wrong").status_code == 401
+
+
+def test_vllm_worker_has_its_cores_to_itself(app):
+    """(Here for the same reason.) vLLM's CPU worker binds itself to cores of its own; with the
+    default serve.vllm.cpu_isolation the replica then keeps this Ray node's other processes on
+    the cores it left: the replica, vLLM's scheduler process, Serve's controller, Ray's GCS;
+    not the process that started Ray (this test's). bench_serve measured why (docs/serving.md);
+    tests/unit/test_cpu_isolation.py checks that the cores are given back."""
+    import os
+
+    import psutil
+    from serving import stats
+
+    from aigc_ray.engine.cpu_isolation import _SESSION
+
+    _, _, engine = app
+    if engine != "vllm" or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("vLLM's CPU worker binds cores; needs 2 or more")
+    s = stats(MODEL)
+    iso = s["cpu_isolation"]
+    assert iso and iso["engine_cpus"] and iso["reserved_cpus"], s
+    engine_cpus, reserved = set(iso["engine_cpus"]), set(iso["reserved_cpus"])
+    replica = psutil.Process(s["pid"])
+    raylet = replica.parent()  # this session's (another xdist worker runs its own)
+    session = _SESSION.search(" ".join(raylet.cmdline())).group(1)
+
+    def named(text, among):
+        return [p.pid for p in among if text in " ".join(p.cmdline())]
+
+    scheds = [psutil.Process(pid) for pid in s["engine_pids"]]
+    workers = [c.pid for p in scheds for c in p.children(recursive=True)]
+    assert workers and all(os.sched_getaffinity(w) == engine_cpus for w in workers), workers
+    gcs = [p for p in raylet.parent().children() if p.name() == "gcs_server"]
+    others = {
+        "replica": [s["pid"]],
+        "scheduler": s["engine_pids"],
+        "controller": named("ray::ServeController", raylet.children()),
+        "gcs": named(session, gcs),
+    }
+    for what, pids in others.items():
+        assert pids and all(os.sched_getaffinity(p) == reserved for p in pids), (what, pids)
+    assert os.sched_getaffinity(0) == engine_cpus | reserved  # this driver: untouched
