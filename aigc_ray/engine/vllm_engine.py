@@ -35,6 +35,7 @@ from aigc_ray.engine.params import (
     validate_params,
 )
 from aigc_ray.engine.request import EngineRequest
+from aigc_ray.engine.vllm_lora_ops import ENV as LORA_OPS_ENV
 from aigc_ray.errors import root_cause
 
 logger = logging.getLogger(__name__)
@@ -165,6 +166,8 @@ class VllmEngine:
             # CPU from the forward pass. Unset, vLLM binds its worker to its own cores and runs
             # the engine loop single-threaded, as in its own server.
             os.environ.pop("OMP_NUM_THREADS", None)
+            if adapters:  # vLLM's processes then apply LoRA per adapter, not per token
+                os.environ.setdefault(LORA_OPS_ENV, "1")  # (vllm_lora_ops; "0" keeps vLLM's)
         # On the caller's running loop (a replica's: its constructor runs on it), AsyncLLM starts
         # its output handler there: tokens reach the HTTP responses without a hop between
         # threads (bench_serve, engine vllm at c=32). Else on a loop of its own, in a thread.

@@ -1,0 +1,77 @@
+"""aigc_ray.engine.vllm_lora_ops against vLLM's own CPU LoRA ops: the same outputs for the same
+inputs (every write-back rule), and the plugin swaps them only where aigc_ray asks. The served
+adapter tests (greedy text equal to the merged model's, on the vLLM engine) are in
+tests/integration/test_stages.py and tests/integration/test_serve_adapters.py."""
+
+import pytest
+import torch
+
+from aigc_ray.engine import vllm_lora_ops as ours
+
+lora_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
+
+T, IN, OUT, L = 37, 64, 48, 5
+
+
+def _case(seed: int, mixed: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, IN, generator=g)
+    w = torch.randn(L, 1, OUT, IN, generator=g)  # vLLM's stacked [L, 1, out, in]
+    idx = (
+        torch.randint(-1, L - 1, (T,), generator=g)  # -1: no adapter (vLLM's last slot)
+        if mixed
+        else torch.full((T,), 2, dtype=torch.long)
+    )
+    return x, w, idx
+
+
+@pytest.mark.parametrize("mixed", [True, False], ids=["4-adapter mix", "one adapter"])
+@pytest.mark.parametrize("add", [True, False])
+def test_expand_and_shrink_equal_vllms(mixed, add):
+    x, w, idx = _case(1, mixed)
+    for name, extra in [
+        ("bgmv_expand", (add,)),
+        ("bgmv_shrink", (0.5,)),
+        ("bgmv_expand_slice", (8, OUT, add)),
+    ]:
+        base = torch.randn(T, OUT + 16)
+        want, got = base.clone(), base.clone()
+        getattr(lora_ops, name)(x, w, want, idx, *extra)
+        getattr(ours, name)(x, w, got, idx, *extra)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+        assert not torch.equal(got, base), name  # it wrote something
+
+
+def test_one_row_of_output_broadcast_as_vllms():
+    """vLLM's rule: one output row against a taller output tensor writes that row."""
+    x, w, idx = _case(2)
+    want, got = torch.zeros(4, OUT), torch.zeros(4, OUT)
+    lora_ops.bgmv_expand(x[:1], w, want, idx[:1], True)
+    ours.bgmv_expand(x[:1], w, got, idx[:1], True)
+    torch.testing.assert_close(got, want)
+
+
+def test_sgmv_prefill_ops_reach_ours_once_registered(monkeypatch):
+    """vLLM's sgmv ops (prefill) explode the per-sequence indices and call the module's bgmv
+    ops; register() swaps those and the CPU punica wrapper's imported names, only under
+    AIGC_RAY_VLLM_LORA_OPS=1."""
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    for module in (lora_ops, punica_cpu):
+        for name in ours.OPS:
+            monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    monkeypatch.delenv(ours.ENV, raising=False)
+    ours.register()
+    assert punica_cpu.bgmv_expand is not ours.bgmv_expand
+    monkeypatch.setenv(ours.ENV, "1")
+    ours.register()
+    assert all(
+        getattr(punica_cpu, n) is f and getattr(lora_ops, n) is f for n, f in ours.OPS.items()
+    )
+
+    called = []
+    monkeypatch.setattr(ours, "per_adapter", lambda *a: called.append(1) or torch.zeros(T, OUT))
+    x, w, idx = _case(3)
+    seq_lens = torch.tensor([T])
+    lora_ops.sgmv_expand(x, w, torch.zeros(T, OUT), None, seq_lens, idx[:1], 1, T, T, False)
+    assert called
