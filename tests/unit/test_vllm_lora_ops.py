@@ -75,3 +75,13 @@ def test_sgmv_prefill_ops_reach_ours_once_registered(monkeypatch):
     seq_lens = torch.tensor([T])
     lora_ops.sgmv_expand(x, w, torch.zeros(T, OUT), None, seq_lens, idx[:1], 1, T, T, False)
     assert called
+
+
+def test_indices_changed_in_place_get_a_new_grouping():
+    """vLLM rewrites one index buffer in place between steps; the grouping cached for the last
+    step must not serve the next."""
+    x, w, idx = _case(4)
+    for _ in range(2):
+        want = torch.einsum("bi,boi->bo", x, w.squeeze(1)[idx])
+        torch.testing.assert_close(ours.per_adapter(x, w, idx, torch.float32), want)
+        idx.copy_(torch.roll(idx, 5))
