@@ -1,24 +1,29 @@
-"""Keep a node's other processes off the CPU cores vLLM's CPU worker binds itself to.
+"""Keep a node's Ray runtime off the CPU cores vLLM's CPU worker binds itself to.
 
 vLLM's CPU build binds its worker's OpenMP threads to cores of their own and leaves the rest
 (``reserved``) to everything else: its scheduler process and the HTTP frontend. In vLLM's own
 server that is two processes. In a Ray Serve replica, "everything else" is also Ray's runtime on
-the node (raylet's workers, GCS, the dashboard agent, the log monitor), Serve's controller and
-proxies, HAProxy and the replica itself. The scheduler wakes them at will, onto any core. Each
-wake on a worker core stalls the forward pass; OpenMP threads wait for each other, so one stalled
-thread stalls them all. Measured here at 32 streams on 2 cores: vLLM's worker had 89-90% of its
-core and the replica served 672 tok/s; with the rest kept off its core, 99% and 715-724 tok/s
-(docs/serving.md).
+the node (GCS, the dashboard and its agents, the log monitor), Serve's controller and proxies,
+HAProxy and the replica itself. The kernel wakes them onto any core. Each wake on a worker core
+stalls the forward pass; OpenMP threads wait for each other, so one stalled thread stalls them
+all. Measured here at 32 streams on 2 cores: vLLM's worker had 89-90% of its core and the
+replica served 672 tok/s; with this isolation 99% and 760-769 tok/s (docs/serving.md).
 
 ``CpuIsolation.apply()`` runs in the process that started vLLM, once vLLM's worker has bound
-itself: it reads the worker's cores from its processes, and moves to the reserved cores every
-thread of this process, of its other descendants (vLLM's scheduler process) and of this Ray
-node's session (raylet's descendants, its sibling daemons named by the session directory), as
-far as the operating system lets it. It never moves a process someone else has bound to fewer
-cores, nor the raylet itself (workers it starts later keep the node's cores), nor any process
-outside the session (a driver, the user's own programs). ``restore()`` gives the moved
-processes the node's cores back when the engine closes. Linux only (``sched_setaffinity``);
-elsewhere a no-op.
+itself. It reads the worker's cores from its threads. If another engine's worker is bound on
+this node too (several vLLM replicas: vLLM's automatic binding gives them the same cores), it
+does nothing. Otherwise it moves to the reserved cores the threads now on every core of:
+- this process and its other descendants (vLLM's scheduler process);
+- Ray's and Serve's own processes of this node's session, by name: raylet's children that are
+  Serve's controller, its proxies (HAProxy's manager and HAProxy under it) or Ray's agents, and
+  the raylet's siblings named by the session directory (GCS, the dashboard, the log monitor, the
+  autoscaler's monitor).
+Never: the raylet (workers it starts later get every core), other workers (other replicas, Ray
+Data tasks, idle workers, a job's driver), threads someone else bound, anything outside the
+session. ``restore()`` gives the moved threads the node's cores back when the engine closes
+(and those of processes started under the moved ones since). A replica killed outright cannot
+restore: its Ray processes stay on the reserved cores until they restart. Linux only
+(``sched_setaffinity``); elsewhere a no-op.
 
 Never imports Ray: it reads the process tree (psutil) and /proc.
 """
@@ -32,6 +37,14 @@ import re
 logger = logging.getLogger(__name__)
 
 _SESSION = re.compile(r"(/\S*?/session_[^/\s]+)")
+# raylet's children that are the runtime itself (Serve's, Ray's), by their process title
+RUNTIME = (
+    "ray::ServeController",
+    "ray::ProxyActor",
+    "ray::HAProxyManager",
+    "ray::DashboardAgent",
+    "ray::RuntimeEnvAgent",
+)
 
 
 def thread_ids(pid: int) -> list[int]:
@@ -41,21 +54,20 @@ def thread_ids(pid: int) -> list[int]:
         return []
 
 
-def affinity(pid: int) -> set[int] | None:
+def affinity(tid: int) -> set[int] | None:
     try:
-        return set(os.sched_getaffinity(pid))
+        return set(os.sched_getaffinity(tid))
     except OSError:
         return None
 
 
-def set_threads(pid: int, cpus: set[int], only_if: set[int] | None = None) -> int:
-    """Give every thread of ``pid`` (those now on exactly ``only_if``, if given) ``cpus``;
-    returns how many threads were moved. Threads that exit meanwhile or are not ours to move
-    are skipped."""
+def set_threads(pid: int, cpus: set[int], only_if: set[int]) -> int:
+    """Give ``cpus`` to every thread of ``pid`` now on exactly ``only_if``; returns how many
+    were moved. Threads that exit meanwhile or are not ours to move are skipped."""
     moved = 0
     for tid in thread_ids(pid):
         try:
-            if only_if is not None and set(os.sched_getaffinity(tid)) != only_if:
+            if set(os.sched_getaffinity(tid)) != only_if:
                 continue
             os.sched_setaffinity(tid, cpus)
             moved += 1
@@ -64,11 +76,18 @@ def set_threads(pid: int, cpus: set[int], only_if: set[int] | None = None) -> in
     return moved
 
 
-def session_processes(me) -> list:
-    """This process and its descendants, plus this Ray node's session: raylet's descendants and
-    the raylet's siblings whose command line names its session directory (GCS, the dashboard,
-    the log monitor, the autoscaler's monitor). Not the raylet itself; found by walking the
-    process tree, never by searching the machine."""
+def _title(p) -> str:
+    try:
+        cmd = p.cmdline()
+    except Exception:  # noqa: BLE001 - psutil.Error: gone, or not ours to read
+        return ""
+    return cmd[0] if cmd else ""
+
+
+def runtime_processes(me) -> list:
+    """This process and its descendants, plus Ray's and Serve's own processes of this node's
+    session (see the module's docstring), found by walking the process tree from this
+    process's raylet, never by searching the machine."""
     import psutil
 
     procs = {me.pid: me}
@@ -78,19 +97,43 @@ def session_processes(me) -> list:
         raylet = next((p for p in me.parents() if p.name() == "raylet"), None)
         if raylet is None:
             return list(procs.values())
-        for p in raylet.children(recursive=True):
+        runtime = [p for p in raylet.children() if _title(p).startswith(RUNTIME)]
+        for p in runtime:
             procs.setdefault(p.pid, p)
+            for child in p.children(recursive=True):  # HAProxy under its manager
+                procs.setdefault(child.pid, child)
         found = _SESSION.search(" ".join(raylet.cmdline()))
         siblings = raylet.parent().children() if found and raylet.parent() else []
     except psutil.Error:
         return list(procs.values())
     for p in siblings:
         try:
-            if p.pid != raylet.pid and found.group(1) in " ".join(p.cmdline()):
+            # its logs dir or sockets under it: "session_1/" is not a prefix of "session_12/"
+            if p.pid != raylet.pid and found.group(1) + "/" in " ".join(p.cmdline()):
                 procs.setdefault(p.pid, p)
         except psutil.Error:
             continue
     return list(procs.values())
+
+
+def bound_elsewhere(me, node: set[int]) -> list[int]:
+    """Processes under this process's raylet, outside this process's tree, with a thread bound
+    to fewer cores than ``node``: another vLLM engine's worker on this node."""
+    import psutil
+
+    try:
+        raylet = next((p for p in me.parents() if p.name() == "raylet"), None)
+        if raylet is None:
+            return []
+        mine = {me.pid} | {p.pid for p in me.children(recursive=True)}
+        others = [p.pid for p in raylet.children(recursive=True) if p.pid not in mine]
+    except psutil.Error:
+        return []
+    return [
+        pid
+        for pid in others
+        if any((cpus := affinity(tid)) and cpus < node for tid in thread_ids(pid))
+    ]
 
 
 class CpuIsolation:
@@ -103,12 +146,12 @@ class CpuIsolation:
         self.engine = engine  # the cores vLLM's worker bound itself to
         self.reserved = node - engine
         self.moved = moved  # pid -> create time (a recycled pid is not ours)
-        self.seen = seen  # every session process at apply() time, pid -> create time
+        self.seen = seen  # every process considered at apply() time, pid -> create time
 
     @classmethod
     def apply(cls) -> CpuIsolation | None:
-        """Move this node's other processes to the cores vLLM's worker left free; None (and a
-        log line) when there is nothing to do: not Linux, no bound worker, no core left."""
+        """Move this node's Ray runtime to the cores vLLM's worker left free; None (and a log
+        line) when there is nothing to do: not Linux, no bound worker, no core left."""
         import psutil
 
         if not hasattr(os, "sched_setaffinity"):
@@ -116,27 +159,32 @@ class CpuIsolation:
         me = psutil.Process()
         node = affinity(0)
         engine: set[int] = set()
-        for child in me.children(recursive=True):
-            cpus = affinity(child.pid)
-            if cpus and node and cpus < node:
-                engine |= cpus
+        for child in me.children(recursive=True):  # every thread: OpenMP binds each its own
+            for tid in thread_ids(child.pid):
+                cpus = affinity(tid)
+                if cpus and node and cpus < node:
+                    engine |= cpus
         if not node or not engine:
             logger.info("cpu isolation: vLLM's worker is not bound to cores; nothing to do")
             return None
         if not node - engine:
             logger.info("cpu isolation: vLLM's worker has every core (%s); none left", sorted(node))
             return None
+        others = bound_elsewhere(me, node)
+        if others:  # vLLM's automatic binding gave them the same cores: nothing to isolate
+            logger.info(
+                "cpu isolation: another vLLM engine's worker is bound on this node (pids %s); "
+                "isolating needs one per node (set VLLM_CPU_OMP_THREADS_BIND per replica)",
+                others,
+            )
+            return None
         out = cls(node, engine, {}, {})
-        for p in session_processes(me):
+        for p in runtime_processes(me):
             try:
                 out.seen[p.pid] = created = p.create_time()
             except psutil.Error:
                 continue
-            cpus = affinity(p.pid)
-            # the node's cores: move it; the reserved ones already: left there by an engine
-            # that could not give them back (its replica was killed), ours to give back now;
-            # any other set: bound by someone else (vLLM's worker), left alone
-            if cpus == out.reserved or (cpus == node and set_threads(p.pid, out.reserved)):
+            if set_threads(p.pid, out.reserved, only_if=node):
                 out.moved[p.pid] = created
         logger.info(
             "cpu isolation: vLLM's worker on cores %s; %d processes of this node moved to %s",
@@ -148,13 +196,13 @@ class CpuIsolation:
 
     def restore(self) -> int:
         """The node's cores back to the threads now on exactly the reserved cores, in the
-        processes moved and in the session's processes started since (they inherited the
-        reserved cores); never in one that was there before and not moved. Returns how many
-        threads."""
+        processes moved and in the runtime's processes started since (they inherited the
+        reserved cores); never in one that was there before and not moved, nor in a process
+        that took a moved one's pid. Returns how many threads."""
         import psutil
 
         try:
-            procs = {p.pid: p for p in session_processes(psutil.Process())}
+            procs = {p.pid: p for p in runtime_processes(psutil.Process())}
         except psutil.Error:
             procs = {}
         done = 0
@@ -163,8 +211,9 @@ class CpuIsolation:
                 created = (procs.get(pid) or psutil.Process(pid)).create_time()
             except psutil.Error:
                 continue
-            ours = self.moved.get(pid) == created or self.seen.get(pid) != created
-            if ours:
+            moved = self.moved.get(pid) == created
+            new = pid in procs and self.seen.get(pid) != created
+            if moved or new:
                 done += set_threads(pid, self.node, only_if=self.reserved)
         return done
 

@@ -201,8 +201,6 @@ class VllmEngine:
             # vLLM's own reason, else its message ("... See root cause above": in this log)
             why = root_cause(log.new_text()) or f"{type(e).__name__}: {e}"
             raise EngineUnavailableError(f"vLLM could not load {model_dir}: {why}") from e
-        # vLLM's CPU worker has bound itself to its cores by now: keep the rest off them
-        self.isolation = _isolate_cpus() if cpu_isolation and _on_cpu(args) else None
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.context_window = int(self.llm.model_config.max_model_len)
         self.max_logprobs = int(getattr(self.llm.model_config, "max_logprobs", 20))
@@ -210,6 +208,9 @@ class VllmEngine:
         self._live: dict[str, EngineRequest] = {}
         self._closed = False
         self.args = args
+        # vLLM's CPU worker has bound itself to its cores by now: keep the rest off them (last
+        # before the warm-up, whose failure close()s, and close() gives the cores back)
+        self.isolation = _isolate_cpus() if cpu_isolation and _on_cpu(args) else None
         try:
             if warm_up and on_caller_loop:  # its loop runs once the caller's constructor returns
                 self._warming = self._loop.create_task(self._awarm_up())

@@ -22,7 +22,9 @@ import os
 
 import torch
 
-logger = logging.getLogger(__name__)
+# under vLLM's logger: its handler prints INFO in vLLM's processes (tests read the line)
+logger = logging.getLogger("vllm.aigc_ray.lora_ops")
+ACTIVE = "aigc_ray: vLLM's CPU multi-LoRA ops compute per adapter"
 
 ENV = "AIGC_RAY_VLLM_LORA_OPS"
 
@@ -33,15 +35,14 @@ class _Groups:
     grouping serves only indices equal to its own."""
 
     def __init__(self):
-        self.idx: torch.Tensor | None = None
-        self.groups: list[tuple[int, torch.Tensor]] = []
+        self.last: tuple[torch.Tensor, list[tuple[int, torch.Tensor]]] | None = None
 
     def of(self, idx: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        if self.idx is None or self.idx.shape != idx.shape or not torch.equal(self.idx, idx):
-            adapters = torch.unique(idx).tolist()
-            self.groups = [(u, (idx == u).nonzero().squeeze(1)) for u in adapters]
-            self.idx = idx.clone()
-        return self.groups
+        last = self.last
+        if last is None or last[0].shape != idx.shape or not torch.equal(last[0], idx):
+            groups = [(u, (idx == u).nonzero().squeeze(1)) for u in torch.unique(idx).tolist()]
+            last = self.last = (idx.clone(), groups)
+        return last[1]
 
 
 _groups = _Groups()
@@ -55,6 +56,8 @@ def per_adapter(inputs: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, 
     if weights.dim() == 4:
         weights = weights.squeeze(1)
     x = inputs.to(dtype)
+    if idx.shape[0] not in (1, x.shape[0]):  # (one index: every row that adapter)
+        raise ValueError(f"{x.shape[0]} input rows but {idx.shape[0]} LoRA indices")
     if idx.numel() == 0:
         return x.new_zeros(0, weights.shape[1])
     groups = _groups.of(idx)
@@ -107,6 +110,9 @@ OPS = {
 }
 
 
+VLLM_OPS: dict = {}  # vLLM's own ops, as register() found them
+
+
 def register() -> None:
     """vLLM general plugin: swap the bgmv ops where vLLM's CPU LoRA looks them up (the torch_ops
     module, whose sgmv ops call them, and the CPU punica wrapper, which imported them). A no-op
@@ -117,7 +123,9 @@ def register() -> None:
     from vllm.lora.ops.torch_ops import lora_ops
     from vllm.lora.punica_wrapper import punica_cpu
 
+    for name in OPS:
+        VLLM_OPS.setdefault(name, getattr(lora_ops, name))
     for module in (torch_ops, lora_ops, punica_cpu):
         for name, fn in OPS.items():
             setattr(module, name, fn)
-    logger.debug("aigc_ray: vLLM's CPU multi-LoRA ops compute per adapter")
+    logger.info(ACTIVE)

@@ -291,7 +291,7 @@ class ModelServer:
         if hasattr(self.engine, "engine_pids"):
             out["engine_pids"] = self.engine.engine_pids()
             out["vllm_on_replica_loop"] = self.engine.on_caller_loop
-            isolation = self.engine.isolation
+            isolation = getattr(self.engine, "isolation", None)
             out["cpu_isolation"] = isolation.describe() if isolation is not None else None
         return out
 

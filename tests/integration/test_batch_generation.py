@@ -85,7 +85,10 @@ def test_batch_generation_survives_bad_rows_and_loses_none(
         num_cpus=0.5,
         **settings,
     )
+    ops_lines = _lora_ops_lines(ray_session)
     summary = run_generate(cfg, tiny_gen_model_dir)
+    if engine == "vllm":  # the adapter row below ran on aigc_ray's LoRA ops in vLLM's worker
+        _wait_for(lambda: _lora_ops_lines(ray_session) > ops_lines, "vLLM's LoRA ops line")
     table = pq.read_table(
         tmp_path / "out", columns=["prompt", "completion_tokens", "error", "source", "line"]
     )
@@ -118,6 +121,27 @@ def test_batch_generation_survives_bad_rows_and_loses_none(
         r"generate 24/24 rows \(100%\)  rows/s [\d.,]+  errors 2  elapsed \d+:\d\d  left 0:00$",
         shown[-1],
     ), shown
+
+
+def _lora_ops_lines(ray) -> int:
+    """Lines in this Ray session's logs where a vLLM process said it runs aigc_ray's LoRA ops
+    (aigc_ray/engine/vllm_lora_ops.py logs it through vLLM's logger)."""
+    from pathlib import Path
+
+    from aigc_ray.engine.vllm_lora_ops import ACTIVE
+
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    line = ACTIVE.encode()
+    return sum(f.read_bytes().count(line) for f in logs.glob("worker-*") if f.is_file())
+
+
+def _wait_for(check, what: str, timeout: float = 30) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.5)
 
 
 def pa_table(rows):
