@@ -237,7 +237,7 @@ def test_vllm_worker_has_its_cores_to_itself(app):
 
     _, _, engine = app
     if engine != "vllm" or len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("vLLM's CPU worker binds cores; needs 2 or more")
+        pytest.skip("vLLM engine only (its CPU worker binds cores), on 2 or more cores")
     s = stats(MODEL)
     iso = s["cpu_isolation"]
     assert iso and iso["engine_cpus"] and iso["reserved_cpus"], s
