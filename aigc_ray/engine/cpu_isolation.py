@@ -76,6 +76,21 @@ def set_threads(pid: int, cpus: set[int], only_if: set[int]) -> int:
     return moved
 
 
+def bound_cores(pid: int, node: set[int]) -> set[int]:
+    """The cores of ``pid``'s threads that are bound to fewer than ``node``'s (empty: none)."""
+    out: set[int] = set()
+    for tid in thread_ids(pid):
+        cpus = affinity(tid)
+        if cpus and cpus < node:
+            out |= cpus
+    return out
+
+
+def _raylet(me):
+    """This process's raylet (Ray workers are its descendants), or None outside Ray."""
+    return next((p for p in me.parents() if p.name() == "raylet"), None)
+
+
 def _title(p) -> str:
     try:
         cmd = p.cmdline()
@@ -94,7 +109,7 @@ def runtime_processes(me) -> list:
     for p in me.children(recursive=True):
         procs[p.pid] = p
     try:
-        raylet = next((p for p in me.parents() if p.name() == "raylet"), None)
+        raylet = _raylet(me)
         if raylet is None:
             return list(procs.values())
         runtime = [p for p in raylet.children() if _title(p).startswith(RUNTIME)]
@@ -122,18 +137,14 @@ def bound_elsewhere(me, node: set[int]) -> list[int]:
     import psutil
 
     try:
-        raylet = next((p for p in me.parents() if p.name() == "raylet"), None)
+        raylet = _raylet(me)
         if raylet is None:
             return []
         mine = {me.pid} | {p.pid for p in me.children(recursive=True)}
         others = [p.pid for p in raylet.children(recursive=True) if p.pid not in mine]
     except psutil.Error:
         return []
-    return [
-        pid
-        for pid in others
-        if any((cpus := affinity(tid)) and cpus < node for tid in thread_ids(pid))
-    ]
+    return [pid for pid in others if bound_cores(pid, node)]
 
 
 class CpuIsolation:
@@ -158,12 +169,9 @@ class CpuIsolation:
             return None
         me = psutil.Process()
         node = affinity(0)
-        engine: set[int] = set()
-        for child in me.children(recursive=True):  # every thread: OpenMP binds each its own
-            for tid in thread_ids(child.pid):
-                cpus = affinity(tid)
-                if cpus and node and cpus < node:
-                    engine |= cpus
+        engine: set[int] = set()  # every thread: OpenMP binds each its own
+        for child in me.children(recursive=True) if node else ():
+            engine |= bound_cores(child.pid, node)
         if not node or not engine:
             logger.info("cpu isolation: vLLM's worker is not bound to cores; nothing to do")
             return None

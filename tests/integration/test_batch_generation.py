@@ -3,6 +3,7 @@
 import re
 
 import pytest
+from waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -88,7 +89,7 @@ def test_batch_generation_survives_bad_rows_and_loses_none(
     ops_lines = _lora_ops_lines(ray_session)
     summary = run_generate(cfg, tiny_gen_model_dir)
     if engine == "vllm":  # the adapter row below ran on aigc_ray's LoRA ops in vLLM's worker
-        _wait_for(lambda: _lora_ops_lines(ray_session) > ops_lines, "vLLM's LoRA ops line")
+        wait_until(lambda: _lora_ops_lines(ray_session) > ops_lines, 30, "vLLM's LoRA ops line")
     table = pq.read_table(
         tmp_path / "out", columns=["prompt", "completion_tokens", "error", "source", "line"]
     )
@@ -133,15 +134,6 @@ def _lora_ops_lines(ray) -> int:
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
     line = ACTIVE.encode()
     return sum(f.read_bytes().count(line) for f in logs.glob("worker-*") if f.is_file())
-
-
-def _wait_for(check, what: str, timeout: float = 30) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
-        time.sleep(0.5)
 
 
 def pa_table(rows):
